@@ -1,0 +1,31 @@
+"""prism-tf: PriSM principal sub-model training for Keras (PRISM.md).
+
+    fm  = prism_tf.factorize(model)                    # principal-kernel model, exact at full rank
+    sel = prism_tf.sample(fm, keep_ratio=0.2, seed=7)  # one client's kernels
+    sub = prism_tf.extract(fm, sel)                    # a genuinely smaller Keras model
+    prism_tf.merge(fm, sub, sel)                       # write its kernels back
+    prism_tf.cost(sub)                                 # params, flops, activation bytes
+"""
+
+from prism_tf import models, spectral
+from prism_tf.cost import cost
+from prism_tf.factorize import (
+    FactorizationReport,
+    factorize,
+    plan_factorization,
+    principal_layers,
+    refactorize,
+    walk_layers,
+)
+from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
+from prism_tf.sampling import STRATEGIES, LayerSelection, Selection, sample, sample_from_singular_values
+from prism_tf.submodel import aggregate, extract, kernel_coverage, merge, submodel_architecture
+
+CUSTOM_OBJECTS = {"PrincipalConv2D": PrincipalConv2D, "PrincipalDense": PrincipalDense}
+
+__all__ = [
+    "CUSTOM_OBJECTS", "STRATEGIES", "FactorizationReport", "LayerSelection", "PrincipalConv2D", "PrincipalDense",
+    "Selection", "aggregate", "cost", "extract", "factorize", "is_principal", "kernel_coverage", "merge", "models",
+    "plan_factorization", "principal_layers", "refactorize", "sample", "sample_from_singular_values", "spectral",
+    "submodel_architecture", "walk_layers",
+]

@@ -1,0 +1,102 @@
+"""Cost of a (sub-)model per example: parameters, multiply-adds and activation memory (PRISM.md §3, §7).
+
+Counted from layer shapes, so the numbers are exact for the layers they cover and cheap to compute. A principal
+layer of rank ``k`` costs ``k·(kh·kw·Cin + Cout)`` multiply-adds per output pixel instead of ``kh·kw·Cin·Cout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from prism_tf.factorize import walk_layers
+from prism_tf.layers import PrincipalConv2D, PrincipalDense
+
+
+def cost(model: tf.keras.Model, input_shape: Sequence[int] | None = None, *, dtype_bytes: int = 4) -> dict:
+    """Per-example cost of ``model``.
+
+    Args:
+      model: a built functional or Sequential Keras model (principal layers included).
+      input_shape: per-example input shape, e.g. ``(32, 32, 3)``; needed only if the model's is not fully known.
+      dtype_bytes: bytes per activation value (4 for float32).
+
+    Returns:
+      ``params`` (all weights a client holds, BatchNorm statistics included), ``trainable_params``,
+      ``flops`` (multiply-adds per example of convolutions and dense layers), ``activation_bytes`` (outputs of
+      every layer plus the rank-wide intermediate map of principal layers: what backprop must keep per example),
+      ``bytes`` (size of the weights in float32) and ``layers`` (per-layer flops).
+    """
+    model = _with_input_shape(model, input_shape)
+    flops_by_layer: dict[str, int] = {}
+    activations = 0
+    for layer in walk_layers(model):
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            continue
+        out_shapes = _shapes(layer.output_shape)
+        in_shapes = _shapes(layer.input_shape)
+        activations += sum(int(np.prod(s[1:])) for s in out_shapes)
+        flops, extra = _layer_flops(layer, in_shapes[0], out_shapes[0])
+        activations += extra
+        if flops:
+            flops_by_layer[layer.name] = flops
+    params = int(sum(np.prod(w.shape) for w in model.weights))
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    return {
+        "params": params,
+        "trainable_params": trainable,
+        "bytes": params * 4,
+        "flops": int(sum(flops_by_layer.values())),
+        "activation_bytes": int(activations * dtype_bytes),
+        "layers": flops_by_layer,
+    }
+
+
+def _layer_flops(layer, in_shape, out_shape) -> tuple[int, int]:
+    """Multiply-adds and extra stored activation values of one layer, per example."""
+    pixels = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+    if isinstance(layer, PrincipalConv2D):
+        kh, kw = layer.kernel_size
+        fan_in = kh * kw * int(in_shape[-1])
+        return pixels * layer.rank * (fan_in + layer.filters), pixels * layer.rank
+    if isinstance(layer, PrincipalDense):
+        rows = int(np.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
+        return rows * layer.rank * (int(in_shape[-1]) + layer.units), rows * layer.rank
+    if isinstance(layer, tf.keras.layers.DepthwiseConv2D):
+        kh, kw = layer.kernel_size
+        return pixels * kh * kw * int(in_shape[-1]) * layer.depth_multiplier, 0
+    if isinstance(layer, tf.keras.layers.SeparableConv2D):
+        kh, kw = layer.kernel_size
+        cin = int(in_shape[-1])
+        depth = cin * layer.depth_multiplier
+        return pixels * (kh * kw * depth + depth * layer.filters), pixels * depth
+    if isinstance(layer, tf.keras.layers.Conv2D):
+        kh, kw = layer.kernel_size
+        return pixels * kh * kw * int(in_shape[-1]) // layer.groups * layer.filters, 0
+    if isinstance(layer, tf.keras.layers.Dense):
+        rows = int(np.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
+        return rows * int(in_shape[-1]) * layer.units, 0
+    return 0, 0
+
+
+def _shapes(shape) -> list[tuple]:
+    if isinstance(shape, list):
+        return [tuple(s) for s in shape]
+    return [tuple(shape)]
+
+
+def _with_input_shape(model: tf.keras.Model, input_shape: Sequence[int] | None) -> tf.keras.Model:
+    known = model.inputs and all(None not in tuple(t.shape)[1:] for t in model.inputs)
+    if known:
+        if input_shape is not None and tuple(model.inputs[0].shape[1:]) != tuple(input_shape):
+            raise ValueError(
+                f"cost: model '{model.name}' takes inputs of shape {tuple(model.inputs[0].shape[1:])}, "
+                f"not {tuple(input_shape)}"
+            )
+        return model
+    if input_shape is None:
+        raise ValueError(f"cost: model '{model.name}' has an unknown input shape; pass input_shape")
+    inputs = tf.keras.Input(shape=tuple(input_shape))
+    return tf.keras.models.clone_model(model, input_tensors=inputs)

@@ -1,0 +1,265 @@
+"""Turn any functional or Sequential Keras model into a principal-kernel model (PRISM.md §2).
+
+`factorize` clones the model, swaps each eligible ``Conv2D``/``Dense`` for a `PrincipalConv2D`/`PrincipalDense`
+holding the SVD factors of its kernel (exact at full rank) and copies every other weight unchanged. The default
+rules follow the authors' code: k×k convs (k > 1) and hidden Dense layers are factorized; the first conv, 1×1 convs,
+the classifier, normalization and depthwise convs are kept whole. `refactorize` restores orthogonality after
+training (server side, PRISM.md §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import tensorflow as tf
+
+from prism_tf import spectral
+from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
+
+_PASS_THROUGH = (tf.keras.layers.Activation, tf.keras.layers.Softmax, tf.keras.layers.Dropout,
+                 tf.keras.layers.ReLU)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizedLayer:
+    name: str
+    kind: str
+    kernel_shape: tuple[int, ...]
+    rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptLayer:
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizationReport:
+    """Which layers became principal-kernel layers and why the others travel whole."""
+
+    factorized: tuple[FactorizedLayer, ...]
+    kept: tuple[KeptLayer, ...]
+
+    def __str__(self) -> str:
+        lines = [f"factorized {len(self.factorized)} layers:"]
+        lines += [f"  {f.name:<32} {f.kind:<8} kernel {f.kernel_shape} rank {f.rank}" for f in self.factorized]
+        lines.append(f"kept whole {len(self.kept)} weighted layers:")
+        lines += [f"  {k.name:<32} {k.kind:<20} {k.reason}" for k in self.kept]
+        return "\n".join(lines)
+
+
+def walk_layers(model: tf.keras.Model) -> Iterator[tf.keras.layers.Layer]:
+    """Every layer of ``model`` in topological order, descending into nested models."""
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            yield from walk_layers(layer)
+        else:
+            yield layer
+
+
+def principal_layers(model: tf.keras.Model) -> list[PrincipalConv2D | PrincipalDense]:
+    """The factorized layers of ``model`` in topological order."""
+    return [layer for layer in walk_layers(model) if is_principal(layer)]
+
+
+def plan_factorization(
+    model: tf.keras.Model,
+    *,
+    skip_first_conv: bool = True,
+    skip_pointwise: bool = True,
+    skip_classifier: bool = True,
+    min_rank: int = 4,
+    only: Iterable[str] | None = None,
+) -> FactorizationReport:
+    """Decide which layers `factorize` would replace, without touching the model (PRISM.md §2 rules)."""
+    _check_graph_model(model)
+    only = set(only) if only is not None else None
+    classifiers = _output_dense_layers(model) if skip_classifier else set()
+    first_conv = next((layer.name for layer in walk_layers(model) if type(layer) is tf.keras.layers.Conv2D), None)
+    factorized, kept = [], []
+    for layer in walk_layers(model):
+        if not layer.weights:
+            continue
+        kind = type(layer).__name__
+        reason = _ineligibility(layer, first_conv if skip_first_conv else None, classifiers, skip_pointwise)
+        if reason is None:
+            kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+            rows = 1
+            for d in kernel_shape[:-1]:
+                rows *= d
+            rank = min(rows, kernel_shape[-1])
+            if only is not None and layer.name not in only:
+                reason = "not in the requested layer list"
+            elif rank < min_rank:
+                reason = f"rank {rank} below min_rank {min_rank}"
+            else:
+                factorized.append(FactorizedLayer(layer.name, kind, kernel_shape, rank))
+                continue
+        kept.append(KeptLayer(layer.name, kind, reason))
+    if only is not None:
+        missing = only - {f.name for f in factorized} - {k.name for k in kept}
+        if missing:
+            raise ValueError(f"factorize: no layer named {sorted(missing)} in model '{model.name}'")
+    return FactorizationReport(tuple(factorized), tuple(kept))
+
+
+def factorize(
+    model: tf.keras.Model,
+    *,
+    skip_first_conv: bool = True,
+    skip_pointwise: bool = True,
+    skip_classifier: bool = True,
+    min_rank: int = 4,
+    only: Iterable[str] | None = None,
+) -> tf.keras.Model:
+    """Return a copy of ``model`` whose eligible Conv2D/Dense layers hold principal kernels (PRISM.md §2).
+
+    Args:
+      model: a built functional or Sequential ``tf.keras.Model`` (nested models are descended into).
+      skip_first_conv: keep the first Conv2D (it sees the raw image) whole.
+      skip_pointwise: keep 1×1 convs (e.g. ResNet shortcuts) whole.
+      skip_classifier: keep Dense layers that produce a model output whole.
+      min_rank: keep layers whose full rank ``min(rows, Cout)`` is below this whole.
+      only: if given, factorize only these layer names (still subject to eligibility).
+
+    Returns:
+      The factorized model, numerically equal to ``model`` at full rank (float32 relative error ~1e-6). Its
+      ``prism_report`` attribute is a `FactorizationReport` listing what was factorized and what was kept whole.
+
+    Raises:
+      ValueError: the model is subclassed or unbuilt, or it has no factorizable layer.
+    """
+    report = plan_factorization(
+        model, skip_first_conv=skip_first_conv, skip_pointwise=skip_pointwise,
+        skip_classifier=skip_classifier, min_rank=min_rank, only=only,
+    )
+    if not report.factorized:
+        raise ValueError(
+            f"factorize: model '{model.name}' has no factorizable layer (Conv2D with k>1 or hidden Dense of rank "
+            f">= {min_rank}).\n{report}"
+        )
+    ranks = {f.name: f.rank for f in report.factorized}
+    clone = clone_with_ranks(model, ranks)
+    originals = {layer.name: layer for layer in walk_layers(model)}
+    for layer in walk_layers(clone):
+        source = originals[layer.name]
+        if layer.name in ranks:
+            a, b, s = spectral.factorize_kernel(source.kernel)
+            layer.set_factors(a, b, s, bias=source.bias if source.use_bias else None)
+        else:
+            layer.set_weights(source.get_weights())
+    clone.prism_report = report
+    return clone
+
+
+def clone_with_ranks(model: tf.keras.Model, ranks: dict[str, int]) -> tf.keras.Model:
+    """Clone ``model``'s architecture (fresh weights) with the named layers as principal layers of given rank.
+
+    Named layers may be ordinary Conv2D/Dense (they become principal layers) or principal layers (their rank
+    changes). This is how full factorized models and every sub-model are built (`prism_tf.extract`).
+    """
+    _check_graph_model(model)
+
+    def clone_layer(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        if isinstance(layer, tf.keras.Model):
+            return tf.keras.models.clone_model(layer, clone_function=clone_layer)
+        if layer.name in ranks:
+            return _principal_from(layer, ranks[layer.name])
+        return layer.__class__.from_config(layer.get_config())
+
+    clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
+    for layer in walk_layers(clone):
+        if layer.name in ranks and not is_principal(layer):
+            raise ValueError(f"layer '{layer.name}' could not be made a principal layer")
+    return clone
+
+
+def refactorize(model: tf.keras.Model) -> tf.keras.Model:
+    """Rebuild every principal layer's kernel ``W = A diag(ω) B`` and re-run its SVD, in place (PRISM.md §2, §4).
+
+    The model's function is unchanged (up to float rounding); its principal kernels are orthogonal again, their
+    singular values current, and ``ω`` reset to ones. Returns ``model`` for chaining.
+    """
+    layers = principal_layers(model)
+    if not layers:
+        raise ValueError(f"refactorize: model '{model.name}' has no principal-kernel layer")
+    for layer in layers:
+        a, b, s = spectral.refactorize(layer.principal_kernels, layer.combination, layer.kernel_scale)
+        layer.set_factors(a, b, s)
+    return model
+
+
+def _principal_from(layer: tf.keras.layers.Layer, rank: int) -> tf.keras.layers.Layer:
+    config = layer.get_config()
+    common = dict(
+        rank=rank,
+        activation=config.get("activation"),
+        use_bias=config.get("use_bias", True),
+        name=config["name"],
+        trainable=config.get("trainable", True),
+        dtype=config.get("dtype"),
+    )
+    if is_principal(layer):
+        config.update(rank=rank)
+        return type(layer).from_config(config)
+    if isinstance(layer, tf.keras.layers.Conv2D):
+        return PrincipalConv2D(
+            filters=config["filters"], kernel_size=config["kernel_size"], strides=config["strides"],
+            padding=config["padding"], dilation_rate=config["dilation_rate"], **common,
+        )
+    if isinstance(layer, tf.keras.layers.Dense):
+        return PrincipalDense(units=config["units"], **common)
+    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) cannot hold principal kernels")
+
+
+def _ineligibility(
+    layer: tf.keras.layers.Layer, first_conv: str | None, classifiers: set[str], skip_pointwise: bool
+) -> str | None:
+    kind = type(layer)
+    if kind is tf.keras.layers.Conv2D:
+        if layer.data_format != "channels_last":
+            return "channels_first is not supported"
+        if layer.groups != 1:
+            return f"grouped conv (groups={layer.groups})"
+        if layer.name == first_conv:
+            return "first conv (sees the raw image)"
+        if skip_pointwise and tuple(layer.kernel_size) == (1, 1):
+            return "1x1 conv"
+        return None
+    if kind is tf.keras.layers.Dense:
+        if layer.name in classifiers:
+            return "classifier (produces a model output)"
+        return None
+    if is_principal(layer):
+        return "already factorized"
+    return "not a Conv2D/Dense (normalization, depthwise, ...)"
+
+
+def _output_dense_layers(model: tf.keras.Model) -> set[str]:
+    found = set()
+    for tensor in tf.nest.flatten(model.outputs):
+        layer = tensor._keras_history.layer
+        while isinstance(layer, _PASS_THROUGH) and layer._inbound_nodes:
+            layer = layer._inbound_nodes[0].inbound_layers
+        if isinstance(layer, tf.keras.Model):
+            found |= _output_dense_layers(layer)
+        elif type(layer) is tf.keras.layers.Dense:
+            found.add(layer.name)
+    return found
+
+
+def _check_graph_model(model: tf.keras.Model) -> None:
+    if not isinstance(model, tf.keras.Model):
+        raise ValueError(f"expected a tf.keras.Model, got {type(model).__name__}")
+    if not model.built or not getattr(model, "_is_graph_network", False) and not isinstance(
+        model, tf.keras.Sequential
+    ):
+        raise ValueError(
+            f"model '{model.name}' must be a built functional or Sequential Keras model "
+            "(subclassed models cannot be cloned; build Sequential models with an input shape)"
+        )
+    if isinstance(model, tf.keras.Sequential) and not model.inputs:
+        raise ValueError(f"Sequential model '{model.name}' has no known input shape: build it first")

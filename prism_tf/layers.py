@@ -1,0 +1,265 @@
+"""Keras layers holding a kernel as principal kernels: `PrincipalConv2D` and `PrincipalDense` (PRISM.md §2).
+
+``y = act(((x ⊛ A) · diag(ω)) ⊛₁ₓ₁ B + b)`` where ``A`` holds ``rank`` principal kernels (ordinary filters),
+``B`` the ``rank → out`` combination, ``ω`` frozen per-kernel multipliers (1 except for the NeurIPS'24 strategies,
+PRISM.md §5) and ``s`` the frozen singular values used only for sampling. The singular values are split as ``√s``
+into both trainable factors (the authors' ``Conv2d_Orth_v2``). A full model and every client's sub-model use the
+same layer classes; a sub-model's layers simply have a smaller ``rank``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from prism_tf import spectral
+
+# Order of a principal layer's weights in `get_weights()` / `weights`; other modules rely on it.
+PRINCIPAL, COMBINATION, BIAS, SINGULAR_VALUES, SCALE = (
+    "principal_kernels",
+    "combination",
+    "bias",
+    "singular_values",
+    "kernel_scale",
+)
+
+
+class _PrincipalMixin:
+    """Weights, config and factor I/O shared by both principal layers."""
+
+    rank: int
+
+    def _add_factor_weights(self, fan_in_shape: tuple[int, ...], out_dim: int) -> None:
+        self.principal_kernels = self.add_weight(
+            name=PRINCIPAL,
+            shape=(*fan_in_shape, self.rank),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            trainable=True,
+        )
+        self.combination = self.add_weight(
+            name=COMBINATION,
+            shape=(self.rank, out_dim),
+            initializer=self.combination_initializer,
+            trainable=True,
+        )
+        self.bias = (
+            self.add_weight(name=BIAS, shape=(out_dim,), initializer=self.bias_initializer, trainable=True)
+            if self.use_bias
+            else None
+        )
+        # Frozen: s only drives sampling probabilities, ω is fixed per round by the sampling strategy.
+        self.singular_values = self.add_weight(
+            name=SINGULAR_VALUES, shape=(self.rank,), initializer="ones", trainable=False
+        )
+        self.kernel_scale = self.add_weight(name=SCALE, shape=(self.rank,), initializer="ones", trainable=False)
+
+    def _combine(self, responses: tf.Tensor) -> tf.Tensor:
+        responses = responses * tf.cast(self.kernel_scale, responses.dtype)
+        outputs = tf.tensordot(responses, tf.cast(self.combination, responses.dtype), axes=1)
+        if self.use_bias:
+            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
+        return self.activation(outputs)
+
+    def set_factors(
+        self,
+        principal: Any,
+        combination: Any,
+        singular_values: Any,
+        bias: Any | None = None,
+        scale: Any | None = None,
+    ) -> None:
+        """Assign factors (e.g. from `spectral.factorize_kernel`); ``scale`` defaults to ones."""
+        self.principal_kernels.assign(principal)
+        self.combination.assign(combination)
+        self.singular_values.assign(singular_values)
+        self.kernel_scale.assign(tf.ones([self.rank]) if scale is None else scale)
+        if bias is not None and self.use_bias:
+            self.bias.assign(bias)
+
+    def dense_kernel(self) -> tf.Tensor:
+        """The kernel this layer represents, ``A·diag(ω)·B`` in the replaced layer's kernel shape."""
+        return spectral.rebuild_kernel(
+            self.principal_kernels, self.kernel_scale[:, tf.newaxis] * self.combination
+        )
+
+    def _factor_config(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "activation": tf.keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+            "combination_initializer": tf.keras.initializers.serialize(self.combination_initializer),
+            "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": tf.keras.regularizers.serialize(self.kernel_regularizer),
+        }
+
+    def _init_factor_args(
+        self,
+        rank: int,
+        activation: Any,
+        use_bias: bool,
+        kernel_initializer: Any,
+        combination_initializer: Any,
+        bias_initializer: Any,
+        kernel_regularizer: Any,
+    ) -> None:
+        if int(rank) < 1:
+            raise ValueError(f"{type(self).__name__} '{self.name}': rank must be >= 1, got {rank}")
+        self.rank = int(rank)
+        self.activation = tf.keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        self.combination_initializer = tf.keras.initializers.get(combination_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = tf.keras.regularizers.get(kernel_regularizer)
+
+
+@tf.keras.utils.register_keras_serializable(package="prism_tf")
+class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
+    """A ``Conv2D`` as ``rank`` principal kernels followed by a 1×1 combination (PRISM.md §2).
+
+    Supports the ``Conv2D`` options of the layer it replaces: ``strides``, ``padding`` (``valid``/``same``),
+    ``dilation_rate``, bias and activation; ``channels_last`` and ``groups=1`` only.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int, int],
+        rank: int,
+        strides: int | tuple[int, int] = (1, 1),
+        padding: str = "valid",
+        dilation_rate: int | tuple[int, int] = (1, 1),
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "he_normal",
+        combination_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = _pair(kernel_size)
+        self.strides = _pair(strides)
+        self.dilation_rate = _pair(dilation_rate)
+        self.padding = padding.lower()
+        if self.padding not in ("valid", "same"):
+            raise ValueError(f"PrincipalConv2D '{self.name}': padding must be 'valid' or 'same', got {padding!r}")
+        self._init_factor_args(
+            rank, activation, use_bias, kernel_initializer, combination_initializer, bias_initializer,
+            kernel_regularizer,
+        )
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape: tf.TensorShape) -> None:
+        channels = tf.TensorShape(input_shape)[-1]
+        if channels is None:
+            raise ValueError(f"PrincipalConv2D '{self.name}': the channel dimension of the input must be known")
+        self._add_factor_weights((*self.kernel_size, int(channels)), self.filters)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: int(channels)})
+        self.built = True
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        responses = tf.nn.convolution(
+            inputs,
+            tf.cast(self.principal_kernels, inputs.dtype),
+            strides=self.strides,
+            padding=self.padding.upper(),
+            dilations=self.dilation_rate,
+        )
+        return self._combine(responses)
+
+    def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
+        shape = tf.TensorShape(input_shape).as_list()
+        spatial = [
+            _conv_output_length(shape[1 + i], self.kernel_size[i], self.padding, self.strides[i],
+                                self.dilation_rate[i])
+            for i in range(2)
+        ]
+        return tf.TensorShape([shape[0], *spatial, self.filters])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            filters=self.filters,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            **self._factor_config(),
+        )
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package="prism_tf")
+class PrincipalDense(_PrincipalMixin, tf.keras.layers.Layer):
+    """A ``Dense`` layer as ``rank`` principal kernels (rank-one terms) and their combination (PRISM.md §2)."""
+
+    def __init__(
+        self,
+        units: int,
+        rank: int,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        combination_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self._init_factor_args(
+            rank, activation, use_bias, kernel_initializer, combination_initializer, bias_initializer,
+            kernel_regularizer,
+        )
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
+
+    def build(self, input_shape: tf.TensorShape) -> None:
+        features = tf.TensorShape(input_shape)[-1]
+        if features is None:
+            raise ValueError(f"PrincipalDense '{self.name}': the last dimension of the input must be known")
+        self._add_factor_weights((int(features),), self.units)
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2, axes={-1: int(features)})
+        self.built = True
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        responses = tf.tensordot(inputs, tf.cast(self.principal_kernels, inputs.dtype), axes=1)
+        return self._combine(responses)
+
+    def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.units])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(units=self.units, **self._factor_config())
+        return config
+
+
+PRINCIPAL_LAYERS = (PrincipalConv2D, PrincipalDense)
+
+
+def is_principal(layer: tf.keras.layers.Layer) -> bool:
+    """Whether ``layer`` is a factorized (principal-kernel) layer."""
+    return isinstance(layer, PRINCIPAL_LAYERS)
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair, got {value}")
+    return value  # type: ignore[return-value]
+
+
+def _conv_output_length(length: int | None, kernel: int, padding: str, stride: int, dilation: int) -> int | None:
+    if length is None:
+        return None
+    effective = (kernel - 1) * dilation + 1
+    if padding == "same":
+        return (length + stride - 1) // stride
+    return (length - effective + stride) // stride

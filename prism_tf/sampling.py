@@ -1,0 +1,350 @@
+"""Sampling strategies: which principal kernels each client trains (PRISM.md §3, §5).
+
+A strategy turns a layer's singular values into ``k = ceil(keep_ratio · r)`` kernel indices and their frozen
+multipliers ``ω``. `sample` applies it to every principal layer of a factorized model and returns a `Selection`,
+the value that `extract`, `merge`, the per-kernel aggregation, the TFF distributor and the exporter consume.
+
+Strategies (``strategy=``):
+- ``prism``: PriSM's importance sampling, ``p_i ∝ s_i^γ`` drawn sequentially without replacement (§3), ω = 1.
+- ``top``: deterministic top-k by singular value (FedHM), ω = 1.
+- ``uniform``: k of r uniformly, ω = 1.
+- ``unbiased``: inclusion probabilities ``π_i = min(1, c·s_i)`` (Korzhenkov & Louizos 2024, Eq. 5 / Alg. 1),
+  drawn by conditional Poisson sampling with exactly these marginals, ``ω_i = 1/π_i`` (Horvitz–Thompson).
+- ``collective``: ``π_i = clip((c·s_i − 1)/(C − 1), 0, 1)`` for ``C`` clients per round (Eq. 8 / Alg. 2),
+  ``ω_i = C / (1 + (C − 1)·π_i)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from prism_tf.factorize import principal_layers
+
+STRATEGIES = ("prism", "top", "uniform", "unbiased", "collective")
+SeedLike = int | Sequence[int] | np.random.SeedSequence
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSelection:
+    """One layer's share of a client's sub-model: kernel indices (sorted), their ω, and the layer's full rank."""
+
+    indices: np.ndarray
+    scale: np.ndarray
+    rank: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "indices", np.asarray(self.indices, dtype=np.int32))
+        object.__setattr__(self, "scale", np.asarray(self.scale, dtype=np.float32))
+
+    @property
+    def size(self) -> int:
+        return int(self.indices.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Per principal layer, the kernels one client trains this round (ARCHITECTURE.md: the currency)."""
+
+    layers: Mapping[str, LayerSelection]
+    keep_ratio: float
+    strategy: str
+
+    def sizes(self) -> dict[str, int]:
+        """Number of kept kernels per layer (the sub-model's ranks)."""
+        return {name: sel.size for name, sel in self.layers.items()}
+
+    def check_model(self, model: tf.keras.Model) -> None:
+        """Raise ``ValueError`` naming the layer if this selection does not fit ``model``'s principal layers."""
+        layers = {layer.name: layer for layer in principal_layers(model)}
+        for name in layers.keys() - self.layers.keys():
+            raise ValueError(f"selection has no entry for principal layer '{name}' of model '{model.name}'")
+        for name, sel in self.layers.items():
+            if name not in layers:
+                raise ValueError(f"selection names layer '{name}', which is not a principal layer of '{model.name}'")
+            if sel.rank != layers[name].rank:
+                raise ValueError(
+                    f"selection for layer '{name}' was drawn for rank {sel.rank}, the model's layer has rank "
+                    f"{layers[name].rank}: the selection comes from another model"
+                )
+            if sel.size and (sel.indices.min() < 0 or sel.indices.max() >= sel.rank):
+                raise ValueError(f"selection for layer '{name}' has indices outside [0, {sel.rank})")
+
+
+def num_kept(keep_ratio: float, rank: int) -> int:
+    """``k = ceil(keep_ratio · r)``, at least 1 (PRISM.md §3); tolerant of float round-off (0.3·10 -> 3)."""
+    check_keep_ratio(keep_ratio)
+    return max(1, min(rank, math.ceil(keep_ratio * rank - 1e-9)))
+
+
+def check_keep_ratio(keep_ratio: float, what: str = "keep_ratio") -> None:
+    if not (isinstance(keep_ratio, int | float | np.floating) and 0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(f"{what} must be in (0, 1], got {keep_ratio!r}")
+
+
+def default_gamma(keep_ratio: float) -> float:
+    """PriSM's exponent: γ = 4 for keep ≤ 0.2, else 2.5 (PRISM.md §3)."""
+    return 4.0 if keep_ratio <= 0.2 else 2.5
+
+
+def sample(
+    model: tf.keras.Model,
+    keep_ratio: float,
+    seed: SeedLike = 0,
+    strategy: str = "prism",
+    *,
+    gamma: float | None = None,
+    clients_per_round: int | None = None,
+) -> Selection:
+    """Draw one client's `Selection` over every principal layer of ``model`` (PRISM.md §3, §5).
+
+    Layers are sampled independently. ``seed`` may be a sequence such as ``(run_seed, round, client)`` so that
+    every client of every round draws independently and reproducibly.
+
+    Args:
+      model: a factorized model (`prism_tf.factorize`).
+      keep_ratio: fraction of each layer's kernels to keep, in (0, 1]; may differ per client.
+      seed: int, sequence of ints or ``np.random.SeedSequence``.
+      strategy: one of `STRATEGIES`.
+      gamma: PriSM's exponent (default `default_gamma`).
+      clients_per_round: ``C`` for ``collective`` (required there).
+    """
+    layers = principal_layers(model)
+    if not layers:
+        raise ValueError(f"sample: model '{model.name}' has no principal-kernel layer; call prism_tf.factorize first")
+    singular_values = {layer.name: layer.singular_values.numpy() for layer in layers}
+    return sample_from_singular_values(
+        singular_values, keep_ratio, seed, strategy, gamma=gamma, clients_per_round=clients_per_round
+    )
+
+
+def sample_from_singular_values(
+    singular_values: Mapping[str, np.ndarray],
+    keep_ratio: float,
+    seed: SeedLike = 0,
+    strategy: str = "prism",
+    *,
+    gamma: float | None = None,
+    clients_per_round: int | None = None,
+) -> Selection:
+    """`sample` given the singular values per layer (what a server holds without a Keras model)."""
+    check_keep_ratio(keep_ratio)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    children = seq.spawn(len(singular_values))
+    chosen = {}
+    for child, (name, s) in zip(children, singular_values.items(), strict=True):
+        s = np.asarray(s, dtype=np.float64)
+        k = num_kept(keep_ratio, s.shape[0])
+        indices, scale = draw(
+            s, k, strategy, np.random.default_rng(child), gamma=gamma if gamma is not None else
+            default_gamma(keep_ratio), clients_per_round=clients_per_round,
+        )
+        chosen[name] = LayerSelection(indices, scale, s.shape[0])
+    return Selection(chosen, float(keep_ratio), strategy)
+
+
+def draw(
+    singular_values: np.ndarray,
+    k: int,
+    strategy: str,
+    rng: np.random.Generator,
+    *,
+    gamma: float = 4.0,
+    clients_per_round: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``k`` kernel indices (sorted) and their multipliers ω from one layer's singular values."""
+    s = np.maximum(np.asarray(singular_values, dtype=np.float64), 0.0)
+    r = s.shape[0]
+    if not 1 <= k <= r:
+        raise ValueError(f"cannot draw {k} of {r} kernels")
+    if strategy == "prism":
+        weights = s**gamma
+        # A tiny floor keeps every kernel reachable (PRISM.md §3: none is always kept) when some s_i = 0.
+        weights = weights + 1e-12 * max(weights.max(), 1e-30)
+        indices = rng.choice(r, size=k, replace=False, p=weights / weights.sum())
+        scale = np.ones(k)
+    elif strategy == "top":
+        indices = np.argsort(-s, kind="stable")[:k]
+        scale = np.ones(k)
+    elif strategy == "uniform":
+        indices = rng.choice(r, size=k, replace=False)
+        scale = np.ones(k)
+    elif strategy in ("unbiased", "collective"):
+        if strategy == "collective" and (clients_per_round is None or clients_per_round < 1):
+            raise ValueError("strategy 'collective' needs clients_per_round >= 1")
+        pi = np.asarray(_inclusion(strategy, tuple(s), k, clients_per_round or 1))
+        indices = conditional_poisson_sample(pi, rng)
+        if strategy == "unbiased":
+            scale = 1.0 / pi[indices]
+        else:
+            c = clients_per_round
+            scale = c / (1.0 + (c - 1) * pi[indices])
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    order = np.argsort(indices)
+    return np.asarray(indices)[order].astype(np.int32), np.asarray(scale)[order].astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1024)
+def _inclusion(strategy: str, s: tuple[float, ...], k: int, clients_per_round: int) -> tuple[float, ...]:
+    # Every client of a round draws from the same spectrum: compute its design once.
+    s_arr = np.asarray(s)
+    if strategy == "unbiased":
+        return tuple(unbiased_inclusion(s_arr, k))
+    return tuple(collective_inclusion(s_arr, k, clients_per_round))
+
+
+def unbiased_inclusion(singular_values: np.ndarray, k: int) -> np.ndarray:
+    """Inclusion probabilities of the ``unbiased`` strategy (Korzhenkov & Louizos 2024, Eq. 5 / Algorithm 1).
+
+    The top ``t`` terms get π = 1 and the rest ``(k − t)·λ_i / Σ_{j>t} λ_j``; among the feasible ``t`` (all π ≤ 1)
+    the one with the least variance ``Σ λ_i² (1/π_i − 1)`` is taken.
+    """
+    s = np.asarray(singular_values, dtype=np.float64)
+    r = s.shape[0]
+    order = np.argsort(-s, kind="stable")
+    lam = np.maximum(s[order], 1e-30)
+    best, best_var = None, np.inf
+    for t in range(k + 1):
+        rest = lam[t:].sum()
+        if t == k:
+            pi = np.concatenate([np.ones(t), np.zeros(r - t)])
+            var = np.inf if r > k else 0.0
+            if r > k and np.all(lam[t:] <= 1e-29):
+                var = 0.0
+        else:
+            tail = (k - t) * lam[t:] / rest
+            if tail.max() > 1.0 + 1e-12:
+                continue
+            pi = np.concatenate([np.ones(t), np.minimum(tail, 1.0)])
+            var = float(np.sum(lam**2 * (1.0 / pi - 1.0)))
+        if var < best_var:
+            best, best_var = pi, var
+    if best is None:  # only t = k remained (the rest is all zeros)
+        best = np.concatenate([np.ones(k), np.zeros(r - k)])
+    out = np.empty(r)
+    out[order] = best
+    return out
+
+
+def collective_inclusion(singular_values: np.ndarray, k: int, clients_per_round: int) -> np.ndarray:
+    """Inclusion probabilities of the ``collective`` strategy (Korzhenkov & Louizos 2024, Eq. 8 / Algorithm 2).
+
+    ``π_i = clip((c·λ_i − 1)/(C − 1), 0, 1)`` with ``c`` such that ``Σ π_i = k``; ``C = 1`` is ``top``. ``c`` is
+    found by bisection (``Σ π`` is continuous and non-decreasing in ``c``), which gives the same solution as the
+    paper's search over ``(t, u)``.
+    """
+    s = np.asarray(singular_values, dtype=np.float64)
+    r = s.shape[0]
+    if k >= r:
+        return np.ones(r)
+    if clients_per_round == 1:
+        pi = np.zeros(r)
+        pi[np.argsort(-s, kind="stable")[:k]] = 1.0
+        return pi
+    lam = np.maximum(s, 1e-30)
+    total = lambda c: np.clip((c * lam - 1.0) / (clients_per_round - 1), 0.0, 1.0).sum()  # noqa: E731
+    lo, hi = 0.0, 1.0 / lam.max()
+    while total(hi) < k:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if total(mid) < k else (lo, mid)
+    pi = np.clip((hi * lam - 1.0) / (clients_per_round - 1), 0.0, 1.0)
+    return _fix_total(pi, k)
+
+
+def _fix_total(pi: np.ndarray, k: int) -> np.ndarray:
+    """Remove the bisection's residual so that Σπ = k exactly, scaling only the fractional terms."""
+    frac = (pi > 0) & (pi < 1)
+    need = k - pi[~frac].sum()
+    if frac.any() and pi[frac].sum() > 0:
+        pi = pi.copy()
+        pi[frac] *= need / pi[frac].sum()
+    return np.clip(pi, 0.0, 1.0)
+
+
+def conditional_poisson_sample(inclusion: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw exactly ``k = Σπ`` distinct indices whose marginal inclusion probabilities are ``π`` (Tillé 2006).
+
+    Conditional Poisson (maximum-entropy, rejective) sampling: units with π = 1 are always taken, units with π = 0
+    never; for the rest, working odds are fitted so that the conditional-Poisson design has exactly the target
+    marginals (`conditional_poisson_odds`), and one sample is drawn sequentially from that design (no rejection).
+    """
+    pi = np.asarray(inclusion, dtype=np.float64)
+    k = int(round(pi.sum()))
+    certain = np.flatnonzero(pi >= 1.0 - 1e-12)
+    free = np.flatnonzero((pi > 1e-12) & (pi < 1.0 - 1e-12))
+    m = k - certain.shape[0]
+    if m <= 0 or free.shape[0] == 0:
+        return np.sort(certain[:k])
+    if m >= free.shape[0]:
+        return np.sort(np.concatenate([certain, free]))
+    log_odds = conditional_poisson_odds(tuple(pi[free].round(12)), m)
+    taken = _draw_conditional_poisson(np.asarray(log_odds), m, rng)
+    return np.sort(np.concatenate([certain, free[taken]]))
+
+
+@functools.lru_cache(maxsize=256)
+def conditional_poisson_odds(target: tuple[float, ...], m: int, iterations: int = 500) -> tuple[float, ...]:
+    """Log working odds ``θ`` whose conditional-Poisson design of size ``m`` has marginals ``target``.
+
+    Fixed point ``θ ← θ + log π_target − log π(θ)`` (Tillé 2006, §5.6), with the exact marginals of the design
+    computed by `conditional_poisson_inclusion`. Cached: the server reuses it for every client of a round.
+    """
+    target_arr = np.asarray(target)
+    theta = np.log(target_arr / (1.0 - target_arr))
+    for _ in range(iterations):
+        current = conditional_poisson_inclusion(theta, m)
+        theta = theta + np.log(target_arr) - np.log(np.maximum(current, 1e-300))
+        if np.max(np.abs(current - target_arr)) < 1e-10:
+            break
+    return tuple(theta)
+
+
+def conditional_poisson_inclusion(log_odds: np.ndarray, m: int) -> np.ndarray:
+    """Exact inclusion probabilities of conditional Poisson sampling of size ``m`` with working odds ``e^θ``.
+
+    ``π_i = w_i · e_{m−1}(w without i) / e_m(w)`` with elementary symmetric polynomials computed in log space
+    by forward and backward recursions (stable for hundreds of units).
+    """
+    theta = np.asarray(log_odds, dtype=np.float64)
+    n = theta.shape[0]
+    forward = _log_esp_table(theta, m)  # forward[i, j] = log e_j(w_0..w_{i-1})
+    backward = _log_esp_table(theta[::-1], m)[::-1]  # backward[i, j] = log e_j(w_i..w_{n-1})
+    # e_{m-1}(w_{-i}) = Σ_a e_a(w_<i) · e_{m-1-a}(w_>i)
+    left = forward[:n, :m]  # [n, m] for a = 0..m-1
+    right = backward[1 : n + 1, :m][:, ::-1]  # [n, m], column a holds e_{m-1-a}(w_>i)
+    log_rest = np.logaddexp.reduce(left + right, axis=1)
+    return np.exp(theta + log_rest - forward[n, m])
+
+
+def _log_esp_table(theta: np.ndarray, m: int) -> np.ndarray:
+    n = theta.shape[0]
+    table = np.full((n + 1, m + 1), -np.inf)
+    table[0, 0] = 0.0
+    for i in range(n):
+        table[i + 1, 0] = 0.0
+        table[i + 1, 1:] = np.logaddexp(table[i, 1:], table[i, :-1] + theta[i])
+    return table
+
+
+def _draw_conditional_poisson(theta: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    # Sequential draw: unit i is taken with probability w_i e_{need-1}(w_>i) / e_need(w_≥i).
+    backward = _log_esp_table(theta[::-1], m)[::-1]
+    taken, need = [], m
+    for i in range(theta.shape[0]):
+        if need == 0:
+            break
+        p = np.exp(theta[i] + backward[i + 1, need - 1] - backward[i, need])
+        if rng.random() < p:
+            taken.append(i)
+            need -= 1
+    return np.asarray(taken, dtype=np.int64)

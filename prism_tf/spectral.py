@@ -1,0 +1,137 @@
+"""Spectral math of principal kernels: reshapes, SVD, rebuild, slicing and per-kernel averaging.
+
+Pure functions in TensorFlow ops (they run eagerly on numpy input and inside TFF/`tf.function` graphs alike), so
+the Keras layers, the TFF computations and the device-ingest path all call this one implementation (PRISM.md §2,
+§4). No Keras, no state.
+
+Conventions (PRISM.md §2): a kernel of shape ``[kh, kw, Cin, Cout]`` (or ``[in, out]`` for Dense) is viewed as the
+matrix ``W = [kh*kw*Cin, Cout]``. Its thin SVD ``W = U diag(s) Vᵀ`` is split as ``A = U diag(√s)`` (reshaped back to
+``[kh, kw, Cin, r]``: ``r`` ordinary filters, the *principal kernels*) and ``B = diag(√s) Vᵀ`` (``[r, Cout]``, the
+1×1 map that mixes their responses into the outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+TensorLike = tf.types.experimental.TensorLike
+
+
+def kernel_to_matrix(kernel: TensorLike) -> tf.Tensor:
+    """``[..., Cout]`` kernel -> ``[prod(...), Cout]`` matrix (PRISM.md §2)."""
+    kernel = tf.convert_to_tensor(kernel)
+    return tf.reshape(kernel, [-1, tf.shape(kernel)[-1]])
+
+
+def matrix_to_kernel(matrix: TensorLike, leading_shape: Sequence[int]) -> tf.Tensor:
+    """``[prod(leading_shape), n]`` matrix -> ``[*leading_shape, n]`` kernel (inverse of `kernel_to_matrix`)."""
+    matrix = tf.convert_to_tensor(matrix)
+    return tf.reshape(matrix, [*leading_shape, tf.shape(matrix)[-1]])
+
+
+def factorize_kernel(kernel: TensorLike) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Split a kernel into principal kernels ``A``, combination ``B`` and singular values ``s`` (PRISM.md §2).
+
+    Args:
+      kernel: ``[kh, kw, Cin, Cout]`` or ``[in, out]``.
+
+    Returns:
+      ``(A, B, s)`` with ``A`` of shape ``[kh, kw, Cin, r]`` (or ``[in, r]``), ``B`` of shape ``[r, Cout]`` and
+      ``s`` of shape ``[r]`` sorted descending, ``r = min(rows, Cout)``; ``A @ B`` (as matrices) equals the kernel.
+      The SVD runs in float64 and the results are cast back to the kernel's dtype.
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    leading = kernel.shape[:-1]
+    s, u, v = tf.linalg.svd(tf.cast(kernel_to_matrix(kernel), tf.float64), full_matrices=False)
+    root = tf.sqrt(s)
+    a = u * root[tf.newaxis, :]
+    b = root[:, tf.newaxis] * tf.transpose(v)
+    dtype = kernel.dtype
+    return tf.cast(matrix_to_kernel(a, leading), dtype), tf.cast(b, dtype), tf.cast(s, dtype)
+
+
+def rebuild_kernel(principal: TensorLike, combination: TensorLike) -> tf.Tensor:
+    """``W = A·B`` in kernel shape: ``[kh, kw, Cin, r] x [r, Cout] -> [kh, kw, Cin, Cout]`` (PRISM.md §2)."""
+    principal = tf.convert_to_tensor(principal)
+    matrix = tf.matmul(kernel_to_matrix(principal), tf.convert_to_tensor(combination, principal.dtype))
+    return matrix_to_kernel(matrix, principal.shape[:-1])
+
+
+def refactorize(
+    principal: TensorLike, combination: TensorLike, scale: TensorLike | None = None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Rebuild ``W = A diag(ω) B`` and re-run the SVD, re-splitting ``√s`` into both factors (PRISM.md §2, §4).
+
+    Training drifts the principal kernels away from orthogonality; the server restores it after aggregation.
+    ``scale`` (the frozen multipliers ω, PRISM.md §5) defaults to ones. Rank is preserved when
+    ``r = min(rows, Cout)``; a lower-rank layer keeps its ``r`` leading terms.
+    """
+    principal = tf.convert_to_tensor(principal)
+    combination = tf.convert_to_tensor(combination, principal.dtype)
+    if scale is not None:
+        combination = tf.convert_to_tensor(scale, principal.dtype)[:, tf.newaxis] * combination
+    rank = principal.shape[-1]
+    a, b, s = factorize_kernel(rebuild_kernel(principal, combination))
+    return a[..., :rank], b[:rank], s[:rank]
+
+
+def gather_kernels(
+    principal: TensorLike, combination: TensorLike, indices: TensorLike
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The principal kernels ``indices`` of a layer: ``(A[..., idx], B[idx, :])`` (PRISM.md §3)."""
+    principal = tf.convert_to_tensor(principal)
+    indices = tf.convert_to_tensor(indices, tf.int32)
+    return tf.gather(principal, indices, axis=-1), tf.gather(combination, indices, axis=0)
+
+
+def kernel_rows(principal: TensorLike, combination: TensorLike) -> tf.Tensor:
+    """One row per principal kernel: ``[r, kh*kw*Cin + Cout]`` = ``[a_iᵀ | b_i]``.
+
+    Kernel ``i`` is the pair (column ``i`` of ``A``, row ``i`` of ``B``); this is the unit that is selected,
+    sent and averaged (PRISM.md §3-§4).
+    """
+    principal = tf.convert_to_tensor(principal)
+    return tf.concat([tf.transpose(kernel_to_matrix(principal)), tf.convert_to_tensor(combination)], axis=1)
+
+
+def split_kernel_rows(rows: TensorLike, principal_leading_shape: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Inverse of `kernel_rows`: ``[k, D] -> (A [..., k], B [k, Cout])``."""
+    rows = tf.convert_to_tensor(rows)
+    fan_in = 1
+    for d in principal_leading_shape:
+        fan_in *= int(d)
+    a = matrix_to_kernel(tf.transpose(rows[:, :fan_in]), principal_leading_shape)
+    return a, rows[:, fan_in:]
+
+
+def per_key_sums(
+    values: TensorLike, keys: TensorLike, weight: TensorLike, num_keys: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Scatter one client's ``[K, ...]`` values (times ``weight``) and counts into dense ``[num_keys, ...]``.
+
+    The accumulate step of per-kernel aggregation (PRISM.md §4); the sums of several clients are added and then
+    divided by `per_key_average`. Duplicate keys add up.
+    """
+    values = tf.convert_to_tensor(values)
+    keys = tf.reshape(tf.convert_to_tensor(keys, tf.int32), [-1, 1])
+    weight = tf.cast(weight, values.dtype)
+    k = tf.shape(keys)[0]
+    sums = tf.scatter_nd(keys, values * weight, tf.concat([[num_keys], tf.shape(values)[1:]], axis=0))
+    counts = tf.scatter_nd(keys, tf.fill([k], weight), [num_keys])
+    return sums, counts
+
+
+def per_key_average(sums: TensorLike, counts: TensorLike, previous: TensorLike) -> tf.Tensor:
+    """Weighted per-key mean where some client had the key, else the previous value (PRISM.md §4).
+
+    ``sums``/``counts`` are `per_key_sums` added over clients; ``previous`` is the server's ``[num_keys, ...]``
+    value, kept for keys no client trained.
+    """
+    sums = tf.convert_to_tensor(sums)
+    counts = tf.cast(counts, sums.dtype)
+    shape = tf.concat([tf.shape(counts), tf.ones([tf.rank(sums) - 1], tf.int32)], axis=0)
+    counts = tf.reshape(counts, shape)
+    safe = tf.where(counts > 0, counts, tf.ones_like(counts))
+    return tf.where(counts > 0, sums / safe, tf.cast(previous, sums.dtype))
