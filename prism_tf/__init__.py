@@ -7,7 +7,7 @@
     prism_tf.cost(sub)                                 # params, flops, activation bytes
 """
 
-from prism_tf import models, spectral
+from prism_tf import models, slicing, spectral
 from prism_tf.cost import cost
 from prism_tf.factorize import (
     FactorizationReport,
@@ -18,14 +18,25 @@ from prism_tf.factorize import (
     walk_layers,
 )
 from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
+from prism_tf.plan import SubmodelPlan
 from prism_tf.sampling import STRATEGIES, LayerSelection, Selection, sample, sample_from_singular_values
-from prism_tf.submodel import aggregate, extract, kernel_coverage, merge, submodel_architecture
+from prism_tf.submodel import (
+    aggregate,
+    extract,
+    flat_weights,
+    kernel_coverage,
+    merge,
+    set_flat_weights,
+    submodel_architecture,
+    submodel_weights,
+)
 
 CUSTOM_OBJECTS = {"PrincipalConv2D": PrincipalConv2D, "PrincipalDense": PrincipalDense}
 
 __all__ = [
     "CUSTOM_OBJECTS", "STRATEGIES", "FactorizationReport", "LayerSelection", "PrincipalConv2D", "PrincipalDense",
-    "Selection", "aggregate", "cost", "extract", "factorize", "is_principal", "kernel_coverage", "merge", "models",
-    "plan_factorization", "principal_layers", "refactorize", "sample", "sample_from_singular_values", "spectral",
-    "submodel_architecture", "walk_layers",
+    "Selection", "SubmodelPlan", "aggregate", "cost", "extract", "factorize", "flat_weights", "is_principal",
+    "kernel_coverage", "merge", "models", "plan_factorization", "principal_layers", "refactorize", "sample",
+    "sample_from_singular_values", "set_flat_weights", "slicing", "spectral", "submodel_architecture",
+    "submodel_weights", "walk_layers",
 ]

@@ -155,20 +155,28 @@ def factorize(
     return clone
 
 
-def clone_with_ranks(model: tf.keras.Model, ranks: dict[str, int]) -> tf.keras.Model:
+def clone_with_ranks(
+    model: tf.keras.Model, ranks: dict[str, int], widths: dict[str, int] | None = None
+) -> tf.keras.Model:
     """Clone ``model``'s architecture (fresh weights) with the named layers as principal layers of given rank.
 
     Named layers may be ordinary Conv2D/Dense (they become principal layers) or principal layers (their rank
-    changes). This is how full factorized models and every sub-model are built (`prism_tf.extract`).
+    changes). ``widths`` sets the output channels (``filters``/``units``) of named conv/dense/principal layers,
+    for width-sliced sub-models. This is how full factorized models and every sub-model are built.
     """
     _check_graph_model(model)
+    widths = widths or {}
 
     def clone_layer(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
         if isinstance(layer, tf.keras.Model):
             return tf.keras.models.clone_model(layer, clone_function=clone_layer)
+        config = layer.get_config()
+        if layer.name in widths:
+            config["filters" if "filters" in config else "units"] = widths[layer.name]
+        layer = layer.__class__.from_config(config)
         if layer.name in ranks:
             return _principal_from(layer, ranks[layer.name])
-        return layer.__class__.from_config(layer.get_config())
+        return layer
 
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
     for layer in walk_layers(clone):

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf.factorize import principal_layers
+from prism_tf.plan import SubmodelPlan
 
 STRATEGIES = ("prism", "top", "uniform", "unbiased", "collective")
 SeedLike = int | Sequence[int] | np.random.SeedSequence
@@ -49,18 +50,39 @@ class LayerSelection:
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """Per principal layer, the kernels one client trains this round (ARCHITECTURE.md: the currency)."""
+    """What one client trains this round (ARCHITECTURE.md: the currency).
+
+    ``layers``: per principal layer, the kept kernels. ``channels``: per sliced channel group (`prism_tf.plan`),
+    the kept output channels, for PriSM's memory-efficient variant and the width-sliced baselines; groups not
+    named here are kept whole.
+    """
 
     layers: Mapping[str, LayerSelection]
     keep_ratio: float
     strategy: str
+    channels: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         """Number of kept kernels per layer (the sub-model's ranks)."""
         return {name: sel.size for name, sel in self.layers.items()}
 
-    def check_model(self, model: tf.keras.Model) -> None:
-        """Raise ``ValueError`` naming the layer if this selection does not fit ``model``'s principal layers."""
+    def indices(self) -> dict[str, np.ndarray]:
+        """Kept indices per group (kernel groups by layer name, then channel groups)."""
+        out = {name: sel.indices for name, sel in self.layers.items()}
+        out.update({name: np.asarray(idx, np.int32) for name, idx in self.channels.items()})
+        return out
+
+    def check_model(self, model: tf.keras.Model, plan: SubmodelPlan | None = None) -> None:
+        """Raise ``ValueError`` naming the layer if this selection does not fit ``model``."""
+        if self.channels:
+            plan = plan or SubmodelPlan.of(model)
+            for name, idx in self.channels.items():
+                group = plan.groups.get(name)
+                if group is None or group.kind != "channels" or not group.free:
+                    raise ValueError(f"selection slices channel group '{name}', which '{model.name}' cannot slice")
+                idx = np.asarray(idx)
+                if idx.size == 0 or idx.min() < 0 or idx.max() >= group.size:
+                    raise ValueError(f"selection for channel group '{name}' has indices outside [0, {group.size})")
         layers = {layer.name: layer for layer in principal_layers(model)}
         for name in layers.keys() - self.layers.keys():
             raise ValueError(f"selection has no entry for principal layer '{name}' of model '{model.name}'")
@@ -100,6 +122,8 @@ def sample(
     *,
     gamma: float | None = None,
     clients_per_round: int | None = None,
+    output_keep: float | None = None,
+    output_rule: str = "random",
 ) -> Selection:
     """Draw one client's `Selection` over every principal layer of ``model`` (PRISM.md §3, §5).
 
@@ -113,14 +137,39 @@ def sample(
       strategy: one of `STRATEGIES`.
       gamma: PriSM's exponent (default `default_gamma`).
       clients_per_round: ``C`` for ``collective`` (required there).
+      output_keep: PriSM's memory-efficient variant (PRISM.md §3): also keep only this fraction of the output
+        channels of every principal layer whose outputs feed a single next layer (not a residual add), so the
+        sub-model's intermediate feature maps shrink. ``None`` keeps all channels.
+      output_rule: ``"random"`` (uniform per client and layer, the default) or ``"first"`` (the first
+        channels, the authors' 2023 rule).
     """
     layers = principal_layers(model)
     if not layers:
         raise ValueError(f"sample: model '{model.name}' has no principal-kernel layer; call prism_tf.factorize first")
     singular_values = {layer.name: layer.singular_values.numpy() for layer in layers}
-    return sample_from_singular_values(
+    selection = sample_from_singular_values(
         singular_values, keep_ratio, seed, strategy, gamma=gamma, clients_per_round=clients_per_round
     )
+    if output_keep is None:
+        return selection
+    check_keep_ratio(output_keep, "output_keep")
+    plan = SubmodelPlan.of(model)
+    groups = sorted(plan.owned_channel_groups().values())
+    if not groups:
+        raise ValueError(f"output_keep: model '{model.name}' has no principal layer whose outputs can be sliced")
+    rng = np.random.default_rng(_seed_sequence(seed).spawn(len(layers) + 1)[-1])
+    channels = {g: channel_subset(plan.groups[g].size, output_keep, output_rule, rng) for g in groups}
+    return dataclasses.replace(selection, channels=channels)
+
+
+def channel_subset(size: int, keep: float, rule: str, rng: np.random.Generator) -> np.ndarray:
+    """``ceil(keep · size)`` sorted channel indices: the first ones (``"first"``) or uniformly drawn (``"random"``)."""
+    n = num_kept(keep, size)
+    if rule == "first":
+        return np.arange(n, dtype=np.int32)
+    if rule == "random":
+        return np.sort(rng.choice(size, n, replace=False)).astype(np.int32)
+    raise ValueError(f"unknown channel rule {rule!r}; choose 'first' or 'random'")
 
 
 def sample_from_singular_values(
@@ -136,7 +185,7 @@ def sample_from_singular_values(
     check_keep_ratio(keep_ratio)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    seq = _seed_sequence(seed)
     children = seq.spawn(len(singular_values))
     chosen = {}
     for child, (name, s) in zip(children, singular_values.items(), strict=True):
@@ -148,6 +197,12 @@ def sample_from_singular_values(
         )
         chosen[name] = LayerSelection(indices, scale, s.shape[0])
     return Selection(chosen, float(keep_ratio), strategy)
+
+
+def _seed_sequence(seed: SeedLike) -> np.random.SeedSequence:
+    if isinstance(seed, np.random.SeedSequence):
+        return np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key)
+    return np.random.SeedSequence(seed)
 
 
 def draw(

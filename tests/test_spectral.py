@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from prism_tf import spectral
 
@@ -45,34 +44,8 @@ def test_refactorize_restores_orthogonality_and_keeps_function(kernel):
     np.testing.assert_allclose(am.T @ am, np.diag(s3.numpy()), atol=1e-4)
 
 
-def test_kernel_rows_round_trip_and_gather(kernel):
+def test_gather_kernels(kernel):
     a, b, _ = spectral.factorize_kernel(kernel)
-    rows = spectral.kernel_rows(a, b)
-    assert rows.shape == (7, 45 + 7)
-    a2, b2 = spectral.split_kernel_rows(rows, (3, 3, 5))
-    np.testing.assert_array_equal(a2, a)
-    np.testing.assert_array_equal(b2, b)
     ga, gb = spectral.gather_kernels(a, b, [5, 1])
     np.testing.assert_array_equal(ga.numpy(), a.numpy()[..., [5, 1]])
     np.testing.assert_array_equal(gb.numpy(), b.numpy()[[5, 1]])
-
-
-def test_per_key_average_by_hand():
-    # Two clients over 4 keys; client 1 (weight 3) has keys 0,2; client 2 (weight 1) has keys 2,3. Key 1: nobody.
-    previous = np.array([[10.0], [20.0], [30.0], [40.0]])
-    s1, c1 = spectral.per_key_sums(np.array([[1.0], [2.0]]), [0, 2], 3.0, 4)
-    s2, c2 = spectral.per_key_sums(np.array([[6.0], [8.0]]), [2, 3], 1.0, 4)
-    np.testing.assert_array_equal(c1 + c2, [3.0, 0.0, 4.0, 1.0])
-    avg = spectral.per_key_average(s1 + s2, c1 + c2, previous).numpy()
-    np.testing.assert_allclose(avg[:, 0], [1.0, 20.0, (3 * 2.0 + 6.0) / 4, 8.0])
-
-
-def test_per_key_functions_trace_in_graph():
-    @tf.function(input_signature=[tf.TensorSpec([2, 3]), tf.TensorSpec([2], tf.int32)])
-    def run(values, keys):
-        sums, counts = spectral.per_key_sums(values, keys, 2.0, 5)
-        return spectral.per_key_average(sums, counts, tf.zeros([5, 3]))
-
-    out = run(tf.ones([2, 3]), tf.constant([4, 1])).numpy()
-    np.testing.assert_array_equal(out[[1, 4]], np.ones([2, 3]))
-    np.testing.assert_array_equal(out[[0, 2, 3]], np.zeros([3, 3]))
