@@ -1,0 +1,413 @@
+"""Tests of tff_pipelines.runtime: the TFF worker never outlives its Python process, never holds its pipes.
+
+The process-level tests run a real Python subprocess with stdout/stderr on pipes, as CI does (`... | cat`):
+the pipes must reach EOF (no orphan holds them), and the worker_binary the child reports must be gone.
+The child prints its worker PIDs; we check those PIDs (not "all workers on the machine"), so tests running
+in parallel elsewhere on the machine cannot confuse the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from tff_pipelines import runtime
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHILD_TIMEOUT_S = 180  # importing TF + TFF takes ~8 s here; a loaded 2-core CI machine may need more
+GRACE_S = 10.0  # time allowed for a worker to die after its parent is gone
+
+# Defines `add` (TF) and `fed_sum` (federated) and prints the worker PIDs as "WORKERS [..]".
+CHILD_PRELUDE = """
+import numpy as np
+import tensorflow_federated as tff
+import tff_pipelines
+from tff_pipelines import runtime
+
+@tff.tensorflow.computation(np.int32, np.int32)
+def add(a, b):
+    return a + b
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+def fed_sum(x):
+    return tff.federated_sum(x)
+
+print("WORKERS", runtime.worker_pids(), flush=True)
+"""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _is_live_worker(pid: int) -> bool:
+    """True if `pid` is a running (not zombie) worker_binary process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X") and argv0.endswith(b"worker_binary")
+
+
+def _workers_with_parent(ppid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == ppid and _is_live_worker(int(entry)):
+            found.add(int(entry))
+    return found
+
+
+def _wait_gone(pids: set[int], grace_s: float = GRACE_S) -> tuple[set[int], float]:
+    """Polls until none of `pids` is a live worker (or the grace period ends): (survivors, seconds waited)."""
+    start = time.monotonic()
+    while True:
+        alive = {p for p in pids if _is_live_worker(p)}
+        waited = time.monotonic() - start
+        if not alive or waited > grace_s:
+            return alive, waited
+        time.sleep(0.1)
+
+
+class Child:
+    """A Python child with stdout and stderr on pipes, both read by threads until EOF."""
+
+    def __init__(self, body: str, new_session: bool = False):
+        script = CHILD_PRELUDE + textwrap.dedent(body)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=new_session,
+        )
+        self.out_lines: list[str] = []
+        self.err_chunks: list[bytes] = []
+        self._marker = threading.Condition()
+        self._out_reader = threading.Thread(target=self._read_out, daemon=True)
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._out_reader.start()
+        self._err_reader.start()
+        self.child_workers_seen: set[int] = set()
+
+    def _read_out(self) -> None:
+        for raw in self.proc.stdout:
+            with self._marker:
+                self.out_lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._marker.notify_all()
+
+    def _read_err(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read(4096), b""):
+            self.err_chunks.append(chunk)
+
+    @property
+    def stderr(self) -> str:
+        return b"".join(self.err_chunks).decode(errors="replace")[-4000:]
+
+    def wait_for_line(self, prefix: str, timeout: float = CHILD_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        with self._marker:
+            while True:
+                for line in self.out_lines:
+                    if line.startswith(prefix):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._out_reader.is_alive()):
+                    raise AssertionError(f"no {prefix!r} line; stdout={self.out_lines}\nstderr={self.stderr}")
+                self._marker.wait(min(remaining, 0.5))
+
+    def reported_workers(self) -> set[int]:
+        """The worker PIDs the child printed, plus any worker_binary that is a direct child of it now."""
+        line = self.wait_for_line("WORKERS")
+        pids = {int(p) for p in line.removeprefix("WORKERS").strip(" []").split(",") if p.strip()}
+        pids |= _workers_with_parent(self.proc.pid)
+        self.child_workers_seen |= pids
+        return pids
+
+    def wait_pipes_closed(self, timeout: float = CHILD_TIMEOUT_S) -> float:
+        """Waits for the child to exit and both pipes to reach EOF; returns seconds since its start."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_everything()
+            raise AssertionError(f"child did not exit within {timeout} s; stderr=\n{self.stderr}") from None
+        self._out_reader.join(timeout=GRACE_S)
+        self._err_reader.join(timeout=GRACE_S)
+        if self._out_reader.is_alive() or self._err_reader.is_alive():
+            self.kill_everything()
+            raise AssertionError("child exited but its stdout/stderr pipe stayed open: an orphan holds it")
+        return time.monotonic() - self.started
+
+    def kill_everything(self) -> None:
+        """Last resort so a failing test never leaves processes behind."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        for pid in self.child_workers_seen | _workers_with_parent(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def child_factory():
+    children: list[Child] = []
+
+    def make(body: str, new_session: bool = False) -> Child:
+        child = Child(body, new_session)
+        children.append(child)
+        return child
+
+    yield make
+    for child in children:
+        if child.proc.poll() is None:
+            child.kill_everything()
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+def test_script_exits_and_pipes_close(child_factory):
+    child = child_factory('print("RESULT", add(2, 3), fed_sum([1, 2, 3]), flush=True)\n')
+    workers = child.reported_workers()
+    elapsed = child.wait_pipes_closed()
+    assert child.proc.returncode == 0, child.stderr
+    assert "RESULT 5 6" in child.out_lines, child.out_lines
+    assert len(workers) == 1  # ours, started at import; TFF did not start one of its own
+    survivors, _ = _wait_gone(workers)
+    assert not survivors
+    assert elapsed < CHILD_TIMEOUT_S / 2
+
+
+def test_sigterm_mid_run_stops_worker(child_factory):
+    child = child_factory(
+        """
+        print("RESULT", fed_sum([1, 2, 3]), flush=True)
+        print("READY", flush=True)
+        while True:  # keep computations in flight when SIGTERM arrives
+            fed_sum([1, 2, 3])
+        """
+    )
+    child.wait_for_line("READY")
+    workers = child.reported_workers()
+    assert len(workers) == 1
+    child.proc.send_signal(signal.SIGTERM)
+    child.wait_pipes_closed(timeout=60)
+    assert child.proc.returncode == 128 + signal.SIGTERM, child.stderr
+    survivors, _ = _wait_gone(workers)
+    assert not survivors
+
+
+def test_sighup_stops_worker(child_factory):
+    child = child_factory('print("READY", flush=True)\nimport time\ntime.sleep(600)\n')
+    child.wait_for_line("READY")
+    workers = child.reported_workers()
+    child.proc.send_signal(signal.SIGHUP)
+    child.wait_pipes_closed(timeout=60)
+    assert child.proc.returncode == 128 + signal.SIGHUP, child.stderr
+    assert not _wait_gone(workers)[0]
+
+
+def test_sigkill_worker_dies_by_pdeathsig(child_factory):
+    child = child_factory(
+        """
+        print("RESULT", fed_sum([1, 2, 3]), flush=True)
+        print("READY", flush=True)
+        while True:
+            fed_sum([1, 2, 3])
+        """
+    )
+    child.wait_for_line("READY")
+    workers = child.reported_workers()
+    assert len(workers) == 1
+    child.proc.kill()  # no atexit, no signal handler: only the kernel's parent-death signal can help
+    child.wait_pipes_closed(timeout=60)
+    assert child.proc.returncode == -signal.SIGKILL
+    survivors, waited = _wait_gone(workers)
+    assert not survivors, f"worker(s) {survivors} survived SIGKILL of their parent"
+    assert waited < GRACE_S
+
+
+def test_ctrl_c_to_process_group_spares_worker(child_factory):
+    """Ctrl-C (or Jupyter's interrupt) signals the whole group: the worker must survive a caught interrupt."""
+    child = child_factory(
+        """
+        import time
+        print("READY", flush=True)
+        try:
+            time.sleep(120)
+        except KeyboardInterrupt:
+            print("RESULT", add(1, 2), fed_sum([1, 2, 3]), flush=True)
+        """,
+        new_session=True,
+    )
+    child.wait_for_line("READY")
+    workers = child.reported_workers()
+    os.killpg(child.proc.pid, signal.SIGINT)
+    assert child.wait_for_line("RESULT") == "RESULT 3 6"
+    child.wait_pipes_closed()
+    assert child.proc.returncode == 0, child.stderr
+    assert not _wait_gone(workers)[0]
+
+
+def test_tff_own_worker_is_stopped_too():
+    """Defense in depth: a worker started by TFF's stock context (before our import) is stopped at exit."""
+    body = """
+        import numpy as np
+        import tensorflow_federated as tff
+        # TFF's stock context: spawns its own worker on the first call, with our stdout/stderr pipes.
+        print("TFF", tff.tensorflow.computation(lambda: np.int32(7))(), flush=True)
+        import tff_pipelines
+        from tff_pipelines import runtime
+        print("ALL", runtime.worker_pids(), flush=True)
+        """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(body)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)  # returns only at EOF: nobody holds the pipe
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for pid in _workers_with_parent(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    lines = out.decode().splitlines()
+    assert "TFF 7" in lines, lines
+    pids = {int(p) for p in next(x for x in lines if x.startswith("ALL")).strip("AL []").split(",")}
+    assert len(pids) == 2  # TFF's worker and ours
+    assert proc.returncode == 0
+    assert not _wait_gone(pids)[0]
+
+
+def test_worker_started_from_short_lived_thread_survives_it(child_factory):
+    """A first install on a non-main thread forks from a parked thread: the worker outlives the caller."""
+    child = child_factory(
+        """
+        import threading
+        runtime.shutdown()
+        t = threading.Thread(target=runtime.install_local_context)
+        t.start()
+        t.join()  # the installing thread is gone: a worker forked by it would now get PDEATHSIG
+        import time
+        time.sleep(1.0)
+        runtime.install_in_current_thread()
+        print("RESULT", add(4, 5), runtime.worker_pids(), flush=True)
+        """
+    )
+    line = child.wait_for_line("RESULT")
+    assert line.startswith("RESULT 9 ["), line
+    child.wait_pipes_closed()
+    assert child.proc.returncode == 0, child.stderr
+    pids = {int(p) for p in line.split("[", 1)[1].strip("]").split(",")}
+    assert not _wait_gone(pids)[0]
+
+
+def test_dead_worker_fails_fast_instead_of_retrying_forever(child_factory):
+    """TFF retries UNAVAILABLE forever; once our worker is gone a computation must raise instead."""
+    child = child_factory(
+        """
+        import os, signal, time
+        pid = runtime.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        try:
+            add(1, 2)
+        except RuntimeError as e:
+            print("RAISED", round(time.monotonic() - t0, 2), "exited" in str(e), flush=True)
+        """
+    )
+    line = child.wait_for_line("RAISED", timeout=CHILD_TIMEOUT_S)
+    child.wait_pipes_closed()
+    _, seconds, mentions_exit = line.split()
+    assert mentions_exit == "True"
+    assert float(seconds) < 30
+
+
+# --------------------------------------------------------------------------------------------- in process
+
+
+@tff.tensorflow.computation(np.int32, np.int32)
+def _add(a, b):
+    return a + b
+
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+def _fed_sum(x):
+    return tff.federated_sum(x)
+
+
+def test_session_uses_our_worker():
+    pids = runtime.worker_pids()
+    assert len(pids) == 1 and _is_live_worker(pids[0])
+    assert _fed_sum([1, 2, 3]) == 6
+    assert runtime.worker_pids() == pids
+
+
+def test_redirected_stdout_has_no_fileno_and_still_works():
+    before = runtime.worker_pids()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        with pytest.raises(io.UnsupportedOperation):
+            sys.stdout.fileno()
+        result = _add(2, 3), _fed_sum([1, 2, 3])
+        print("inside")
+    assert result == (5, 6)
+    assert buf.getvalue() == "inside\n"
+    assert runtime.worker_pids() == before
+
+
+def test_capsys_computation(capsys):
+    print(_add(20, 22))
+    assert capsys.readouterr().out == "42\n"
+
+
+def test_new_thread_needs_install_then_works():
+    results: dict[str, object] = {}
+
+    def without_install() -> None:
+        try:
+            _add(1, 1)
+        except Exception as e:  # TFF's context stack is thread-local: nothing is installed here
+            results["error"] = e
+
+    def with_install() -> None:
+        runtime.install_in_current_thread()
+        results["sum"] = _fed_sum([1, 2, 3])
+        results["add"] = _add(2, 2)
+
+    for target in (without_install, with_install):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert "No default context" in str(results.get("error")), results
+    assert results["sum"] == 6 and results["add"] == 4
+    assert len(runtime.worker_pids()) == 1  # the thread reused the session's worker
