@@ -1,0 +1,195 @@
+"""Client work: rebuild the client's sub-model from what it received, train it locally, return its tensors.
+
+Runs inside a `tff.tensorflow.computation` placed at CLIENTS. The Keras sub-model is rebuilt from JSON inside the
+computation (TFF traces it once per sub-model shape), its weights are assigned from the received tensors, and it is
+trained with ``training=True`` in a `tf.function` loop so that BatchNorm's moving statistics update and travel
+back with the other tensors (TFF_NOTES.md: Keras, BatchNorm, optimizers).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import prism_tf
+from prism_tf import slicing
+from prism_tf.plan import FROM_SELECTION, SERVER_ONLY
+from tff_pipelines.layout import RoundLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTraining:
+    """Local training options (PRISM.md §4-§5).
+
+    Attributes:
+      optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
+      clip_norm: global gradient-norm clip (the authors use 5); ``None`` disables it.
+      clip_lr_tau: "ClipLR" of Korzhenkov & Louizos (2024): each kernel's factors learn at ``min(1, τ/ω)`` of the
+        learning rate; a no-op where ``ω ≤ τ`` (always for ``prism``/``top``/``uniform``). ``None`` disables it.
+    """
+
+    optimizer: tff.learning.optimizers.Optimizer = dataclasses.field(
+        default_factory=lambda: tff.learning.optimizers.build_sgdm(learning_rate=0.05, momentum=0.9))
+    clip_norm: float | None = 5.0
+    clip_lr_tau: float | None = 10.0
+
+
+def materialize(layout: RoundLayout, received: dict, indices: list, scale: list) -> list[tf.Tensor]:
+    """The client's sub-model weights (flat order) from what the distributor sent.
+
+    ``received`` has ``rows`` (one ``[k, D]`` tensor per kernel group, `RoundLayout.select_tables` order) and
+    ``whole`` (the other travelling tensors, full size) — or only ``whole`` (every travelling tensor) when the
+    server broadcast everything.
+    """
+    tables = layout.select_tables() if "rows" in received else {}
+    from_rows: dict[int, tf.Tensor] = {}
+    for rows, (group, positions) in zip(received.get("rows", []), tables.items(), strict=True):
+        offset = 0
+        for position in positions:
+            axis, _ = layout.kernel_axis(position)
+            shape = list(layout.tensors[position].shape)
+            shape[axis] = layout.sizes[group]
+            width = int(np.prod(shape)) // shape[axis]
+            block = slicing.from_rows(rows[:, offset:offset + width], axis, shape)
+            from_rows[position] = slicing.gather_axes(block, layout.slices(position, indices, skip_axis=axis))
+            offset += width
+    whole = iter(received["whole"])
+    scales = dict(zip(layout.scale_layers, scale, strict=True))
+    weights = []
+    for position, tensor in enumerate(layout.tensors):
+        if tensor.weight == FROM_SELECTION and tensor.layer in scales:
+            weights.append(scales[tensor.layer])
+        elif tensor.weight == SERVER_ONLY:
+            weights.append(tf.zeros(layout.sub_shape(position)))  # s is only used by the server's sampler
+        elif position in from_rows:
+            weights.append(from_rows[position])
+        else:
+            weights.append(slicing.gather_axes(next(whole), layout.slices(position, indices)))
+    return weights
+
+
+def train_submodel(
+    layout: RoundLayout, weights: list[tf.Tensor], scale: list[tf.Tensor], data: tf.data.Dataset,
+    training: ClientTraining,
+) -> tuple[list[tf.Tensor], collections.OrderedDict]:
+    """Train the sub-model on ``data`` (batches of ``x``/``y``); return its travelling tensors and metrics."""
+    model = tf.keras.models.model_from_json(layout.submodel_json, custom_objects=prism_tf.CUSTOM_OBJECTS)
+    variables = prism_tf.flat_weights(model)
+    positions = [i for i, t in enumerate(layout.trainable) if t]
+    train_vars = [variables[i] for i in positions]
+    lr_factors = _clip_lr_factors(layout, positions, scale, training.clip_lr_tau)
+    specs = [tf.TensorSpec(v.shape, v.dtype) for v in train_vars]
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    # Everything stateful runs inside one tf.function: in TFF's graph, assignments outside a function would be
+    # dangling ops that never run.
+    @tf.function
+    def run(opt_state):
+        for variable, value in zip(variables, weights, strict=True):
+            variable.assign(value)
+        loss_sum = correct = count = tf.constant(0.0)
+        for batch in data:
+            with tf.GradientTape() as tape:
+                logits = model(batch["x"], training=True)
+                loss = loss_fn(batch["y"], logits)
+            grads = tape.gradient(loss, train_vars)
+            grads = [g if f is None else g * f for g, f in zip(grads, lr_factors, strict=True)]
+            if training.clip_norm is not None:
+                grads, _ = tf.clip_by_global_norm(grads, training.clip_norm)
+            opt_state, updated = training.optimizer.next(
+                opt_state, tuple(v.read_value() for v in train_vars), tuple(grads))
+            opt_state = _tuples(opt_state)
+            for variable, value in zip(train_vars, updated, strict=True):
+                variable.assign(value)
+            size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
+            loss_sum += loss * size
+            predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            correct += tf.reduce_sum(tf.cast(tf.equal(predictions, batch["y"]), tf.float32))
+            count += size
+        uploads = [variables[i].read_value() for i in layout.travelling()]
+        return uploads, loss_sum, correct, count
+
+    uploads, loss_sum, correct, count = run(_tuples(training.optimizer.initialize(tuple(specs))))
+    metrics = collections.OrderedDict(num_examples=count, loss_sum=loss_sum, correct=correct)
+    return uploads, metrics
+
+
+def _tuples(structure):
+    # tf.data packs Python lists inside a dataset loop's state into one tensor; tuples stay structures.
+    if isinstance(structure, list | tuple):
+        return tuple(_tuples(x) for x in structure)
+    if isinstance(structure, dict):
+        return type(structure)((k, _tuples(v)) for k, v in structure.items())
+    return structure
+
+
+def _clip_lr_factors(layout: RoundLayout, positions: list[int], scale: list[tf.Tensor], tau: float | None):
+    if tau is None or not layout.scale_layers:
+        return [None] * len(positions)
+    scales = dict(zip(layout.scale_layers, scale, strict=True))
+    factors = []
+    for position in positions:
+        found = layout.kernel_axis(position)
+        if found is None:
+            factors.append(None)
+            continue
+        axis, group = found
+        rank = len(layout.tensors[position].shape)
+        factor = tf.minimum(1.0, tau / scales[group])
+        factors.append(tf.reshape(factor, [-1 if d == axis else 1 for d in range(rank)]))
+    return factors
+
+
+def build_client_work(
+    layout: RoundLayout, element_type: tff.Type, training: ClientTraining, distribution: str
+) -> tff.Computation:
+    """The client computation: ``<received, client> -> <uploads, metrics>`` for ``distribution``."""
+    client_type = client_input_type(layout, element_type)
+    if distribution == "select":
+        tables = layout.select_tables()
+        in_tables = {p for ps in tables.values() for p in ps}
+        received_type = collections.OrderedDict(
+            rows=[tff.SequenceType(tff.TensorType(np.float32, [_row_width(layout, ps)])) for ps in tables.values()],
+            whole=[tff.TensorType(np.float32, layout.tensors[p].shape) for p in layout.travelling()
+                   if p not in in_tables],
+        )
+    elif distribution == "broadcast":
+        received_type = collections.OrderedDict(
+            whole=[tff.TensorType(np.float32, layout.tensors[p].shape) for p in layout.travelling()])
+    else:
+        raise ValueError(f"distribution must be 'select' or 'broadcast', got {distribution!r}")
+
+    @tff.tensorflow.computation(collections.OrderedDict(received=received_type, client=client_type))
+    def client_work(arg):
+        received = dict(arg["received"])
+        if "rows" in received:
+            received["rows"] = [
+                ds.batch(layout.sizes[group]).get_single_element()
+                for ds, group in zip(received["rows"], layout.select_tables(), strict=True)
+            ]
+        client = arg["client"]
+        indices, scale = list(client["indices"]), list(client["scale"])
+        weights = materialize(layout, received, indices, scale)
+        uploads, metrics = train_submodel(layout, weights, scale, client["data"], training)
+        return collections.OrderedDict(uploads=uploads, indices=indices, metrics=metrics)
+
+    return client_work
+
+
+def client_input_type(layout: RoundLayout, element_type: tff.Type) -> collections.OrderedDict:
+    """Each client's input: its batches, its index vectors and its ω vectors."""
+    return collections.OrderedDict(
+        data=tff.SequenceType(element_type), indices=layout.indices_type(), scale=layout.scale_type())
+
+
+def _row_width(layout: RoundLayout, positions: list[int]) -> int:
+    total = 0
+    for position in positions:
+        axis, _ = layout.kernel_axis(position)
+        shape = layout.tensors[position].shape
+        total += int(np.prod(shape)) // shape[axis]
+    return total

@@ -1,0 +1,376 @@
+"""The PriSM federated process: TFF computations composed into a `tff.learning.templates.LearningProcess`.
+
+One round (PRISM.md §2-§4), all placements explicit:
+
+1. the server's driver samples each client's `Selection` (`Method.select`, numpy) from the singular values in
+   the server state and places the index vectors at the clients with their data;
+2. `distributor`: ``federated_select`` (or broadcast) sends each client only its sub-model;
+3. `client_work`: the client rebuilds its sub-model, trains it locally and returns its sub-tensors;
+4. `aggregator`: ``federated_aggregate`` averages every entry over the clients that trained it;
+5. `finalizer`: the server finishes the averages, applies the server optimizer and re-factorizes.
+
+Why the server samples (and not each client from a broadcast seed): the sampling laws, including the conditional
+Poisson designs of ``unbiased``/``collective``, live once in numpy (`prism_tf.sampling`), the server needs each
+client's indices anyway to route `federated_select`, and ``collective`` couples the clients of a round. The indices
+travel inside each client's input struct (``<data, indices, scale>``), which keeps ``next(state, client_data)`` the
+`LearningProcess` signature (TFF_NOTES.md, processes and client inputs).
+
+Heterogeneous sub-model sizes (per-client keep ratios, FjORD's widths) change TFF types: `PrismProcess.next`
+groups clients by size, runs one client phase per group and a single server update over the summed accumulators.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import prism_tf
+from prism_tf.plan import SERVER_ONLY
+from tff_pipelines import aggregator, client_work, distributor, finalizer
+from tff_pipelines.layout import RoundLayout
+from tff_pipelines.methods import Method
+
+
+@dataclasses.dataclass
+class RoundReport:
+    """Per-round numbers the driver adds to the TFF metrics (traffic and cost are deployment truths)."""
+
+    bytes_down_per_client: float
+    bytes_up_per_client: float
+    client_flops_per_example: float
+    client_activation_bytes_per_example: float
+    clients: int
+
+
+class PrismProcess:
+    """PriSM (or a peer method) as a TFF learning process with ``initialize``/``next``/weights accessors.
+
+    ``learning_process`` is the underlying `tff.learning.templates.LearningProcess` for clients whose inputs are
+    ``<data, indices, scale>`` structs; `next` takes plain client datasets, samples each client's sub-model and
+    calls it.
+    """
+
+    def __init__(
+        self,
+        server_model: tf.keras.Model,
+        method: Method,
+        element_type: tff.Type,
+        training: client_work.ClientTraining,
+        *,
+        distribution: str = "select",
+        refactorize_every: int = 1,
+        weighting: str = "examples",
+        seed: int = 0,
+        collective_clients: int | None = None,
+    ) -> None:
+        self.server_model = server_model
+        self.method = method
+        self.element_type = element_type
+        self.training = training
+        self.distribution = distribution
+        self.refactorize_every = refactorize_every if method.spectral else 0
+        self.weighting = weighting
+        self.seed = int(seed)
+        self.collective_clients = collective_clients
+        self.plan = prism_tf.SubmodelPlan.of(server_model)
+        distributor.uses_select(RoundLayout.build(server_model, {}), distribution)  # validates the name
+        self.layout = self._layout(_key(self._default_sizes()))
+        full = RoundLayout.build(server_model, {})
+        self.full_model_bytes = full.full_bytes()
+        self.full_cost = prism_tf.cost(server_model)
+        self._server_update = finalizer.build_server_update(
+            self.layout, self._phase(self.layout.sizes_key).type_signature.result[0].member,
+            self.refactorize_every)
+        self.learning_process = self._build_learning_process()
+
+    # --- the TFF computations -------------------------------------------------------------------------------
+    def _default_sizes(self) -> dict[str, int]:
+        return self.method.sizes(self.plan)
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - one layout per sub-model size, for the process's lifetime
+    def _layout(self, sizes_key: tuple) -> RoundLayout:
+        return RoundLayout.build(self.server_model, dict(sizes_key))
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019
+    def _phase(self, sizes_key: tuple) -> tff.Computation:
+        """``(weights@SERVER, clients@CLIENTS) -> <accumulator, metrics>@SERVER`` for one sub-model size."""
+        layout = self._layout(sizes_key)
+        work = client_work.build_client_work(layout, self.element_type, self.training, self.distribution)
+        distribute = distributor.build_distributor(layout, self.distribution)
+        aggregate = aggregator.build_aggregator(layout, work.type_signature.result, self.weighting)
+        client_type = tff.FederatedType(client_work.client_input_type(layout, self.element_type), tff.CLIENTS)
+
+        @tff.tensorflow.computation(work.type_signature.result)
+        def metrics_of(output):
+            return output["metrics"]
+
+        @tff.federated_computation(tff.FederatedType(layout.weights_type(), tff.SERVER), client_type)
+        def phase(weights, clients):
+            received = distribute(weights, clients)
+            outputs = tff.federated_map(
+                work, tff.federated_zip(collections.OrderedDict(received=received, client=clients)))
+            return aggregate(outputs), tff.federated_sum(tff.federated_map(metrics_of, outputs))
+
+        return phase
+
+    def _build_learning_process(self) -> tff.learning.templates.LearningProcess:
+        layout = self.layout
+        initial = [w.numpy() for w in prism_tf.flat_weights(self.server_model)]
+        trainable = [i for i, t in enumerate(layout.trainable) if t]
+        frozen = [i for i, t in enumerate(layout.trainable) if not t]
+
+        @tff.tensorflow.computation
+        def initial_state():
+            return collections.OrderedDict(weights=[tf.constant(w) for w in initial], round_num=tf.constant(0, tf.int64))
+
+        state_type = initial_state.type_signature.result
+
+        @tff.federated_computation
+        def initialize():
+            return tff.federated_eval(initial_state, tff.SERVER)
+
+        phase = self._phase(layout.sizes_key)
+        accumulator_type = phase.type_signature.result[0].member
+        metrics_type = phase.type_signature.result[1].member
+        finish = self._finish_computation(state_type, accumulator_type, metrics_type)
+
+        @tff.tensorflow.computation(state_type)
+        def weights_of(state):
+            return state["weights"]
+
+        @tff.federated_computation(tff.FederatedType(state_type, tff.SERVER), phase.type_signature.parameter[1])
+        def next_fn(state, clients):
+            acc, metrics = phase(tff.federated_map(weights_of, state), clients)
+            new_state, round_metrics = tff.federated_map(finish, tff.federated_zip((state, acc, metrics)))
+            return tff.learning.templates.LearningProcessOutput(new_state, round_metrics)
+
+        @tff.tensorflow.computation(state_type)
+        def get_model_weights(state):
+            w = state["weights"]
+            return tff.learning.models.ModelWeights(trainable=[w[i] for i in trainable],
+                                                    non_trainable=[w[i] for i in frozen])
+
+        weights_type = get_model_weights.type_signature.result
+
+        @tff.tensorflow.computation(state_type, weights_type)
+        def set_model_weights(state, model_weights):
+            w = [None] * len(layout.tensors)
+            for i, value in zip(trainable, model_weights.trainable, strict=True):
+                w[i] = value
+            for i, value in zip(frozen, model_weights.non_trainable, strict=True):
+                w[i] = value
+            return collections.OrderedDict(weights=w, round_num=state["round_num"])
+
+        return tff.learning.templates.LearningProcess(initialize, next_fn, get_model_weights, set_model_weights)
+
+    def _finish_computation(self, state_type, accumulator_type, metrics_type) -> tff.Computation:
+        update = self._server_update
+
+        @tff.tensorflow.computation(state_type, accumulator_type, metrics_type)
+        def finish(state, acc, metrics):
+            result = update(state["weights"], acc, state["round_num"])
+            count = metrics["num_examples"]
+            safe = tf.maximum(count, 1.0)
+            round_metrics = collections.OrderedDict(
+                loss=metrics["loss_sum"] / safe, accuracy=metrics["correct"] / safe, num_examples=count,
+                kernel_coverage=result["coverage"])
+            state = collections.OrderedDict(weights=result["weights"], round_num=state["round_num"] + 1)
+            return state, round_metrics
+
+        return finish
+
+    @functools.cached_property
+    def _finish_tiers(self) -> tff.Computation:
+        phase = self._phase(self.layout.sizes_key)
+        state_type = self.learning_process.initialize.type_signature.result.member
+        return self._finish_computation(state_type, phase.type_signature.result[0].member,
+                                        phase.type_signature.result[1].member)
+
+    # --- the Python surface ---------------------------------------------------------------------------------
+    def initialize(self):
+        """The initial server state (the server model's weights, round 0)."""
+        return self.learning_process.initialize()
+
+    def get_model_weights(self, state) -> list[np.ndarray]:
+        """The server model's weights in `prism_tf.flat_weights` order."""
+        return [np.asarray(w) for w in state["weights"]]
+
+    def set_model_weights(self, state, weights: Sequence[np.ndarray]):
+        """A state with the server model's weights replaced (flat order), keeping the round counter."""
+        if len(weights) != len(self.layout.tensors):
+            raise ValueError(f"expected {len(self.layout.tensors)} weight arrays, got {len(weights)}")
+        return collections.OrderedDict(weights=[np.asarray(w, np.float32) for w in weights],
+                                       round_num=state["round_num"])
+
+    def assign_to(self, state, model: tf.keras.Model | None = None) -> tf.keras.Model:
+        """Write the state's weights into ``model`` (default: the process's server model) and return it."""
+        model = model or self.server_model
+        prism_tf.set_flat_weights(model, self.get_model_weights(state))
+        return model
+
+    def round_num(self, state) -> int:
+        return int(state["round_num"])
+
+    def singular_values(self, state) -> dict[str, np.ndarray]:
+        """Per principal layer, the server's current singular values (what sampling reads)."""
+        weights = state["weights"]
+        return {t.layer: np.asarray(weights[i]) for i, t in enumerate(self.layout.tensors)
+                if t.weight == SERVER_ONLY}
+
+    def selections(self, state, num_clients: int) -> list[prism_tf.Selection]:
+        """This round's selections, one per client, reproducible from (seed, round, client)."""
+        round_num = self.round_num(state)
+        s = self.singular_values(state)
+        out = []
+        for client in range(num_clients):
+            seed = (self.seed, round_num, client)
+            rng = np.random.default_rng(np.random.SeedSequence(list(seed)).spawn(3)[2])
+            keep = self.method.client_keep_ratio(rng)
+            out.append(self.method.select(self.plan, s, seed, keep_ratio=keep,
+                                          clients_per_round=self.collective_clients or num_clients))
+        return out
+
+    def client_inputs(self, layout: RoundLayout, datasets: Sequence[tf.data.Dataset],
+                      selections: Sequence[prism_tf.Selection]) -> list[collections.OrderedDict]:
+        inputs = []
+        for dataset, selection in zip(datasets, selections, strict=True):
+            indices, scale = layout.client_inputs(selection)
+            inputs.append(collections.OrderedDict(data=dataset, indices=indices, scale=scale))
+        return inputs
+
+    def next(self, state, client_datasets: Sequence[tf.data.Dataset]):
+        """One round over ``client_datasets`` (batched, fixed batch size); returns ``(state, metrics)``.
+
+        Metrics: ``loss``, ``accuracy``, ``num_examples`` (client training), ``kernel_coverage`` (share of all
+        principal kernels trained by some client), and the per-client traffic and cost of this round's sub-models.
+        """
+        if not client_datasets:
+            raise ValueError("next: no client datasets")
+        selections = self.selections(state, len(client_datasets))
+        tiers: dict[tuple, list[int]] = {}
+        sliced = self._default_sizes()
+        for i, selection in enumerate(selections):
+            sizes = self.plan.sizes(selection.indices())
+            tiers.setdefault(_key({g: sizes[g] for g in sliced}), []).append(i)
+        if list(tiers) == [self.layout.sizes_key]:
+            inputs = self.client_inputs(self.layout, client_datasets, selections)
+            output = self.learning_process.next(state, inputs)
+            state, metrics = output.state, dict(output.metrics)
+        else:
+            state, metrics = self._next_in_tiers(state, client_datasets, selections, tiers)
+        report = self._report(selections, tiers)
+        metrics.update(dataclasses.asdict(report))
+        return state, {k: _py(v) for k, v in metrics.items()}
+
+    def _next_in_tiers(self, state, datasets, selections, tiers):
+        acc = metrics = None
+        weights = state["weights"]
+        for key, members in tiers.items():
+            layout = self._layout(key)
+            inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members])
+            tier_acc, tier_metrics = self._phase(key)(weights, inputs)
+            add = lambda a, b: tf.nest.map_structure(np.add, a, b)  # noqa: E731
+            acc = tier_acc if acc is None else add(acc, tier_acc)
+            metrics = tier_metrics if metrics is None else add(metrics, tier_metrics)
+        state, round_metrics = self._finish_tiers(state, acc, metrics)
+        return state, dict(round_metrics)
+
+    def _report(self, selections, tiers) -> RoundReport:
+        down = up = flops = act = 0.0
+        for key, members in tiers.items():
+            layout = self._layout(key)
+            sub = prism_tf.submodel_architecture(self.server_model, self.plan, layout.sizes)
+            cost = _cached_cost(layout.submodel_json, sub)
+            n = len(members)
+            down += n * layout.bytes_down()
+            up += n * layout.bytes_up()
+            flops += n * cost["flops"]
+            act += n * cost["activation_bytes"]
+        n = len(selections)
+        return RoundReport(down / n, up / n, flops / n, act / n, n)
+
+
+def _key(sizes: dict[str, int]) -> tuple:
+    return tuple(sorted(sizes.items()))
+
+
+_COSTS: dict[str, dict] = {}
+
+
+def _cached_cost(key: str, model: tf.keras.Model) -> dict:
+    if key not in _COSTS:
+        _COSTS[key] = prism_tf.cost(model)
+    return _COSTS[key]
+
+
+def _py(value):
+    array = np.asarray(value)
+    return array.item() if array.shape == () else array.tolist()
+
+
+def batch_spec(input_shape: Sequence[int], batch_size: int) -> tff.Type:
+    """The TFF type of a client batch: ``<x=float32[B, H, W, C], y=int32[B]>`` (fixed batch size)."""
+    return tff.to_type(collections.OrderedDict(
+        x=tff.TensorType(np.float32, [batch_size, *input_shape]), y=tff.TensorType(np.int32, [batch_size])))
+
+
+def build_prism_process(
+    model_fn: Callable[[], tf.keras.Model],
+    *,
+    method: str | Method = "prism",
+    keep_ratio: float = 0.2,
+    strategy: str = "prism",
+    gamma: float | None = None,
+    output_keep: float | None = None,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 32,
+    client_optimizer: tff.learning.optimizers.Optimizer | None = None,
+    clip_norm: float | None = 5.0,
+    clip_lr_tau: float | None = 10.0,
+    distribution: str = "select",
+    refactorize_every: int = 1,
+    weighting: str = "examples",
+    seed: int = 0,
+    collective_clients: int | None = None,
+    factorize_options: dict | None = None,
+) -> PrismProcess:
+    """Build the federated process for PriSM (or a peer method, `tff_pipelines.methods`).
+
+    Args:
+      model_fn: returns a fresh functional/Sequential Keras model (the full server model, unfactorized).
+      method: ``prism`` (default), ``fedhm``, ``fedavg``, ``small``, ``heterofl``, ``fjord``, ``fed_dropout``
+        or a `Method`.
+      keep_ratio: share of each layer's principal kernels (or channels) a client trains (PRISM.md §3).
+      strategy: sampling strategy (`prism_tf.STRATEGIES`).
+      gamma: PriSM's exponent; default 4 at keep ≤ 0.2 else 2.5.
+      output_keep: memory-efficient variant (PRISM.md §3): share of owned output channels kept.
+      input_shape: per-example input shape (default: the model's).
+      batch_size: client batch size; client datasets must be batched with exactly this size
+        (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes, TFF_NOTES.md).
+      client_optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
+      clip_norm, clip_lr_tau: see `client_work.ClientTraining`.
+      distribution: ``select`` (per-client `tff.federated_select`) or ``broadcast`` (simulation shortcut).
+      refactorize_every: re-run the SVD every this many rounds (PRISM.md §2; 0 = never).
+      weighting: ``examples`` (weight clients by examples trained) or ``uniform`` (the authors' choice).
+      seed: run seed; client ``c`` of round ``t`` samples with seed ``(seed, t, c)``.
+      collective_clients: ``C`` of the ``collective`` strategy (default: the clients of the round).
+      factorize_options: keyword arguments of `prism_tf.factorize`.
+    """
+    if not isinstance(method, Method):
+        method = Method(method, keep_ratio=keep_ratio, strategy=strategy, gamma=gamma, output_keep=output_keep)
+    model = model_fn()
+    if method.spectral:
+        model = prism_tf.factorize(model, **(factorize_options or {}))
+    shape = tuple(input_shape) if input_shape is not None else tuple(model.inputs[0].shape[1:])
+    training = client_work.ClientTraining(
+        optimizer=client_optimizer or client_work.ClientTraining().optimizer, clip_norm=clip_norm,
+        clip_lr_tau=clip_lr_tau)
+    return PrismProcess(model, method, batch_spec(shape, batch_size), training, distribution=distribution,
+                        refactorize_every=refactorize_every, weighting=weighting, seed=seed,
+                        collective_clients=collective_clients)
