@@ -149,7 +149,9 @@ def build_client_work(
 ) -> tff.Computation:
     """The client computation: ``<received, client> -> <uploads, metrics>`` for ``distribution``."""
     client_type = client_input_type(layout, element_type)
-    if distribution == "select":
+    if distribution not in ("select", "broadcast"):
+        raise ValueError(f"distribution must be 'select' or 'broadcast', got {distribution!r}")
+    if distribution == "select" and layout.scale_layers:  # with no kernel groups, select has nothing to key
         tables = layout.select_tables()
         in_tables = {p for ps in tables.values() for p in ps}
         received_type = collections.OrderedDict(
@@ -157,11 +159,9 @@ def build_client_work(
             whole=[tff.TensorType(np.float32, layout.tensors[p].shape) for p in layout.travelling()
                    if p not in in_tables],
         )
-    elif distribution == "broadcast":
+    else:
         received_type = collections.OrderedDict(
             whole=[tff.TensorType(np.float32, layout.tensors[p].shape) for p in layout.travelling()])
-    else:
-        raise ValueError(f"distribution must be 'select' or 'broadcast', got {distribution!r}")
 
     @tff.tensorflow.computation(collections.OrderedDict(received=received_type, client=client_type))
     def client_work(arg):

@@ -40,7 +40,7 @@ def build_server_update(layout: RoundLayout, accumulator_type: tff.Type, refacto
         for j, position in enumerate(travelling):
             new[position] = slicing.masked_average(acc["sums"][j], acc["counts"][j], weights[position])
         covered = tf.constant(0.0)
-        for layer, pos in factors.items():
+        for pos in factors.values():
             b_counts = acc["counts"][travelling.index(pos["combination"])]
             covered += tf.reduce_sum(tf.cast(tf.reduce_any(b_counts > 0, axis=1), tf.float32))
             if refactorize_every:

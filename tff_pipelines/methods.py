@@ -40,6 +40,9 @@ class Method:
       output_keep: PriSM's memory-efficient variant: share of owned output channels kept (``None``: all).
       output_rule: ``random`` or ``first`` for ``output_keep``.
       fjord_widths: FjORD's width grid, as fractions of ``keep_ratio``.
+      keep_mix: heterogeneous devices: ``((ratio, share), ...)``; each client draws its keep ratio with these
+        probabilities every round (e.g. ``((0.2, 0.6), (0.4, 0.4))``, the NeurIPS'24 mix). ``None``: all clients
+        use ``keep_ratio``.
     """
 
     name: str
@@ -49,8 +52,14 @@ class Method:
     output_keep: float | None = None
     output_rule: str = "random"
     fjord_widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    keep_mix: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.keep_mix is not None:
+            for ratio, share in self.keep_mix:
+                prism_tf.sampling.check_keep_ratio(ratio, "keep_mix ratio")
+                if not share > 0:
+                    raise ValueError(f"keep_mix shares must be positive, got {share}")
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
         prism_tf.sampling.check_keep_ratio(self.keep_ratio)
@@ -85,6 +94,9 @@ class Method:
         """The keep ratio of one client this round (FjORD draws a width; the others use `keep_ratio`)."""
         if self.name == "fjord":
             return float(self.keep_ratio * rng.choice(self.fjord_widths))
+        if self.keep_mix:
+            ratios, shares = zip(*self.keep_mix, strict=True)
+            return float(rng.choice(ratios, p=np.asarray(shares) / sum(shares)))
         return self.keep_ratio
 
     def select(

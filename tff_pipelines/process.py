@@ -127,7 +127,8 @@ class PrismProcess:
 
         @tff.tensorflow.computation
         def initial_state():
-            return collections.OrderedDict(weights=[tf.constant(w) for w in initial], round_num=tf.constant(0, tf.int64))
+            weights = [tf.constant(w) for w in initial]
+            return collections.OrderedDict(weights=weights, round_num=tf.constant(0, tf.int64))
 
         state_type = initial_state.type_signature.result
 
@@ -339,6 +340,7 @@ def build_prism_process(
     seed: int = 0,
     collective_clients: int | None = None,
     factorize_options: dict | None = None,
+    keep_mix: Sequence[tuple[float, float]] | None = None,
 ) -> PrismProcess:
     """Build the federated process for PriSM (or a peer method, `tff_pipelines.methods`).
 
@@ -361,9 +363,11 @@ def build_prism_process(
       seed: run seed; client ``c`` of round ``t`` samples with seed ``(seed, t, c)``.
       collective_clients: ``C`` of the ``collective`` strategy (default: the clients of the round).
       factorize_options: keyword arguments of `prism_tf.factorize`.
+      keep_mix: per-client keep ratios ``((ratio, share), ...)`` for heterogeneous devices (`Method.keep_mix`).
     """
     if not isinstance(method, Method):
-        method = Method(method, keep_ratio=keep_ratio, strategy=strategy, gamma=gamma, output_keep=output_keep)
+        method = Method(method, keep_ratio=keep_ratio, strategy=strategy, gamma=gamma, output_keep=output_keep,
+                        keep_mix=tuple(tuple(m) for m in keep_mix) if keep_mix else None)
     model = model_fn()
     if method.spectral:
         model = prism_tf.factorize(model, **(factorize_options or {}))

@@ -348,6 +348,9 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
 def _finish_log(worker: _Worker, died_on_its_own: bool) -> None:
     if worker.log_path is None or not worker.log_is_temp:
         return
+    with contextlib.suppress(OSError):
+        if died_on_its_own and os.path.getsize(worker.log_path) == 0:
+            died_on_its_own = False  # nothing to read: do not leave an empty file behind
     if died_on_its_own:
         # Keep the evidence: a worker that exits by itself is a crash worth reading about.
         with contextlib.suppress(Exception):

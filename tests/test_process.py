@@ -1,0 +1,157 @@
+"""Real TFF rounds of the PriSM process on tiny models, with numbers checked against hand computation."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import prism_tf
+from tff_pipelines.methods import Method
+from tff_pipelines.process import build_prism_process
+
+BATCH = 4
+
+
+class PlusOne(tff.learning.optimizers.Optimizer):
+    """A client 'optimizer' that adds 1 to every trainable weight per batch: updates we can compute by hand."""
+
+    def initialize(self, specs):
+        return ()
+
+    def next(self, state, weights, gradients):
+        return state, tf.nest.map_structure(lambda w: w + 1.0, weights)
+
+
+def _tiny_model():
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((5,))
+    hidden = tf.keras.layers.Dense(4, name="hidden")(inputs)  # rank 4, factorized
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
+
+
+def _dataset(n, seed=0, shape=(5,), classes=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(BATCH, drop_remainder=True)
+
+
+def _tiny_process(**kwargs):
+    options = dict(keep_ratio=0.5, batch_size=BATCH, client_optimizer=PlusOne(), clip_norm=None,
+                   factorize_options={"min_rank": 1}, refactorize_every=0)
+    options.update(kwargs)
+    return build_prism_process(_tiny_model, **options)
+
+
+@pytest.mark.parametrize("distribution", ["select", "broadcast"])
+def test_per_kernel_aggregation_by_hand(distribution):
+    """Two clients, overlapping kernels, 12 vs 4 examples: each kernel averaged over the clients that had it."""
+    process = _tiny_process(distribution=distribution)
+    layout = process.layout
+    state = process.initialize()
+    w0 = process.get_model_weights(state)
+    names = [(t.layer, t.weight) for t in layout.tensors]
+    a_pos, b_pos = names.index(("hidden", "principal_kernels")), names.index(("hidden", "combination"))
+    head_pos = names.index(("head", "kernel"))
+    # client 1: kernels {0, 1}, 12 examples = 3 batches (+3); client 2: kernels {1, 2}, 4 examples = 1 batch (+1)
+    inputs = [
+        collections.OrderedDict(data=_dataset(12), indices=[np.array([0, 1], np.int32)], scale=[np.ones(2, np.float32)]),
+        collections.OrderedDict(data=_dataset(4, 1), indices=[np.array([1, 2], np.int32)], scale=[np.ones(2, np.float32)]),
+    ]
+    out = process.learning_process.next(state, inputs)
+    w1 = process.get_model_weights(out.state)
+    expected_shift = np.array([3.0, (12 * 3 + 4 * 1) / 16, 1.0, 0.0])  # kernel 3: nobody -> unchanged
+    np.testing.assert_allclose(w1[a_pos] - w0[a_pos], np.broadcast_to(expected_shift, (5, 4)), atol=1e-5)
+    np.testing.assert_allclose(w1[b_pos] - w0[b_pos], np.broadcast_to(expected_shift[:, None], (4, 4)), atol=1e-5)
+    np.testing.assert_allclose(w1[head_pos] - w0[head_pos], np.full((4, 3), 2.5), atol=1e-5)  # FedAvg: 40/16
+    metrics = out.metrics
+    assert metrics["num_examples"] == 16.0 and metrics["kernel_coverage"] == pytest.approx(0.75)
+    # the same through prism_tf.aggregate (the pure function the device-ingest path uses)
+    fm = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
+    subs = []
+    for client, (shift, idx, n) in enumerate([(3.0, [0, 1], 12.0), (1.0, [1, 2], 4.0)]):
+        sel = prism_tf.Selection({"hidden": prism_tf.LayerSelection(idx, [1, 1], 4)}, 0.5, "top")
+        sub = prism_tf.extract(fm, sel)
+        for w in sub.trainable_weights:
+            w.assign_add(tf.fill(w.shape, shift))
+        subs.append((sub, sel, n))
+        del client
+    prism_tf.aggregate(fm, subs)
+    for got, want in zip(prism_tf.flat_weights(fm), w1, strict=True):
+        if "singular" not in got.name:
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_select_and_broadcast_give_identical_rounds():
+    results = []
+    for distribution in ("select", "broadcast"):
+        tf.keras.utils.set_random_seed(1)
+        process = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=(8, 8, 1)),
+                                      keep_ratio=0.5, batch_size=BATCH, distribution=distribution, seed=3)
+        state = process.initialize()
+        for _ in range(2):
+            state, metrics = process.next(state, [_dataset(8, c, (8, 8, 1), 10) for c in range(3)])
+        results.append((process.get_model_weights(state), metrics))
+    (w_sel, m_sel), (w_bc, m_bc) = results
+    for a, b in zip(w_sel, w_bc, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert m_sel["loss"] == pytest.approx(m_bc["loss"], rel=1e-5)
+    assert m_sel["bytes_down_per_client"] == m_bc["bytes_down_per_client"]
+
+
+def test_refactorization_keeps_function_and_orthogonality():
+    process = _tiny_process(refactorize_every=1, client_optimizer=tff.learning.optimizers.build_sgdm(0.1))
+    state = process.initialize()
+    state, metrics = process.next(state, [_dataset(8, c) for c in range(2)])
+    fm = process.assign_to(state)
+    layer = fm.get_layer("hidden")
+    a = layer.principal_kernels.numpy()
+    gram = a.T @ a
+    np.testing.assert_allclose(gram, np.diag(layer.singular_values.numpy()), atol=1e-4)
+    assert process.round_num(state) == 1 and np.isfinite(metrics["loss"])
+
+
+def test_fedavg_traffic_is_the_full_model_and_prism_is_smaller():
+    shape = (8, 8, 3)
+    fedavg = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), method="fedavg",
+                                 batch_size=BATCH, distribution="broadcast")
+    state = fedavg.initialize()
+    state, m = fedavg.next(state, [_dataset(8, c, shape, 10) for c in range(2)])
+    assert m["bytes_down_per_client"] == pytest.approx(fedavg.full_model_bytes, rel=0.001)
+    assert m["client_flops_per_example"] == fedavg.full_cost["flops"]
+    prism = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), keep_ratio=0.25,
+                                batch_size=BATCH)
+    state = prism.initialize()
+    state, m = prism.next(state, [_dataset(8, c, shape, 10) for c in range(2)])
+    assert m["bytes_down_per_client"] / fedavg.full_model_bytes < 0.5
+    assert m["client_flops_per_example"] / fedavg.full_cost["flops"] < 0.5
+    assert 0 < m["kernel_coverage"] <= 1
+
+
+def test_heterogeneous_sizes_run_in_tiers():
+    shape = (8, 8, 1)
+    process = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=shape),
+                                  method=Method("fjord", keep_ratio=1.0), batch_size=BATCH, seed=0)
+    state = process.initialize()
+    sizes = {tuple(sorted(s.sizes().items()) + sorted((g, len(c)) for g, c in s.channels.items()))
+             for s in process.selections(state, 6)}
+    assert len(sizes) > 1  # FjORD draws different widths
+    state, m = process.next(state, [_dataset(8, c, shape, 10) for c in range(6)])
+    assert m["num_examples"] == 48 and np.isfinite(m["loss"])
+    mixed = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=shape), batch_size=BATCH,
+                                keep_mix=((0.25, 0.5), (0.5, 0.5)))
+    state = mixed.initialize()
+    assert len({s.sizes()["conv2_conv"] for s in mixed.selections(state, 6)}) == 2
+    state, m = mixed.next(state, [_dataset(8, c, shape, 10) for c in range(6)])
+    assert m["num_examples"] == 48
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="distribution"):
+        _tiny_process(distribution="carrier-pigeon")
+    with pytest.raises(ValueError, match="unknown method"):
+        Method("fedprox")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        Method("prism", keep_ratio=0)
