@@ -47,7 +47,7 @@ class RoundLayout:
             raise ValueError(f"unknown groups {sorted(unknown)} for model '{model.name}'")
         kernel_groups = plan.kernel_groups()
         channel_groups = [g for g in plan.free_channel_groups() if g in sizes]
-        full_sizes = {name: sizes.get(name, g.size) for name, g in plan.groups.items()}
+        full_sizes = plan.sizes_with(sizes)
         sub = prism_tf.submodel_architecture(model, plan, full_sizes)
         trainable_ids = {id(v) for v in model.trainable_weights}
         return cls(

@@ -1,0 +1,93 @@
+"""Command line: ``python -m tff_pipelines {train,resume} ...`` (argument parsing only; see `driver`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from tff_pipelines.methods import METHODS
+
+_FIELD_HELP = {
+    "method": f"federated method: {', '.join(METHODS)} (default prism)",
+    "model": "model from prism_tf.models: resnet18, vgg11, small_cnn (default resnet18)",
+    "width": "base width (channels of the first stage; 64 is the paper's ResNet-18) (default 16)",
+    "norm": "normalization: batch, group or none (default batch)",
+    "dataset": "'cifar10' (local copy if found, else Keras download) or a class-folder directory/.tar.gz",
+    "data": "where the local CIFAR-10 copy is (default: $PRISM_DATA or ../shared/data/cifar10-jpg.tar.gz)",
+    "clients": "number of clients the training set is split over (default 20)",
+    "clients_per_round": "clients sampled per round (default 5)",
+    "examples_per_client": "cap on each client's examples (default: all of its partition)",
+    "rounds": "total federated rounds (default 10)",
+    "local_epochs": "local epochs per round (default 1)",
+    "batch_size": "client batch size; partial batches are dropped (fixed shapes) (default 32)",
+    "keep_ratio": "share of each layer's kernels (or channels) a client trains, in (0, 1] (default 0.2)",
+    "strategy": "kernel sampling: prism, top, uniform, unbiased, collective (default prism)",
+    "gamma": "PriSM's exponent p ~ s^gamma (default 4 at keep <= 0.2, else 2.5)",
+    "output_keep": "memory-efficient variant: share of owned output channels each client keeps (default all)",
+    "keep_mix": "heterogeneous clients, e.g. 0.2:0.6,0.4:0.4 (keep ratio:share of clients)",
+    "partition": "iid, dirichlet:ALPHA (label skew) or shards:K (default iid)",
+    "eval_every": "evaluate the server model on the test set every T rounds (default 1)",
+    "eval_examples": "evaluate on the first N test examples only (default: all)",
+    "seed": "run seed: data split, model init, client sampling, kernel sampling (default 0)",
+    "distribution": "select (tff.federated_select per client, default) or broadcast (faster simulation)",
+    "client_lr": "client SGD learning rate (default 0.05)",
+    "client_momentum": "client SGD momentum (default 0.9)",
+    "clip_norm": "client gradient-norm clip, 0 disables (default 5)",
+    "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
+    "weighting": "examples (weight clients by examples) or uniform (default examples)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tff_pipelines.driver import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tff_pipelines",
+        description="PriSM federated learning simulations on TensorFlow Federated.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="start a run", description="Start a federated training run.")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
+        if field.name == "clip_norm":
+            kind = float
+        train.add_argument(flag, type=kind, default=field.default, help=_FIELD_HELP.get(field.name, ""),
+                           metavar=field.name.upper())
+    train.add_argument("--out", required=True, help="run directory (config, metrics.jsonl, checkpoints, plot)")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    again = commands.add_parser("resume", help="continue a stopped run from its last checkpoint",
+                                description="Continue a run from its latest checkpoint.")
+    again.add_argument("--out", required=True, help="run directory of the run to continue")
+    again.add_argument("--rounds", type=int, default=None, help="new total number of rounds (default: as before)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from tff_pipelines import driver
+    from tff_pipelines.data import DataError
+    from tff_pipelines.runs import RunError
+
+    try:
+        if args.command == "train":
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite")}
+            if options.get("clip_norm") == 0:
+                options["clip_norm"] = None
+            config = driver.TrainConfig(**options)
+            summary = driver.start(config, args.out, overwrite=args.overwrite)
+        else:
+            summary = driver.resume(args.out, args.rounds)
+    except (ValueError, DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last finished round is checkpointed; continue with "
+              f"`python -m tff_pipelines resume --out {args.out}`", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    print(f"results: {args.out}/metrics.jsonl, {args.out}/summary.json, {args.out}/accuracy.png, "
+          f"checkpoints in {args.out}/checkpoints/")
+    return 0

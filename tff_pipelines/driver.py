@@ -1,0 +1,282 @@
+"""Simulation driver: data, model, process, rounds, evaluation, checkpoints — the body of ``train``/``resume``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+import prism_tf
+from tff_pipelines import data as data_lib
+from tff_pipelines.methods import METHODS, Method
+from tff_pipelines.process import PrismProcess, build_prism_process
+from tff_pipelines.runs import RunDir, RunError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a simulated run (the CLI's flags; stored as ``config.json``)."""
+
+    method: str = "prism"
+    model: str = "resnet18"
+    width: int = 16
+    norm: str = "batch"
+    dataset: str = "cifar10"
+    data: str | None = None
+    clients: int = 20
+    clients_per_round: int = 5
+    examples_per_client: int | None = None
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    keep_ratio: float = 0.2
+    strategy: str = "prism"
+    gamma: float | None = None
+    output_keep: float | None = None
+    keep_mix: str | None = None
+    partition: str = "iid"
+    eval_every: int = 1
+    eval_examples: int | None = None
+    seed: int = 0
+    distribution: str = "select"
+    client_lr: float = 0.05
+    client_momentum: float = 0.9
+    clip_norm: float | None = 5.0
+    refactorize_every: int = 1
+    weighting: str = "examples"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.model not in prism_tf.models.MODELS:
+            raise ValueError(f"--model must be one of {', '.join(prism_tf.models.MODELS)}, got {self.model!r}")
+        positive = dict(width=self.width, clients=self.clients, clients_per_round=self.clients_per_round,
+                        rounds=self.rounds, local_epochs=self.local_epochs, batch_size=self.batch_size,
+                        eval_every=self.eval_every)
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.clients_per_round > self.clients:
+            raise ValueError(f"--clients-per-round ({self.clients_per_round}) exceeds --clients ({self.clients})")
+        if self.examples_per_client is not None and self.examples_per_client < self.batch_size:
+            raise ValueError(f"--examples-per-client ({self.examples_per_client}) is below --batch-size "
+                             f"({self.batch_size}): clients would train on nothing")
+        prism_tf.sampling.check_keep_ratio(self.keep_ratio, "--keep-ratio")
+        parse_keep_mix(self.keep_mix)
+
+    def method_spec(self) -> Method:
+        return Method(self.method, keep_ratio=self.keep_ratio, strategy=self.strategy, gamma=self.gamma,
+                      output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix))
+
+
+def parse_keep_mix(text: str | None) -> tuple[tuple[float, float], ...] | None:
+    """``"0.2:0.6,0.4:0.4"`` -> ``((0.2, 0.6), (0.4, 0.4))`` (keep ratio : share of clients)."""
+    if not text:
+        return None
+    try:
+        mix = tuple((float(r), float(s)) for r, s in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--keep-mix must look like 0.2:0.6,0.4:0.4 (ratio:share,...), got {text!r}") from None
+    for ratio, share in mix:
+        prism_tf.sampling.check_keep_ratio(ratio, "--keep-mix ratio")
+        if share <= 0:
+            raise ValueError(f"--keep-mix shares must be positive, got {share}")
+    return mix
+
+
+def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int | None = None) -> Callable:
+    def build() -> tf.keras.Model:
+        tf.keras.utils.set_random_seed(config.seed)  # the same initial server model for every method
+        return prism_tf.models.build_model(config.model, width=width or config.width, num_classes=num_classes,
+                                           input_shape=input_shape, norm=config.norm)
+
+    return build
+
+
+def small_width(config: TrainConfig, input_shape, num_classes: int) -> int:
+    """The widest model whose flops do not exceed a PriSM sub-model's at ``keep_ratio`` (the ``small`` baseline)."""
+    full = model_builder(config, input_shape, num_classes)()
+    fm = prism_tf.factorize(full)
+    plan = prism_tf.SubmodelPlan.of(fm)
+    sizes = Method("prism", keep_ratio=config.keep_ratio).sizes(plan)
+    target = prism_tf.cost(prism_tf.submodel_architecture(fm, plan, plan.sizes_with(sizes)))["flops"]
+    best = 1
+    for width in range(1, config.width + 1):
+        if prism_tf.cost(model_builder(config, input_shape, num_classes, width)())["flops"] <= target:
+            best = width
+    return best
+
+
+def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> tuple[float, float]:
+    """Test loss and accuracy of ``model`` (``training=False``), in fixed-size batches (last one padded)."""
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    batch_size = min(batch_size, len(x))
+
+    @tf.function
+    def step(xb, yb, mask):
+        logits = model(xb, training=False)
+        losses = loss_fn(yb, logits)
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
+        return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
+
+    total_loss = total_hits = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        n = len(xb)
+        if n < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros(batch_size - n, yb.dtype)])
+        mask = (np.arange(batch_size) < n).astype(np.float32)
+        loss, hits = step(tf.constant(data_lib.to_float(xb)), tf.constant(yb.astype(np.int32)), tf.constant(mask))
+        total_loss += float(loss)
+        total_hits += float(hits)
+    return total_loss / len(x), total_hits / len(x)
+
+
+class Simulation:
+    """A run: its data, process and run directory."""
+
+    def __init__(self, config: TrainConfig, out: str, *, log: Callable[[str], None] = print) -> None:
+        config.validate()
+        self.config, self.run, self.log = config, RunDir(out), log
+        self.dataset = data_lib.load_dataset(config.dataset, data=config.data, progress=sys.stderr.isatty())
+        self.client_data = data_lib.make_client_data(
+            self.dataset, config.clients, config.partition, seed=config.seed,
+            examples_per_client=config.examples_per_client)
+        shape, classes = self.dataset.input_shape, self.dataset.num_classes
+        width = small_width(config, shape, classes) if config.method == "small" else config.width
+        self.model_width = width
+        method = dataclasses.replace(config.method_spec(), name="fedavg") if config.method == "small" else (
+            config.method_spec())
+        import tensorflow_federated as tff
+
+        self.process: PrismProcess = build_prism_process(
+            model_builder(config, shape, classes, width), method=method, batch_size=config.batch_size,
+            client_optimizer=tff.learning.optimizers.build_sgdm(config.client_lr, config.client_momentum),
+            clip_norm=config.clip_norm, distribution=config.distribution,
+            refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed)
+        reference = model_builder(config, shape, classes)()
+        self.reference_cost = prism_tf.cost(reference)
+        # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset.
+        n_test = min(config.eval_examples or len(self.dataset.x_test), len(self.dataset.x_test))
+        chosen = np.sort(np.random.default_rng([config.seed, 2]).permutation(len(self.dataset.x_test))[:n_test])
+        self.x_test, self.y_test = self.dataset.x_test[chosen], self.dataset.y_test[chosen]
+
+    def client_datasets(self, round_num: int) -> list[tf.data.Dataset]:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, round_num, 1])
+        chosen = np.sort(rng.choice(cfg.clients, cfg.clients_per_round, replace=False))
+        out = []
+        for client in chosen:
+            ds = self.client_data.create_tf_dataset_for_client(str(client))
+            n = int(ds.cardinality())
+            # Fixed batch shapes: TF 2.14's oneDNN kernels corrupt memory with a varying batch size (TFF_NOTES.md).
+            out.append(ds.shuffle(max(n, 1), seed=int(rng.integers(2**31))).repeat(cfg.local_epochs)
+                       .batch(cfg.batch_size, drop_remainder=True))
+        return out
+
+    def train(self, *, resume: bool = False) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, run, process = self.config, self.run, self.process
+        manager = run.state_manager()
+        state = process.initialize()
+        start = 0
+        if resume:
+            state, start = run.load_state(manager, state)
+            rows = run.truncate_metrics(start)
+            self.log(f"resuming {run.path} after round {start} of {cfg.rounds}")
+        else:
+            rows = []
+        self._print_header()
+        bar = tqdm(range(start + 1, cfg.rounds + 1), desc="rounds", unit="round", initial=start, total=cfg.rounds,
+                   disable=None, file=sys.stderr)
+        for round_num in bar:
+            began = time.perf_counter()
+            state, metrics = process.next(state, self.client_datasets(round_num - 1))
+            row = self._row(round_num, metrics, time.perf_counter() - began)
+            if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
+                loss, accuracy = evaluate(process.assign_to(state), self.x_test, self.y_test)
+                row.update(eval_loss=loss, eval_accuracy=accuracy)
+            run.append_metrics(row)
+            run.save_state(manager, state, round_num)
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("eval_accuracy")))
+            self._print_row(row, bar)
+        bar.close()
+        summary = self._summary(rows)
+        run.write_summary(summary)
+        if rows:
+            run.plot(rows, f"{cfg.method} · {cfg.model} w{self.model_width} · keep {cfg.keep_ratio}")
+        return summary
+
+    def _row(self, round_num: int, m: dict[str, Any], seconds: float) -> dict[str, Any]:
+        ref = self.reference_cost
+        return dict(
+            round=round_num, train_loss=m["loss"], train_accuracy=m["accuracy"], num_examples=m["num_examples"],
+            kernel_coverage=m["kernel_coverage"], bytes_down_per_client=m["bytes_down_per_client"],
+            bytes_up_per_client=m["bytes_up_per_client"], full_model_bytes=ref["bytes"],
+            client_flops_per_example=m["client_flops_per_example"], full_flops_per_example=ref["flops"],
+            client_activation_bytes_per_example=m["client_activation_bytes_per_example"],
+            full_activation_bytes_per_example=ref["activation_bytes"], clients=m["clients"],
+            round_seconds=seconds)
+
+    def _print_header(self) -> None:
+        self.log(f"{'round':>5} {'loss':>7} {'train acc':>9} {'test acc':>8} {'coverage':>8} "
+                 f"{'down/full':>9} {'flops/full':>10} {'sec':>6}")
+
+    def _print_row(self, row: dict[str, Any], bar) -> None:
+        line = (f"{row['round']:>5} {row['train_loss']:>7.3f} {row['train_accuracy']:>9.3f} "
+                f"{_fmt(row.get('eval_accuracy')):>8} {row['kernel_coverage']:>8.3f} "
+                f"{row['bytes_down_per_client'] / row['full_model_bytes']:>9.3f} "
+                f"{row['client_flops_per_example'] / row['full_flops_per_example']:>10.3f} "
+                f"{row['round_seconds']:>6.1f}")
+        bar.write(line, file=sys.stdout) if self.log is print else self.log(line)
+
+    def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
+        best = max(evaluated, key=lambda r: r["eval_accuracy"]) if evaluated else None
+        last = rows[-1] if rows else {}
+        return dict(
+            method=self.config.method, rounds=len(rows), model_width=self.model_width,
+            final_accuracy=evaluated[-1]["eval_accuracy"] if evaluated else None,
+            best_accuracy=best["eval_accuracy"] if best else None, best_round=best["round"] if best else None,
+            bytes_down_ratio=last.get("bytes_down_per_client", math.nan) / self.reference_cost["bytes"],
+            bytes_up_ratio=last.get("bytes_up_per_client", math.nan) / self.reference_cost["bytes"],
+            flops_ratio=last.get("client_flops_per_example", math.nan) / self.reference_cost["flops"],
+            mean_round_seconds=float(np.mean([r["round_seconds"] for r in rows])) if rows else None,
+            run_dir=str(self.run.path))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Start a new run in ``out``."""
+    config.validate()
+    run = RunDir(out)
+    run.write_config(dataclasses.asdict(config), overwrite=overwrite)
+    run.clear_results()
+    return Simulation(config, out).train()
+
+
+def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
+    """Continue the run in ``out`` from its latest checkpoint (optionally to a new total of ``rounds``)."""
+    run = RunDir(out)
+    stored = run.read_config()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(stored) - known
+    if unknown:
+        raise RunError(f"{run.config_path} has unknown options {sorted(unknown)}")
+    config = TrainConfig(**stored)
+    if rounds is not None:
+        config.rounds = rounds
+        run.write_config(dataclasses.asdict(config), overwrite=True)
+    return Simulation(config, out).train(resume=True)

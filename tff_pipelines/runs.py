@@ -1,0 +1,169 @@
+"""The run directory: config, per-round metrics, summary, checkpoints and plots.
+
+    DIR/config.json        every option of the run (what `resume` re-reads)
+    DIR/metrics.jsonl      one JSON object per round, appended and flushed as the round ends
+    DIR/summary.json       final and best accuracy, cost ratios, time
+    DIR/checkpoints/       `tff.program.FileProgramStateManager` versions (atomic renames)
+    DIR/accuracy.png       test accuracy and training loss per round
+
+Nothing is lost on failure: metrics and a checkpoint are written at the end of every round, and `resume` drops the
+metrics of rounds newer than the checkpoint it continues from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_federated as tff
+
+
+class RunError(ValueError):
+    """A problem with a run directory (missing, incompatible, corrupt)."""
+
+
+class RunDir:
+    """Paths and I/O of one run directory."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    summary_path = property(lambda self: self.path / "summary.json")
+    plot_path = property(lambda self: self.path / "accuracy.png")
+    checkpoint_dir = property(lambda self: self.path / "checkpoints")
+
+    # --- config ----------------------------------------------------------------------------------------------
+    def write_config(self, config: dict[str, Any], *, overwrite: bool) -> None:
+        if self.config_path.exists() and not overwrite:
+            raise RunError(f"{self.path} already holds a run; use `resume --out {self.path}`, --overwrite or "
+                           "another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True))
+
+    def clear_results(self) -> None:
+        """Remove the metrics, summary, plot and checkpoints of a previous run in this directory."""
+        for path in (self.metrics_path, self.summary_path, self.plot_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    def read_config(self) -> dict[str, Any]:
+        if not self.config_path.exists():
+            raise RunError(f"no run in {self.path}: {self.config_path} is missing")
+        try:
+            return json.loads(self.config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{self.config_path} is not valid JSON: {e}") from None
+
+    # --- metrics ---------------------------------------------------------------------------------------------
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a killed run
+        return rows
+
+    def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
+        """Keep the rows of rounds ``<= last_round`` (the checkpoint a resume continues from)."""
+        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        _atomic_write(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+        return rows
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.summary_path, json.dumps(summary, indent=2, default=_json_default))
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def state_manager(self, keep_total: int = 3) -> tff.program.FileProgramStateManager:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        return tff.program.FileProgramStateManager(str(self.checkpoint_dir), keep_total=keep_total, keep_first=False)
+
+    def save_state(self, manager: tff.program.FileProgramStateManager, state: Any, version: int) -> None:
+        # A flat list of arrays: nested dict/list structures trip SavedModel's tracking wrappers here.
+        asyncio.run(manager.save([np.asarray(x) for x in _flatten(state)], version))
+
+    def load_state(self, manager: tff.program.FileProgramStateManager, structure: Any) -> tuple[Any, int]:
+        template = [np.asarray(x) for x in _flatten(structure)]
+        flat, version = asyncio.run(manager.load_latest(template))
+        if flat is None:
+            raise RunError(f"no checkpoint in {self.checkpoint_dir}")
+        if len(flat) != len(template):
+            raise RunError(f"checkpoint {version} in {self.checkpoint_dir} does not match this run's model")
+        return _unflatten(structure, iter(flat)), int(version)
+
+    # --- plot ------------------------------------------------------------------------------------------------
+    def plot(self, rows: Iterable[dict[str, Any]], title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = list(rows)
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+        evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
+        ax_acc.plot([r["round"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], "o-", label="test")
+        ax_acc.plot([r["round"] for r in rows], [r["train_accuracy"] for r in rows], alpha=0.6, label="train (clients)")
+        ax_acc.set(xlabel="round", ylabel="accuracy", title=title)
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend()
+        ax_loss.plot([r["round"] for r in rows], [r["train_loss"] for r in rows], label="train loss")
+        if evaluated:
+            ax_loss.plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="test loss")
+        ax_loss.set(xlabel="round", ylabel="loss")
+        ax_loss.grid(alpha=0.3)
+        ax_loss.legend()
+        fig.tight_layout()
+        tmp = self.plot_path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+
+
+def _flatten(structure: Any) -> list[Any]:
+    if isinstance(structure, dict):
+        return [x for v in structure.values() for x in _flatten(v)]
+    if isinstance(structure, list | tuple):
+        return [x for v in structure for x in _flatten(v)]
+    return [structure]
+
+
+def _unflatten(structure: Any, flat) -> Any:
+    if isinstance(structure, dict):
+        return type(structure)((k, _unflatten(v, flat)) for k, v in structure.items())
+    if isinstance(structure, list | tuple):
+        return type(structure)(_unflatten(v, flat) for v in structure)
+    value = next(flat)
+    return np.asarray(value, dtype=np.asarray(structure).dtype)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
