@@ -56,9 +56,10 @@ def test_per_kernel_aggregation_by_hand(distribution):
     a_pos, b_pos = names.index(("hidden", "principal_kernels")), names.index(("hidden", "combination"))
     head_pos = names.index(("head", "kernel"))
     # client 1: kernels {0, 1}, 12 examples = 3 batches (+3); client 2: kernels {1, 2}, 4 examples = 1 batch (+1)
+    ones = [np.ones(2, np.float32)]
     inputs = [
-        collections.OrderedDict(data=_dataset(12), indices=[np.array([0, 1], np.int32)], scale=[np.ones(2, np.float32)]),
-        collections.OrderedDict(data=_dataset(4, 1), indices=[np.array([1, 2], np.int32)], scale=[np.ones(2, np.float32)]),
+        collections.OrderedDict(data=_dataset(12), indices=[np.array([0, 1], np.int32)], scale=ones),
+        collections.OrderedDict(data=_dataset(4, 1), indices=[np.array([1, 2], np.int32)], scale=ones),
     ]
     out = process.learning_process.next(state, inputs)
     w1 = process.get_model_weights(out.state)
