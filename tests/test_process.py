@@ -156,3 +156,25 @@ def test_bad_arguments():
         Method("fedprox")
     with pytest.raises(ValueError, match="keep_ratio"):
         Method("prism", keep_ratio=0)
+
+
+def test_server_optimizer_acts_on_rebuilt_kernels():
+    """SGD(lr) on the server: W_new = W_old + lr·(W_avg − W_old) for the rebuilt kernel, then SVD."""
+    results = {}
+    for name, optimizer in [("plain", None), ("sgd1", tff.learning.optimizers.build_sgdm(1.0)),
+                            ("sgd_half", tff.learning.optimizers.build_sgdm(0.5))]:
+        process = _tiny_process(refactorize_every=1, server_optimizer=optimizer, seed=4)
+        state = process.initialize()
+        before = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
+        w_old = before.get_layer("hidden").dense_kernel().numpy()
+        head_old = before.get_layer("head").kernel.numpy()
+        state, _ = process.next(state, [_dataset(8, c) for c in range(2)])
+        after = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
+        results[name] = (w_old, after.get_layer("hidden").dense_kernel().numpy(), head_old,
+                         after.get_layer("head").kernel.numpy())
+    w_old, w_plain, head_old, head_plain = results["plain"]
+    np.testing.assert_allclose(results["sgd1"][1], w_plain, atol=1e-4)
+    np.testing.assert_allclose(results["sgd_half"][1], w_old + 0.5 * (w_plain - w_old), atol=1e-4)
+    np.testing.assert_allclose(results["sgd_half"][3], head_old + 0.5 * (head_plain - head_old), atol=1e-5)
+    with pytest.raises(ValueError, match="refactorize_every=1"):
+        _tiny_process(refactorize_every=2, server_optimizer=tff.learning.optimizers.build_sgdm(1.0))

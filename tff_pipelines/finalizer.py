@@ -1,8 +1,12 @@
-"""Server update: finish the per-entry averages, rebuild and re-factorize the kernels (PRISM.md §2, §4).
+"""Server update: finish the per-entry averages, apply the server optimizer, re-factorize (PRISM.md §2, §4).
 
-Entries no client trained keep their value. On the re-factorization schedule (every round by default) each
-principal layer's ``W = A·B`` is rebuilt and its SVD re-run (`prism_tf.spectral.refactorize`), restoring
-orthogonal principal kernels, current singular values for the next round's sampling and ``ω = 1`` on the server.
+Entries no client trained keep their value. Without a server optimizer (the default, plain averaging) the averaged
+factors are the new model. With one (e.g. server momentum, `tff.learning.optimizers.build_sgdm`), it acts on the
+*rebuilt* update, as PRISM.md §4 asks: for a principal layer the pseudo-gradient is ``W_old − A_avg·B_avg`` in
+kernel space (other tensors: ``old − avg``), the optimizer steps ``W``, and the SVD of the new ``W`` gives the
+factors — so a server optimizer needs re-factorization every round. On the re-factorization schedule (every round
+by default) each principal layer's ``W = A·B`` is rebuilt and its SVD re-run, restoring orthogonal principal
+kernels, current singular values for the next round's sampling and ``ω = 1`` on the server.
 """
 
 from __future__ import annotations
@@ -26,24 +30,71 @@ def principal_positions(layout: RoundLayout) -> dict[str, dict[str, int]]:
     return out
 
 
-def build_server_update(layout: RoundLayout, accumulator_type: tff.Type, refactorize_every: int = 1):
-    """``<weights, accumulator, round_num> -> <weights, coverage>`` as a TensorFlow computation."""
+class DenseView:
+    """The model as the server optimizer sees it: ``W = A·B`` per principal layer, other travelling tensors."""
+
+    def __init__(self, layout: RoundLayout) -> None:
+        self.layout = layout
+        self.factors = principal_positions(layout)
+        factor_positions = {p for pos in self.factors.values() for p in (pos["principal_kernels"],
+                                                                           pos["combination"])}
+        self.plain = [p for p in layout.travelling() if p not in factor_positions]
+
+    def specs(self) -> list[tf.TensorSpec]:
+        specs = []
+        for pos in self.factors.values():
+            a, b = self.layout.tensors[pos["principal_kernels"]].shape, self.layout.tensors[pos["combination"]].shape
+            specs.append(tf.TensorSpec([*a[:-1], b[-1]], tf.float32))
+        return specs + [tf.TensorSpec(self.layout.tensors[p].shape, tf.float32) for p in self.plain]
+
+    def of(self, weights) -> list[tf.Tensor]:
+        dense = [spectral.rebuild_kernel(weights[pos["principal_kernels"]], weights[pos["combination"]])
+                 for pos in self.factors.values()]
+        return dense + [weights[p] for p in self.plain]
+
+    def write(self, weights: list, dense: list) -> None:
+        """Factorize the dense kernels back into ``weights`` (in place)."""
+        for pos, kernel in zip(self.factors.values(), dense, strict=False):
+            rank = self.layout.tensors[pos["singular_values"]].shape[0]
+            a, b, s = spectral.factorize_kernel(kernel)
+            weights[pos["principal_kernels"]], weights[pos["combination"]] = a[..., :rank], b[:rank]
+            weights[pos["singular_values"]] = s[:rank]
+        for p, value in zip(self.plain, dense[len(self.factors):], strict=True):
+            weights[p] = value
+
+
+def build_server_update(
+    layout: RoundLayout,
+    accumulator_type: tff.Type,
+    refactorize_every: int = 1,
+    server_optimizer: tff.learning.optimizers.Optimizer | None = None,
+):
+    """``<weights, accumulator, round_num, optimizer_state> -> <weights, coverage, optimizer_state>``."""
     if int(refactorize_every) < 0:
         raise ValueError(f"refactorize_every must be >= 0 (0 = never), got {refactorize_every}")
-    travelling = layout.travelling()
     factors = principal_positions(layout)
+    if server_optimizer is not None and factors and refactorize_every != 1:
+        raise ValueError("a server optimizer acts on the rebuilt kernels W and needs refactorize_every=1")
+    travelling = layout.travelling()
     total_kernels = sum(layout.plan.groups[g].size for g in layout.scale_layers)
+    view = DenseView(layout)
+    optimizer_state_type = optimizer_state_type_of(layout, server_optimizer)
 
-    @tff.tensorflow.computation(layout.weights_type(), accumulator_type, np.int64)
-    def server_update(weights, acc, round_num):
+    @tff.tensorflow.computation(layout.weights_type(), accumulator_type, np.int64, optimizer_state_type)
+    def server_update(weights, acc, round_num, optimizer_state):
         new = list(weights)
         for j, position in enumerate(travelling):
             new[position] = slicing.masked_average(acc["sums"][j], acc["counts"][j], weights[position])
+        if server_optimizer is not None:
+            old_dense, avg_dense = view.of(weights), view.of(new)
+            gradient = [o - a for o, a in zip(old_dense, avg_dense, strict=True)]
+            optimizer_state, stepped = server_optimizer.next(optimizer_state, tuple(old_dense), tuple(gradient))
+            view.write(new, list(stepped))
         covered = tf.constant(0.0)
         for pos in factors.values():
             b_counts = acc["counts"][travelling.index(pos["combination"])]
             covered += tf.reduce_sum(tf.cast(tf.reduce_any(b_counts > 0, axis=1), tf.float32))
-            if refactorize_every:
+            if refactorize_every and server_optimizer is None:
                 due = tf.equal(tf.math.floormod(round_num + 1, refactorize_every), 0)
                 a, b = new[pos["principal_kernels"]], new[pos["combination"]]
                 s = weights[pos["singular_values"]]
@@ -51,6 +102,21 @@ def build_server_update(layout: RoundLayout, accumulator_type: tff.Type, refacto
                 new[pos["principal_kernels"]], new[pos["combination"]], new[pos["singular_values"]] = a, b, s
             new[pos["kernel_scale"]] = tf.ones_like(weights[pos["kernel_scale"]])
         coverage = covered / total_kernels if total_kernels else tf.constant(1.0)
-        return collections.OrderedDict(weights=new, coverage=coverage)
+        return collections.OrderedDict(weights=new, coverage=coverage, optimizer_state=optimizer_state)
 
     return server_update
+
+
+def initial_optimizer_state(layout: RoundLayout, server_optimizer: tff.learning.optimizers.Optimizer | None):
+    """The server optimizer's initial state (an empty tuple without one); call inside a TF computation."""
+    if server_optimizer is None:
+        return ()
+    return server_optimizer.initialize(tuple(DenseView(layout).specs()))
+
+
+def optimizer_state_type_of(layout: RoundLayout, server_optimizer) -> tff.Type:
+    @tff.tensorflow.computation
+    def state():
+        return initial_optimizer_state(layout, server_optimizer)
+
+    return state.type_signature.result

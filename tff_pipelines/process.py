@@ -68,6 +68,7 @@ class PrismProcess:
         weighting: str = "examples",
         seed: int = 0,
         collective_clients: int | None = None,
+        server_optimizer: tff.learning.optimizers.Optimizer | None = None,
     ) -> None:
         self.server_model = server_model
         self.method = method
@@ -78,6 +79,7 @@ class PrismProcess:
         self.weighting = weighting
         self.seed = int(seed)
         self.collective_clients = collective_clients
+        self.server_optimizer = server_optimizer
         self.plan = prism_tf.SubmodelPlan.of(server_model)
         distributor.uses_select(RoundLayout.build(server_model, {}), distribution)  # validates the name
         self.layout = self._layout(_key(self._default_sizes()))
@@ -86,7 +88,7 @@ class PrismProcess:
         self.full_cost = prism_tf.cost(server_model)
         self._server_update = finalizer.build_server_update(
             self.layout, self._phase(self.layout.sizes_key).type_signature.result[0].member,
-            self.refactorize_every)
+            self.refactorize_every, server_optimizer)
         self.learning_process = self._build_learning_process()
 
     # --- the TFF computations -------------------------------------------------------------------------------
@@ -128,7 +130,9 @@ class PrismProcess:
         @tff.tensorflow.computation
         def initial_state():
             weights = [tf.constant(w) for w in initial]
-            return collections.OrderedDict(weights=weights, round_num=tf.constant(0, tf.int64))
+            return collections.OrderedDict(
+                weights=weights, round_num=tf.constant(0, tf.int64),
+                optimizer_state=finalizer.initial_optimizer_state(layout, self.server_optimizer))
 
         state_type = initial_state.type_signature.result
 
@@ -166,7 +170,8 @@ class PrismProcess:
                 w[i] = value
             for i, value in zip(frozen, model_weights.non_trainable, strict=True):
                 w[i] = value
-            return collections.OrderedDict(weights=w, round_num=state["round_num"])
+            return collections.OrderedDict(weights=w, round_num=state["round_num"],
+                                           optimizer_state=state["optimizer_state"])
 
         return tff.learning.templates.LearningProcess(initialize, next_fn, get_model_weights, set_model_weights)
 
@@ -175,13 +180,14 @@ class PrismProcess:
 
         @tff.tensorflow.computation(state_type, accumulator_type, metrics_type)
         def finish(state, acc, metrics):
-            result = update(state["weights"], acc, state["round_num"])
+            result = update(state["weights"], acc, state["round_num"], state["optimizer_state"])
             count = metrics["num_examples"]
             safe = tf.maximum(count, 1.0)
             round_metrics = collections.OrderedDict(
                 loss=metrics["loss_sum"] / safe, accuracy=metrics["correct"] / safe, num_examples=count,
                 kernel_coverage=result["coverage"])
-            state = collections.OrderedDict(weights=result["weights"], round_num=state["round_num"] + 1)
+            state = collections.OrderedDict(weights=result["weights"], round_num=state["round_num"] + 1,
+                                            optimizer_state=result["optimizer_state"])
             return state, round_metrics
 
         return finish
@@ -207,7 +213,7 @@ class PrismProcess:
         if len(weights) != len(self.layout.tensors):
             raise ValueError(f"expected {len(self.layout.tensors)} weight arrays, got {len(weights)}")
         return collections.OrderedDict(weights=[np.asarray(w, np.float32) for w in weights],
-                                       round_num=state["round_num"])
+                                       round_num=state["round_num"], optimizer_state=state["optimizer_state"])
 
     def assign_to(self, state, model: tf.keras.Model | None = None) -> tf.keras.Model:
         """Write the state's weights into ``model`` (default: the process's server model) and return it."""
@@ -332,6 +338,7 @@ def build_prism_process(
     input_shape: Sequence[int] | None = None,
     batch_size: int = 32,
     client_optimizer: tff.learning.optimizers.Optimizer | None = None,
+    server_optimizer: tff.learning.optimizers.Optimizer | None = None,
     clip_norm: float | None = 5.0,
     clip_lr_tau: float | None = 10.0,
     distribution: str = "select",
@@ -356,6 +363,8 @@ def build_prism_process(
       batch_size: client batch size; client datasets must be batched with exactly this size
         (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes, TFF_NOTES.md).
       client_optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
+      server_optimizer: ``None`` (plain per-entry averaging, the default) or a `tff.learning.optimizers.Optimizer`
+        acting on the rebuilt kernels (`finalizer`; requires ``refactorize_every=1``).
       clip_norm, clip_lr_tau: see `client_work.ClientTraining`.
       distribution: ``select`` (per-client `tff.federated_select`) or ``broadcast`` (simulation shortcut).
       refactorize_every: re-run the SVD every this many rounds (PRISM.md §2; 0 = never).
@@ -377,4 +386,4 @@ def build_prism_process(
         clip_lr_tau=clip_lr_tau)
     return PrismProcess(model, method, batch_spec(shape, batch_size), training, distribution=distribution,
                         refactorize_every=refactorize_every, weighting=weighting, seed=seed,
-                        collective_clients=collective_clients)
+                        collective_clients=collective_clients, server_optimizer=server_optimizer)
