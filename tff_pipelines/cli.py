@@ -35,6 +35,8 @@ _FIELD_HELP = {
     "client_lr": "client SGD learning rate (default 0.05)",
     "client_momentum": "client SGD momentum (default 0.9)",
     "clip_norm": "client gradient-norm clip, 0 disables (default 5)",
+    "server_lr": "server SGD learning rate on the rebuilt kernels (default: plain per-kernel averaging)",
+    "server_momentum": "server momentum with --server-lr (default 0)",
     "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
     "weighting": "examples (weight clients by examples) or uniform (default examples)",
 }

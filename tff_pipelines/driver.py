@@ -48,6 +48,8 @@ class TrainConfig:
     client_lr: float = 0.05
     client_momentum: float = 0.9
     clip_norm: float | None = 5.0
+    server_lr: float | None = None
+    server_momentum: float = 0.0
     refactorize_every: int = 1
     weighting: str = "examples"
 
@@ -159,6 +161,8 @@ class Simulation:
         self.process: PrismProcess = build_prism_process(
             model_builder(config, shape, classes, width), method=method, batch_size=config.batch_size,
             client_optimizer=tff.learning.optimizers.build_sgdm(config.client_lr, config.client_momentum),
+            server_optimizer=None if config.server_lr is None else tff.learning.optimizers.build_sgdm(
+                config.server_lr, config.server_momentum or None),
             clip_norm=config.clip_norm, distribution=config.distribution,
             refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed)
         reference = model_builder(config, shape, classes)()
