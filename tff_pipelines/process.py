@@ -259,6 +259,8 @@ class PrismProcess:
         """
         if not client_datasets:
             raise ValueError("next: no client datasets")
+        for i, dataset in enumerate(client_datasets):
+            self._check_dataset(i, dataset)
         selections = self.selections(state, len(client_datasets))
         tiers: dict[tuple, list[int]] = {}
         sliced = self._default_sizes()
@@ -274,6 +276,18 @@ class PrismProcess:
         report = self._report(selections, tiers)
         metrics.update(dataclasses.asdict(report))
         return state, {k: _py(v) for k, v in metrics.items()}
+
+    def _check_dataset(self, i: int, dataset: tf.data.Dataset) -> None:
+        expected = {k: tuple(self.element_type[k].shape) for k in ("x", "y")}
+        spec = getattr(dataset, "element_spec", None)
+        if not isinstance(spec, dict) or set(spec) != set(expected):
+            raise ValueError(f"client dataset {i}: elements must be dicts with keys {sorted(expected)}, got {spec}")
+        for key, shape in expected.items():
+            got = tuple(spec[key].shape)
+            if got != shape:
+                hint = " (batch with drop_remainder=True)" if got[:1] == (None,) else ""
+                raise ValueError(f"client dataset {i}: '{key}' batches have shape {got}, this process expects "
+                                 f"{shape}{hint}")
 
     def _next_in_tiers(self, state, datasets, selections, tiers):
         acc = metrics = None
