@@ -80,11 +80,11 @@ class PrismProcess:
         self.seed = int(seed)
         self.collective_clients = collective_clients
         self.server_optimizer = server_optimizer
+        if distribution not in distributor.DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {distributor.DISTRIBUTIONS}, got {distribution!r}")
         self.plan = prism_tf.SubmodelPlan.of(server_model)
-        distributor.uses_select(RoundLayout.build(server_model, {}), distribution)  # validates the name
         self.layout = self._layout(_key(self._default_sizes()))
-        full = RoundLayout.build(server_model, {})
-        self.full_model_bytes = full.full_bytes()
+        self.full_model_bytes = self._layout(()).full_bytes()
         self.full_cost = prism_tf.cost(server_model)
         self._server_update = finalizer.build_server_update(
             self.layout, self._phase(self.layout.sizes_key).type_signature.result[0].member,
@@ -98,6 +98,11 @@ class PrismProcess:
     @functools.lru_cache(maxsize=16)  # noqa: B019 - one layout per sub-model size, for the process's lifetime
     def _layout(self, sizes_key: tuple) -> RoundLayout:
         return RoundLayout.build(self.server_model, dict(sizes_key))
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019
+    def _submodel_cost(self, sizes_key: tuple) -> dict:
+        layout = self._layout(sizes_key)
+        return prism_tf.cost(prism_tf.submodel_architecture(self.server_model, self.plan, layout.sizes))
 
     @functools.lru_cache(maxsize=16)  # noqa: B019
     def _phase(self, sizes_key: tuple) -> tff.Computation:
@@ -306,8 +311,7 @@ class PrismProcess:
         down = up = flops = act = 0.0
         for key, members in tiers.items():
             layout = self._layout(key)
-            sub = prism_tf.submodel_architecture(self.server_model, self.plan, layout.sizes)
-            cost = _cached_cost(layout.submodel_json, sub)
+            cost = self._submodel_cost(key)
             n = len(members)
             down += n * layout.bytes_down()
             up += n * layout.bytes_up()
@@ -319,15 +323,6 @@ class PrismProcess:
 
 def _key(sizes: dict[str, int]) -> tuple:
     return tuple(sorted(sizes.items()))
-
-
-_COSTS: dict[str, dict] = {}
-
-
-def _cached_cost(key: str, model: tf.keras.Model) -> dict:
-    if key not in _COSTS:
-        _COSTS[key] = prism_tf.cost(model)
-    return _COSTS[key]
 
 
 def _py(value):
