@@ -99,8 +99,11 @@ class SubmodelPlan:
 
     def sizes(self, indices: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Sub-model size of each group; groups absent from ``indices`` stay full."""
-        return {name: int(np.shape(indices[name])[0]) if name in indices else g.size
-                for name, g in self.groups.items()}
+        return self.sizes_with({name: int(np.shape(idx)[0]) for name, idx in indices.items()})
+
+    def sizes_with(self, overrides: Mapping[str, int]) -> dict[str, int]:
+        """Size of every group: ``overrides`` where given, else full."""
+        return {name: int(overrides.get(name, g.size)) for name, g in self.groups.items()}
 
     def slices(self, tensor: TensorSlicing, indices: Mapping[str, object]) -> list[tuple[int, object]]:
         """The ``(axis, indices)`` to gather ``tensor`` by, for the groups present in ``indices``."""
