@@ -9,8 +9,10 @@ in parallel elsewhere on the machine cannot confuse the result.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -220,11 +222,27 @@ def test_sigterm_mid_run_stops_worker(child_factory):
     assert not survivors
 
 
-def test_sighup_stops_worker(child_factory):
+def _signal_non_main_thread(pid: int, signum: int) -> int:
+    """Sends `signum` to a thread of `pid` other than its main thread (one not blocking it); returns its tid."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        if tid == pid:
+            continue
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            blocked = int(re.search(r"SigBlk:\s*([0-9a-f]+)", f.read()).group(1), 16)
+        if blocked & (1 << (signum - 1)):
+            continue
+        if libc.tgkill(pid, tid, signum) == 0:
+            return tid
+    raise AssertionError(f"no thread of {pid} accepts signal {signum}")
+
+
+def test_sighup_to_other_thread_while_main_sleeps(child_factory):
+    """The kernel may hand a process signal to any thread; a sleeping main thread must still act on it."""
     child = child_factory('print("READY", flush=True)\nimport time\ntime.sleep(600)\n')
     child.wait_for_line("READY")
     workers = child.reported_workers()
-    child.proc.send_signal(signal.SIGHUP)
+    _signal_non_main_thread(child.proc.pid, signal.SIGHUP)
     child.wait_pipes_closed(timeout=60)
     assert child.proc.returncode == 128 + signal.SIGHUP, child.stderr
     assert not _wait_gone(workers)[0]
@@ -255,8 +273,8 @@ def test_ctrl_c_to_process_group_spares_worker(child_factory):
     child = child_factory(
         """
         import time
-        print("READY", flush=True)
-        try:
+        try:  # READY inside the try: the interrupt may arrive as soon as the line is written
+            print("READY", flush=True)
             time.sleep(120)
         except KeyboardInterrupt:
             print("RESULT", add(1, 2), fed_sum([1, 2, 3]), flush=True)

@@ -10,7 +10,12 @@ Here we start the worker ourselves, before the first computation:
 
 * its stdin is /dev/null and its stdout/stderr go to a log file, never to the caller's streams;
 * it gets `prctl(PR_SET_PDEATHSIG, SIGTERM)`, so the kernel terminates it even if Python is SIGKILLed;
-* `shutdown()` terminates it (SIGTERM, bounded wait, SIGKILL) and runs at `atexit` and on SIGTERM/SIGHUP;
+* it runs in its own process group, so a terminal's Ctrl-C or Jupyter's "interrupt kernel" (SIGINT to the
+  whole group) does not kill it while Python survives the KeyboardInterrupt;
+* `shutdown()` terminates it (SIGTERM, bounded wait, SIGKILL) and runs at `atexit` and on SIGTERM/SIGHUP
+  (handlers chained to any previous one, exit status 128+signum; a watcher thread makes them effective even
+  when the main thread is blocked in a system call, see `_start_signal_watcher`);
+* a computation after the worker is gone raises `RuntimeError` instead of TFF's endless retry;
 * a `tff.framework.SyncExecutionContext` talking to it over gRPC (the same pieces TFF's own
   `create_sync_local_cpp_execution_context` uses) is installed as the default context, so TFF never spawns a
   worker of its own.
@@ -98,6 +103,8 @@ _lock = threading.RLock()
 _rt = _Runtime()
 _hooks_registered = False
 _previous_signal_handlers: dict[int, Any] = {}
+_last_handled: dict[int, float] = {}  # monotonic time at which _on_signal last ran, per signal
+_wakeup_fds: list[int] = []
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -386,16 +393,86 @@ def _register_exit_hooks() -> None:
             continue  # e.g. SIGHUP under nohup: the user asked for the signal to be ignored
         _previous_signal_handlers[signum] = previous
         signal.signal(signum, _on_signal)
+    if _previous_signal_handlers:
+        _start_signal_watcher()
 
 
 def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     """SIGTERM/SIGHUP: stop the worker, run any previous handler, then exit with status 128+signum."""
+    _last_handled[signum] = time.monotonic()
     shutdown()
     previous = _previous_signal_handlers.get(signum)
     if callable(previous):
         previous(signum, frame)
     # SystemExit (not os._exit) so atexit handlers and `finally` blocks of the program still run.
     sys.exit(128 + signum)
+
+
+def _start_signal_watcher() -> None:
+    """Makes SIGTERM/SIGHUP effective even while the main thread blocks in a system call.
+
+    Python runs signal handlers in the main thread, the next time it executes bytecode. The kernel may deliver
+    a process-directed signal to any thread (TF, gRPC and TFF have many) and then a main thread blocked in
+    `time.sleep`, a lock wait or a socket read is not interrupted: the handler could wait for minutes (seen
+    once in this repo's tests: SIGHUP ignored while the main thread slept). Python's C-level handler writes
+    the signal number to the wakeup fd whichever thread caught it; a watcher thread reads it and, if the main
+    thread has not run the handler shortly after, re-sends the signal to the main thread (EINTR wakes it),
+    and as a last resort stops the worker itself.
+
+    Skipped if another library already owns the wakeup fd (there is only one); the handler then works as
+    plain Python handlers do.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # required by set_wakeup_fd; a full pipe just drops bytes
+    try:
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous_fd = None
+    if previous_fd != -1:
+        if previous_fd is not None:
+            signal.set_wakeup_fd(previous_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+        return
+    _wakeup_fds[:] = [read_fd, write_fd]  # keep them open for the life of the process
+    threading.Thread(target=_watch_signals, args=(read_fd,), name="tff-signal-watcher", daemon=True).start()
+
+
+def _watch_signals(read_fd: int) -> None:
+    echoes: dict[int, int] = {}  # re-sent signals come back through the wakeup fd once more: skip them
+    main_ident = threading.main_thread().ident
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum not in _previous_signal_handlers:
+                continue
+            if echoes.get(signum, 0) > 0:
+                echoes[signum] -= 1
+                continue
+            arrived = time.monotonic()
+            if _handled_since(signum, arrived - 0.5, wait_s=0.1):
+                continue
+            echoes[signum] = echoes.get(signum, 0) + 1
+            with contextlib.suppress(Exception):
+                if main_ident is not None:
+                    signal.pthread_kill(main_ident, signum)
+            if not _handled_since(signum, arrived - 0.5, wait_s=1.0):
+                shutdown()  # the main thread is stuck in C code: at least the worker must not outlive us
+
+
+def _handled_since(signum: int, since: float, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        if _last_handled.get(signum, float("-inf")) >= since:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------------------------- TFF internals
