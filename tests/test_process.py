@@ -120,13 +120,13 @@ def test_fedavg_traffic_is_the_full_model_and_prism_is_smaller():
                                  batch_size=BATCH, distribution="broadcast")
     state = fedavg.initialize()
     state, m = fedavg.next(state, [_dataset(8, c, shape, 10) for c in range(2)])
-    assert m["bytes_down_per_client"] == pytest.approx(fedavg.full_model_bytes, rel=0.001)
+    assert m["bytes_down_per_client"] == pytest.approx(fedavg.server_model_bytes, rel=0.001)
     assert m["client_flops_per_example"] == fedavg.full_cost["flops"]
     prism = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), keep_ratio=0.25,
                                 batch_size=BATCH)
     state = prism.initialize()
     state, m = prism.next(state, [_dataset(8, c, shape, 10) for c in range(2)])
-    assert m["bytes_down_per_client"] / fedavg.full_model_bytes < 0.5
+    assert m["bytes_down_per_client"] / fedavg.server_model_bytes < 0.5
     assert m["client_flops_per_example"] / fedavg.full_cost["flops"] < 0.5
     assert 0 < m["kernel_coverage"] <= 1
 
@@ -147,6 +147,17 @@ def test_heterogeneous_sizes_run_in_tiers():
     assert len({s.sizes()["conv2_conv"] for s in mixed.selections(state, 6)}) == 2
     state, m = mixed.next(state, [_dataset(8, c, shape, 10) for c in range(6)])
     assert m["num_examples"] == 48
+
+
+def test_models_still_run_after_tff_traced_a_keras_submodel():
+    """Regression: building Keras models inside TFF's graph swapped Keras classes to v1 for the whole process."""
+    model = prism_tf.models.small_cnn(width=4, input_shape=(8, 8, 1))
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    model(x)
+    process = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=(8, 8, 1)),
+                                  batch_size=BATCH, distribution="broadcast")
+    assert model(x).shape == (2, 10)
+    assert process.server_model(x).shape == (2, 10)
 
 
 def test_bad_arguments():

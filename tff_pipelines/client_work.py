@@ -177,7 +177,21 @@ def build_client_work(
         uploads, metrics = train_submodel(layout, weights, scale, client["data"], training)
         return collections.OrderedDict(uploads=uploads, indices=indices, metrics=metrics)
 
+    restore_keras_classes(layout)
     return client_work
+
+
+def restore_keras_classes(layout: RoundLayout) -> None:
+    """Undo Keras's global v1 class swap after building a Keras model inside TFF's TF1-style graph.
+
+    Keras picks a layer's or model's base classes (v1 or v2) when it is instantiated, by rewriting the class's
+    ``__bases__`` for the whole process. Building the sub-model while TFF traces the client computation (a
+    ``tf.Graph``) switches `Functional`, `Conv2D`, `PrincipalConv2D`, ... to their v1 bases, after which every
+    existing model fails with "Your Layer or Model is in an invalid state". Instantiating the same classes once
+    eagerly switches them back.
+    """
+    with tf.init_scope():
+        tf.keras.models.model_from_json(layout.submodel_json, custom_objects=prism_tf.CUSTOM_OBJECTS)
 
 
 def client_input_type(layout: RoundLayout, element_type: tff.Type) -> collections.OrderedDict:

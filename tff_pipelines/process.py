@@ -84,7 +84,7 @@ class PrismProcess:
             raise ValueError(f"distribution must be one of {distributor.DISTRIBUTIONS}, got {distribution!r}")
         self.plan = prism_tf.SubmodelPlan.of(server_model)
         self.layout = self._layout(_key(self._default_sizes()))
-        self.full_model_bytes = self._layout(()).full_bytes()
+        self.server_model_bytes = self._layout(()).full_bytes()  # the (factorized) server model's
         self.full_cost = prism_tf.cost(server_model)
         self._server_update = finalizer.build_server_update(
             self.layout, self._phase(self.layout.sizes_key).type_signature.result[0].member,
