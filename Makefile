@@ -27,8 +27,8 @@ test-all: install
 
 demo: install
 	$(PY) -m tff_pipelines train --method prism --model resnet18 --width 8 --dataset cifar10 \
-	  --clients 10 --clients-per-round 4 --examples-per-client 200 --rounds 3 --local-epochs 1 \
-	  --batch-size 20 --keep-ratio 0.2 --eval-every 1 --eval-examples 1000 --seed 0 --out runs/demo
+	  --clients 10 --clients-per-round 5 --examples-per-client 500 --rounds 10 --local-epochs 1 \
+	  --batch-size 20 --keep-ratio 0.2 --eval-every 2 --eval-examples 2000 --seed 0 --out runs/demo --overwrite
 
 lint: install
 	$(VENV)/bin/ruff check .

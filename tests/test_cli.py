@@ -9,8 +9,8 @@ work), and a training run traces the process (another 10-20 s). So every command
 the module-scoped `jobs` fixture: run once, up to three at a time, all started when the module's first test
 starts (only those the selected tests read), longest chain first; tests then assert on the results.
 
-Library bugs found while writing these tests are kept as `xfail` tests at the end of the file, each with a
-reproduction.
+The last tests are regressions for bugs these tests found (a failed `train` leaving a run behind, `--out` naming
+a file, a rejected `resume --rounds 0` damaging the run).
 """
 
 from __future__ import annotations
@@ -697,13 +697,9 @@ def test_piped_run_finishes_and_leaves_no_worker(fedavg_piped):
         f"(all new worker_binary pids: {sorted(fedavg_piped['new_worker_pids'])})")
 
 
-# --------------------------------------------------------------------------------------------- known bugs
+# ------------------------------------------------------------------------ regressions (bugs these tests found)
 
 
-@pytest.mark.xfail(reason="driver.start writes config.json before the dataset and partition are checked "
-                          "(driver.py start(): run.write_config before Simulation()), so a failed `train` "
-                          "leaves a run dir that blocks the corrected command ('already holds a run')",
-                   strict=False)
 @pytest.mark.parametrize("name", ["missing_dataset", "partition"])
 def test_failed_train_leaves_no_run_behind(jobs, name):
     result, out = jobs.result(name)
@@ -711,9 +707,6 @@ def test_failed_train_leaves_no_run_behind(jobs, name):
     assert not (out / "config.json").exists()
 
 
-@pytest.mark.xfail(reason="`--out` naming an existing file: runs.py RunDir.write_config's mkdir raises "
-                          "FileExistsError, which cli.main does not catch (traceback, exit 1)",
-                   strict=False)
 def test_out_is_a_file_is_a_clean_error(jobs):
     result, _ = jobs.result("out_is_file")
     assert "Traceback" not in result.stderr, result.describe()
@@ -721,9 +714,6 @@ def test_out_is_a_file_is_a_clean_error(jobs):
     assert len(_error_lines(result)) == 1
 
 
-@pytest.mark.xfail(reason="driver.resume writes the new --rounds into config.json before validating it, so "
-                          "a rejected `resume --rounds 0` leaves rounds=0 and every later plain `resume` fails",
-                   strict=False)
 def test_rejected_resume_keeps_config(jobs, prism_run):
     result, run = jobs.result("resume_rounds0")
     assert result.returncode == 2, result.describe()

@@ -160,6 +160,19 @@ def test_models_still_run_after_tff_traced_a_keras_submodel():
     assert process.server_model(x).shape == (2, 10)
 
 
+def test_odd_batch_sizes_are_refused_while_onednn_is_on(monkeypatch):
+    from tff_pipelines.process import check_batch_size
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    with pytest.raises(ValueError, match="batch size 25 is odd.*TF_ENABLE_ONEDNN_OPTS=0"):
+        check_batch_size(25)
+    check_batch_size(24)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    check_batch_size(25)
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        check_batch_size(0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="distribution"):
         _tiny_process(distribution="carrier-pigeon")

@@ -15,7 +15,7 @@ import tensorflow as tf
 import prism_tf
 from tff_pipelines import data as data_lib
 from tff_pipelines.methods import METHODS, Method
-from tff_pipelines.process import PrismProcess, build_prism_process
+from tff_pipelines.process import PrismProcess, build_prism_process, check_batch_size
 from tff_pipelines.runs import RunDir, RunError
 
 
@@ -69,7 +69,12 @@ class TrainConfig:
         if self.examples_per_client is not None and self.examples_per_client < self.batch_size:
             raise ValueError(f"--examples-per-client ({self.examples_per_client}) is below --batch-size "
                              f"({self.batch_size}): clients would train on nothing")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            raise ValueError(f"--eval-examples must be >= 1, got {self.eval_examples}")
         prism_tf.sampling.check_keep_ratio(self.keep_ratio, "--keep-ratio")
+        if self.output_keep is not None:
+            prism_tf.sampling.check_keep_ratio(self.output_keep, "--output-keep")
+        check_batch_size(self.batch_size)
         parse_keep_mix(self.keep_mix)
 
     def method_spec(self) -> Method:
@@ -119,6 +124,7 @@ def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: in
     """Test loss and accuracy of ``model`` (``training=False``), in fixed-size batches (last one padded)."""
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     batch_size = min(batch_size, len(x))
+    batch_size += batch_size % 2  # odd batch sizes crash TF 2.14's oneDNN kernels here (`check_batch_size`)
 
     @tf.function
     def step(xb, yb, mask):
@@ -263,12 +269,14 @@ def _fmt(value) -> str:
 
 
 def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str, Any]:
-    """Start a new run in ``out``."""
+    """Start a new run in ``out``; nothing is written there until the data and the process are ready."""
     config.validate()
     run = RunDir(out)
+    run.check_writable(overwrite=overwrite)
+    simulation = Simulation(config, out)  # loads and partitions the data, builds the process: may fail
     run.write_config(dataclasses.asdict(config), overwrite=overwrite)
     run.clear_results()
-    return Simulation(config, out).train()
+    return simulation.train()
 
 
 def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
@@ -282,5 +290,8 @@ def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
     config = TrainConfig(**stored)
     if rounds is not None:
         config.rounds = rounds
+        config.validate()
+    simulation = Simulation(config, out)
+    if rounds is not None:
         run.write_config(dataclasses.asdict(config), overwrite=True)
-    return Simulation(config, out).train(resume=True)
+    return simulation.train(resume=True)

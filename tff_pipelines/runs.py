@@ -42,10 +42,16 @@ class RunDir:
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
 
     # --- config ----------------------------------------------------------------------------------------------
-    def write_config(self, config: dict[str, Any], *, overwrite: bool) -> None:
+    def check_writable(self, *, overwrite: bool) -> None:
+        """Raise `RunError` if a new run cannot start here (a file, or an existing run without ``overwrite``)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a directory")
         if self.config_path.exists() and not overwrite:
             raise RunError(f"{self.path} already holds a run; use `resume --out {self.path}`, --overwrite or "
                            "another --out")
+
+    def write_config(self, config: dict[str, Any], *, overwrite: bool) -> None:
+        self.check_writable(overwrite=overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True))
 
