@@ -27,7 +27,7 @@ test-all: install
 
 demo: install
 	$(PY) -m tff_pipelines train --method prism --model resnet18 --width 8 --dataset cifar10 \
-	  --clients 10 --clients-per-round 5 --examples-per-client 500 --rounds 10 --local-epochs 1 \
+	  --clients 10 --clients-per-round 5 --examples-per-client 500 --rounds 10 --local-epochs 2 --client-lr 0.1 \
 	  --batch-size 20 --keep-ratio 0.2 --eval-every 2 --eval-examples 2000 --seed 0 --out runs/demo --overwrite
 
 lint: install

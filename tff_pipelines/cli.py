@@ -37,6 +37,7 @@ _FIELD_HELP = {
     "clip_norm": "client gradient-norm clip, 0 disables (default 5)",
     "server_lr": "server SGD learning rate on the rebuilt kernels (default: plain per-kernel averaging)",
     "server_momentum": "server momentum with --server-lr (default 0)",
+    "eval_norm": "BatchNorm at evaluation: batch (per-batch statistics, as the PriSM authors) or moving",
     "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
     "weighting": "examples (weight clients by examples) or uniform (default examples)",
 }

@@ -52,6 +52,7 @@ class TrainConfig:
     server_momentum: float = 0.0
     refactorize_every: int = 1
     weighting: str = "examples"
+    eval_norm: str = "batch"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +70,8 @@ class TrainConfig:
         if self.examples_per_client is not None and self.examples_per_client < self.batch_size:
             raise ValueError(f"--examples-per-client ({self.examples_per_client}) is below --batch-size "
                              f"({self.batch_size}): clients would train on nothing")
+        if self.eval_norm not in EVAL_NORMS:
+            raise ValueError(f"--eval-norm must be one of {', '.join(EVAL_NORMS)}, got {self.eval_norm!r}")
         if self.eval_examples is not None and self.eval_examples < 1:
             raise ValueError(f"--eval-examples must be >= 1, got {self.eval_examples}")
         prism_tf.sampling.check_keep_ratio(self.keep_ratio, "--keep-ratio")
@@ -120,30 +123,51 @@ def small_width(config: TrainConfig, input_shape, num_classes: int) -> int:
     return best
 
 
-def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> tuple[float, float]:
-    """Test loss and accuracy of ``model`` (``training=False``), in fixed-size batches (last one padded)."""
+EVAL_NORMS = ("batch", "moving")
+
+
+def evaluate(
+    model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500, norm: str = "moving"
+) -> tuple[float, float]:
+    """Test loss and accuracy of ``model``.
+
+    Every batch holds exactly ``batch_size`` real examples (an even number: odd batch sizes crash TF 2.14's
+    oneDNN kernels here, see `check_batch_size`); the last batch is the last ``batch_size`` examples, counting only
+    those not seen yet, so nothing is padded and batch statistics stay real.
+
+    ``norm="moving"`` is Keras inference (BatchNorm uses its moving statistics). ``norm="batch"`` normalizes each
+    test batch with its own statistics and leaves the moving statistics untouched, as the PriSM authors evaluate
+    (PRISM.md §3): moving statistics gathered on sub-models describe sub-model activations, not the full model's,
+    and early in training they can mislead the full model. Other layers run in inference mode only with
+    ``moving`` (the zoo models have no dropout).
+    """
+    if norm not in EVAL_NORMS:
+        raise ValueError(f"norm must be one of {EVAL_NORMS}, got {norm!r}")
+    if len(x) < 2:
+        raise ValueError("evaluate needs at least 2 examples")
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     batch_size = min(batch_size, len(x))
-    batch_size += batch_size % 2  # odd batch sizes crash TF 2.14's oneDNN kernels here (`check_batch_size`)
+    batch_size -= batch_size % 2
+    saved = [(v, v.numpy()) for layer in prism_tf.walk_layers(model)
+             if isinstance(layer, tf.keras.layers.BatchNormalization) for v in layer.non_trainable_weights]
 
     @tf.function
     def step(xb, yb, mask):
-        logits = model(xb, training=False)
+        logits = model(xb, training=norm == "batch")
         losses = loss_fn(yb, logits)
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
         return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
 
     total_loss = total_hits = 0.0
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        n = len(xb)
-        if n < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros(batch_size - n, yb.dtype)])
-        mask = (np.arange(batch_size) < n).astype(np.float32)
+        begin = min(start, len(x) - batch_size)
+        xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
+        mask = (np.arange(begin, begin + batch_size) >= start).astype(np.float32)
         loss, hits = step(tf.constant(data_lib.to_float(xb)), tf.constant(yb.astype(np.int32)), tf.constant(mask))
         total_loss += float(loss)
         total_hits += float(hits)
+    for variable, value in saved:  # training=True updated them
+        variable.assign(value)
     return total_loss / len(x), total_hits / len(x)
 
 
@@ -212,7 +236,7 @@ class Simulation:
             state, metrics = process.next(state, self.client_datasets(round_num - 1))
             row = self._row(round_num, metrics, time.perf_counter() - began)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
-                loss, accuracy = evaluate(process.assign_to(state), self.x_test, self.y_test)
+                loss, accuracy = evaluate(process.assign_to(state), self.x_test, self.y_test, norm=cfg.eval_norm)
                 row.update(eval_loss=loss, eval_accuracy=accuracy)
             run.append_metrics(row)
             run.save_state(manager, state, round_num)
