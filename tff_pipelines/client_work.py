@@ -18,6 +18,7 @@ import tensorflow_federated as tff
 import prism_tf
 from prism_tf import slicing
 from prism_tf.plan import FROM_SELECTION, SERVER_ONLY
+from tff_pipelines import distributor
 from tff_pipelines.layout import RoundLayout
 
 
@@ -149,9 +150,7 @@ def build_client_work(
 ) -> tff.Computation:
     """The client computation: ``<received, client> -> <uploads, metrics>`` for ``distribution``."""
     client_type = client_input_type(layout, element_type)
-    if distribution not in ("select", "broadcast"):
-        raise ValueError(f"distribution must be 'select' or 'broadcast', got {distribution!r}")
-    if distribution == "select" and layout.scale_layers:  # with no kernel groups, select has nothing to key
+    if distributor.uses_select(layout, distribution):
         tables = layout.select_tables()
         in_tables = {p for ps in tables.values() for p in ps}
         received_type = collections.OrderedDict(

@@ -23,6 +23,7 @@ DISTRIBUTIONS = ("select", "broadcast")
 
 
 def uses_select(layout: RoundLayout, distribution: str) -> bool:
+    """Whether rows go through `tff.federated_select` (with no principal layer there is nothing to key)."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     return distribution == "select" and bool(layout.scale_layers)
