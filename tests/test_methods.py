@@ -93,3 +93,25 @@ def test_baselines_run_real_rounds(method):
     assert metrics["num_examples"] == 16 and np.isfinite(metrics["loss"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
     assert metrics["client_flops_per_example"] < process.full_cost["flops"]
+
+
+@pytest.mark.parametrize("strategy,output_keep", [("unbiased", None), ("collective", 0.5), ("uniform", 0.5)])
+def test_strategies_and_memory_efficient_variant_run_real_rounds(strategy, output_keep):
+    shape = (8, 8, 1)
+    rng = np.random.default_rng(1)
+    data = [tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
+        x=rng.random((8, *shape), dtype=np.float32), y=rng.integers(0, 10, 8).astype(np.int32)))
+        .batch(4, drop_remainder=True) for _ in range(3)]
+    process = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), keep_ratio=0.5,
+                                  strategy=strategy, output_keep=output_keep, batch_size=4)
+    state = process.initialize()
+    selections = process.selections(state, 3)
+    if strategy != "uniform":
+        assert any(np.any(sel.scale > 1) for s in selections for sel in s.layers.values())  # ω = 1/π or C/(1+...)
+    if output_keep:
+        assert all(s.channels for s in selections)
+    state, metrics = process.next(state, data)
+    assert metrics["num_examples"] == 24 and np.isfinite(metrics["loss"])
+    fm = process.assign_to(state)
+    for layer in prism_tf.principal_layers(fm):
+        np.testing.assert_array_equal(layer.kernel_scale.numpy(), np.ones(layer.rank))  # ω is a client-side factor
