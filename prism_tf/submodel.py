@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from prism_tf import slicing
 from prism_tf.factorize import clone_with_ranks, principal_layers, walk_layers
-from prism_tf.plan import FROM_SELECTION, KERNELS, SubmodelPlan
+from prism_tf.plan import FROM_SELECTION, SubmodelPlan
 from prism_tf.sampling import Selection
 
 
@@ -147,5 +147,5 @@ def kernel_coverage(model: tf.keras.Model, selections: Sequence[Selection]) -> f
     return covered / total if total else 0.0
 
 
-__all__ = ["KERNELS", "aggregate", "extract", "flat_weights", "kernel_coverage", "merge", "set_flat_weights",
+__all__ = ["aggregate", "extract", "flat_weights", "kernel_coverage", "merge", "set_flat_weights",
            "submodel_architecture", "submodel_weights"]

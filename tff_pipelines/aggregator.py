@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -64,9 +63,3 @@ def build_aggregator(layout: RoundLayout, client_output_type: tff.Type, weightin
 
     return aggregate
 
-
-def zero_like(layout: RoundLayout) -> collections.OrderedDict:
-    """A numpy accumulator of zeros (to add accumulators of several rounds' tiers in Python)."""
-    shapes = [layout.tensors[p].shape for p in layout.travelling()]
-    return collections.OrderedDict(sums=[np.zeros(s, np.float32) for s in shapes],
-                                   counts=[np.zeros(s, np.float32) for s in shapes])

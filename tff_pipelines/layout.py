@@ -107,9 +107,6 @@ class RoundLayout:
     def scale_type(self) -> list[tff.TensorType]:
         return [tff.TensorType(np.float32, [self.sizes[g]]) for g in self.scale_layers]
 
-    def upload_type(self) -> list[tff.TensorType]:
-        return [tff.TensorType(np.float32, self.sub_shape(i)) for i in self.travelling()]
-
     # --- bytes -----------------------------------------------------------------------------------------------
     def bytes_down(self) -> int:
         """Bytes a client receives: its sub-tensors, its index vectors and ω (float32/int32)."""
