@@ -7,6 +7,12 @@ Without this, TFF's own worker inherits stdout and outlives the script, so `pyth
 and CI hang.
 """
 
-from tff_pipelines import runtime
+import os
+
+# TensorFlow's C++ INFO/WARNING lines (CUDA probing, oneDNN notices) drown the per-round output; a user's own
+# setting wins. Effective only if TensorFlow is not imported yet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tff_pipelines import runtime  # noqa: E402
 
 runtime.install_local_context()

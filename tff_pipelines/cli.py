@@ -29,7 +29,7 @@ _FIELD_HELP = {
     "keep_mix": "heterogeneous clients, e.g. 0.2:0.6,0.4:0.4 (keep ratio:share of clients)",
     "partition": "iid, dirichlet:ALPHA (label skew) or shards:K (default iid)",
     "eval_every": "evaluate the server model on the test set every T rounds (default 1)",
-    "eval_examples": "evaluate on the first N test examples only (default: all)",
+    "eval_examples": "evaluate on a fixed random subset of N test examples (default: all)",
     "seed": "run seed: data split, model init, client sampling, kernel sampling (default 0)",
     "distribution": "select (tff.federated_select per client, default) or broadcast (faster simulation)",
     "client_lr": "client SGD learning rate (default 0.05)",
@@ -44,7 +44,15 @@ _FIELD_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tff_pipelines.driver import TrainConfig
+    import prism_tf
+    from tff_pipelines.distributor import DISTRIBUTIONS
+    from tff_pipelines.driver import EVAL_NORMS, TrainConfig
+
+    choices_of = {
+        "method": METHODS, "model": tuple(prism_tf.models.MODELS), "norm": prism_tf.models.zoo.NORMS,
+        "strategy": prism_tf.STRATEGIES, "distribution": DISTRIBUTIONS, "weighting": ("examples", "uniform"),
+        "eval_norm": EVAL_NORMS,
+    }
 
     parser = argparse.ArgumentParser(
         prog="python -m tff_pipelines",
@@ -56,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
         if field.name == "clip_norm":
             kind = float
+        choices = choices_of.get(field.name)
         train.add_argument(flag, type=kind, default=field.default, help=_FIELD_HELP.get(field.name, ""),
-                           metavar=field.name.upper())
+                           metavar="{" + ",".join(choices) + "}" if choices else field.name.upper(), choices=choices)
     train.add_argument("--out", required=True, help="run directory (config, metrics.jsonl, checkpoints, plot)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     again = commands.add_parser("resume", help="continue a stopped run from its last checkpoint",
