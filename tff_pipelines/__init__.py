@@ -16,3 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tff_pipelines import runtime  # noqa: E402
 
 runtime.install_local_context()
+
+from tff_pipelines.methods import METHODS, Method  # noqa: E402
+from tff_pipelines.process import PrismProcess, build_prism_process  # noqa: E402
+
+__all__ = ["METHODS", "Method", "PrismProcess", "build_prism_process", "runtime"]
