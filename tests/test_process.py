@@ -131,6 +131,19 @@ def test_fedavg_traffic_is_the_full_model_and_prism_is_smaller():
     assert 0 < m["kernel_coverage"] <= 1
 
 
+def test_tier_path_equals_the_learning_process_for_one_size():
+    """Heterogeneous rounds run client phases per size + one server step: with one size it is `next_fn` exactly."""
+    process = _tiny_process(refactorize_every=1, client_optimizer=tff.learning.optimizers.build_sgdm(0.1))
+    state = process.initialize()
+    datasets = [_dataset(8, c) for c in range(3)]
+    fused, fused_metrics = process.next(state, datasets)
+    selections = process.selections(state, 3)
+    tiered, tiered_metrics = process._next_in_tiers(state, datasets, selections, {process.layout.sizes_key: [0, 1, 2]})
+    for a, b in zip(process.get_model_weights(fused), process.get_model_weights(tiered), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert tiered_metrics["loss"] == pytest.approx(fused_metrics["loss"], rel=1e-6)
+
+
 def test_heterogeneous_sizes_run_in_tiers():
     shape = (8, 8, 1)
     process = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=shape),

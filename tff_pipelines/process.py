@@ -149,7 +149,7 @@ class PrismProcess:
         phase = self._phase(layout.sizes_key)
         accumulator_type = phase.type_signature.result[0].member
         metrics_type = phase.type_signature.result[1].member
-        finish = self._finish_computation(state_type, accumulator_type, metrics_type)
+        finish = self._finish = self._finish_computation(state_type, accumulator_type, metrics_type)
 
         @tff.tensorflow.computation(state_type)
         def weights_of(state):
@@ -197,13 +197,6 @@ class PrismProcess:
             return state, round_metrics
 
         return finish
-
-    @functools.cached_property
-    def _finish_tiers(self) -> tff.Computation:
-        phase = self._phase(self.layout.sizes_key)
-        state_type = self.learning_process.initialize.type_signature.result.member
-        return self._finish_computation(state_type, phase.type_signature.result[0].member,
-                                        phase.type_signature.result[1].member)
 
     # --- the Python surface ---------------------------------------------------------------------------------
     def initialize(self):
@@ -305,7 +298,7 @@ class PrismProcess:
             add = lambda a, b: tf.nest.map_structure(np.add, a, b)  # noqa: E731
             acc = tier_acc if acc is None else add(acc, tier_acc)
             metrics = tier_metrics if metrics is None else add(metrics, tier_metrics)
-        state, round_metrics = self._finish_tiers(state, acc, metrics)
+        state, round_metrics = self._finish(state, acc, metrics)  # the same server step as `next_fn`
         return state, dict(round_metrics)
 
     def _report(self, selections, tiers) -> RoundReport:
