@@ -152,14 +152,20 @@ def sample(
     )
     if output_keep is None:
         return selection
+    rng = np.random.default_rng(_seed_sequence(seed).spawn(len(layers) + 1)[-1])
+    channels = output_channels(SubmodelPlan.of(model), output_keep, output_rule, rng, model.name)
+    return dataclasses.replace(selection, channels=channels)
+
+
+def output_channels(
+    plan: SubmodelPlan, output_keep: float, rule: str, rng: np.random.Generator, model_name: str = "model"
+) -> dict[str, np.ndarray]:
+    """The memory-efficient variant's channels (PRISM.md §3): per owned output group, ``ceil(keep · C)`` channels."""
     check_keep_ratio(output_keep, "output_keep")
-    plan = SubmodelPlan.of(model)
     groups = sorted(plan.owned_channel_groups().values())
     if not groups:
-        raise ValueError(f"output_keep: model '{model.name}' has no principal layer whose outputs can be sliced")
-    rng = np.random.default_rng(_seed_sequence(seed).spawn(len(layers) + 1)[-1])
-    channels = {g: channel_subset(plan.groups[g].size, output_keep, output_rule, rng) for g in groups}
-    return dataclasses.replace(selection, channels=channels)
+        raise ValueError(f"output_keep: model '{model_name}' has no principal layer whose outputs can be sliced")
+    return {g: channel_subset(plan.groups[g].size, output_keep, rule, rng) for g in groups}
 
 
 def channel_subset(size: int, keep: float, rule: str, rng: np.random.Generator) -> np.ndarray:

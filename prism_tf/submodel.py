@@ -114,15 +114,16 @@ def aggregate(
             raise ValueError(f"client {client}: sub-model has {len(values)} weights, the model {len(plan.tensors)}")
         if not weight > 0:
             raise ValueError(f"client {client}: weight must be positive, got {weight}")
-        uploads.append((values, selection.indices(), float(weight)))
+        indices = selection.indices()
+        uploads.append((values, indices, plan.sizes(indices), float(weight)))
     for position, (tensor, variable) in enumerate(zip(plan.tensors, flat_weights(model), strict=True)):
         if not tensor.travels:
             continue
         sums = counts = None
-        for client, (values, indices, weight) in enumerate(uploads):
+        for client, (values, indices, sizes, weight) in enumerate(uploads):
             value = np.asarray(values[position], np.float64)
             slices = plan.slices(tensor, indices)
-            expected = tensor.sub_shape(plan.sizes(indices))
+            expected = tensor.sub_shape(sizes)
             if value.shape != expected:
                 raise ValueError(
                     f"client {client}: layer '{tensor.layer}' weight '{tensor.weight}' has shape {value.shape}, "

@@ -54,7 +54,7 @@ class DenseView:
 
     def write(self, weights: list, dense: list) -> None:
         """Factorize the dense kernels back into ``weights`` (in place)."""
-        for pos, kernel in zip(self.factors.values(), dense, strict=False):
+        for pos, kernel in zip(self.factors.values(), dense[:len(self.factors)], strict=True):
             rank = self.layout.tensors[pos["singular_values"]].shape[0]
             a, b, s = spectral.factorize_kernel(kernel)
             weights[pos["principal_kernels"]], weights[pos["combination"]] = a[..., :rank], b[:rank]

@@ -23,7 +23,13 @@ import numpy as np
 
 import prism_tf
 from prism_tf.plan import SubmodelPlan
-from prism_tf.sampling import Selection, channel_subset, num_kept, sample_from_singular_values
+from prism_tf.sampling import (
+    Selection,
+    channel_subset,
+    num_kept,
+    output_channels,
+    sample_from_singular_values,
+)
 
 METHODS = ("prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm")
 
@@ -116,8 +122,7 @@ class Method:
                 singular_values, keep, seed, self.strategy, gamma=self.gamma, clients_per_round=clients_per_round)
             if self.output_keep is None:
                 return selection
-            channels = {g: channel_subset(plan.groups[g].size, self.output_keep, self.output_rule, rng)
-                        for g in sorted(plan.owned_channel_groups().values())}
+            channels = output_channels(plan, self.output_keep, self.output_rule, rng)
             return dataclasses.replace(selection, channels=channels)
         if self.width:
             rule = "random" if self.name == "fed_dropout" else "first"
