@@ -37,7 +37,10 @@ _FIELD_HELP = {
     "clip_norm": "client gradient-norm clip, 0 disables (default 5)",
     "server_lr": "server SGD learning rate on the rebuilt kernels (default: plain per-kernel averaging)",
     "server_momentum": "server momentum with --server-lr (default 0)",
-    "eval_norm": "BatchNorm at evaluation: batch (per-batch statistics, as the PriSM authors) or moving",
+    "eval_norm": "BatchNorm at evaluation: batch (per-batch statistics over shuffled test batches, as the PriSM "
+                 "authors), recalibrate (the full model's statistics re-estimated on training batches, HeteroFL's "
+                 "static BN) or moving (the clients' averaged moving statistics) (default batch)",
+    "calibration_examples": "training examples used by --eval-norm recalibrate (default 1000)",
     "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
     "weighting": "examples (weight clients by examples) or uniform (default examples)",
 }
@@ -45,8 +48,9 @@ _FIELD_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     import prism_tf
+    from prism_tf.evaluation import EVAL_NORMS
     from tff_pipelines.distributor import DISTRIBUTIONS
-    from tff_pipelines.driver import EVAL_NORMS, TrainConfig
+    from tff_pipelines.driver import TrainConfig
 
     choices_of = {
         "method": METHODS, "model": tuple(prism_tf.models.MODELS), "norm": prism_tf.models.zoo.NORMS,

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 import prism_tf
+from prism_tf import evaluation
+from prism_tf.evaluation import EVAL_NORMS
 from tff_pipelines import data as data_lib
 from tff_pipelines.methods import METHODS, Method
 from tff_pipelines.process import PrismProcess, build_prism_process, check_batch_size
@@ -53,6 +55,7 @@ class TrainConfig:
     refactorize_every: int = 1
     weighting: str = "examples"
     eval_norm: str = "batch"
+    calibration_examples: int = 1000
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +75,8 @@ class TrainConfig:
                              f"({self.batch_size}): clients would train on nothing")
         if self.eval_norm not in EVAL_NORMS:
             raise ValueError(f"--eval-norm must be one of {', '.join(EVAL_NORMS)}, got {self.eval_norm!r}")
+        if self.calibration_examples < 2:
+            raise ValueError(f"--calibration-examples must be >= 2, got {self.calibration_examples}")
         if self.eval_examples is not None and self.eval_examples < 1:
             raise ValueError(f"--eval-examples must be >= 1, got {self.eval_examples}")
         prism_tf.sampling.check_keep_ratio(self.keep_ratio, "--keep-ratio")
@@ -123,52 +128,10 @@ def small_width(config: TrainConfig, input_shape, num_classes: int) -> int:
     return best
 
 
-EVAL_NORMS = ("batch", "moving")
-
-
-def evaluate(
-    model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500, norm: str = "moving"
-) -> tuple[float, float]:
-    """Test loss and accuracy of ``model``.
-
-    Every batch holds exactly ``batch_size`` real examples (an even number: odd batch sizes crash TF 2.14's
-    oneDNN kernels here, see `check_batch_size`); the last batch is the last ``batch_size`` examples, counting only
-    those not seen yet, so nothing is padded and batch statistics stay real.
-
-    ``norm="moving"`` is Keras inference (BatchNorm uses its moving statistics). ``norm="batch"`` normalizes each
-    test batch with its own statistics and leaves the moving statistics untouched, as the PriSM authors evaluate
-    (PRISM.md §3): moving statistics gathered on sub-models describe sub-model activations, not the full model's,
-    and early in training they can mislead the full model. Other layers run in inference mode only with
-    ``moving`` (the zoo models have no dropout).
-    """
-    if norm not in EVAL_NORMS:
-        raise ValueError(f"norm must be one of {EVAL_NORMS}, got {norm!r}")
-    if len(x) < 2:
-        raise ValueError("evaluate needs at least 2 examples")
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
-    batch_size = min(batch_size, len(x))
-    batch_size -= batch_size % 2
-    saved = [(v, v.numpy()) for layer in prism_tf.walk_layers(model)
-             if isinstance(layer, tf.keras.layers.BatchNormalization) for v in layer.non_trainable_weights]
-
-    @tf.function
-    def step(xb, yb, mask):
-        logits = model(xb, training=norm == "batch")
-        losses = loss_fn(yb, logits)
-        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
-        return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
-
-    total_loss = total_hits = 0.0
-    for start in range(0, len(x), batch_size):
-        begin = min(start, len(x) - batch_size)
-        xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
-        mask = (np.arange(begin, begin + batch_size) >= start).astype(np.float32)
-        loss, hits = step(tf.constant(data_lib.to_float(xb)), tf.constant(yb.astype(np.int32)), tf.constant(mask))
-        total_loss += float(loss)
-        total_hits += float(hits)
-    for variable, value in saved:  # training=True updated them
-        variable.assign(value)
-    return total_loss / len(x), total_hits / len(x)
+def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500, norm: str = "moving",
+             **options) -> tuple[float, float]:
+    """`prism_tf.evaluation.evaluate` with the driver's input scaling (kept for callers of the old name)."""
+    return evaluation.evaluate(model, x, y, batch_size=batch_size, norm=norm, **options)
 
 
 class Simulation:
@@ -197,10 +160,54 @@ class Simulation:
             refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed)
         reference = model_builder(config, shape, classes)()
         self.reference_cost = prism_tf.cost(reference)
-        # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset.
+        # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset (in
+        # random order; `prism_tf.evaluation.evaluate` does not depend on the order anyway).
         n_test = min(config.eval_examples or len(self.dataset.x_test), len(self.dataset.x_test))
-        chosen = np.sort(np.random.default_rng([config.seed, 2]).permutation(len(self.dataset.x_test))[:n_test])
+        chosen = np.random.default_rng([config.seed, 2]).permutation(len(self.dataset.x_test))[:n_test]
         self.x_test, self.y_test = self.dataset.x_test[chosen], self.dataset.y_test[chosen]
+        self._calibration: list[np.ndarray] | None = None
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """Raw test/training pixels -> model inputs, as the clients see them."""
+        return data_lib.to_float(x)
+
+    def calibration(self) -> list[np.ndarray] | None:
+        """Training batches for ``--eval-norm recalibrate`` (a fixed seeded subset, drawn once)."""
+        if self.config.eval_norm != "recalibrate":
+            return None
+        if self._calibration is None:
+            self._calibration = evaluation.calibration_batches(
+                self.dataset.x_train, 100, self.config.calibration_examples, self.config.seed, self.preprocess)
+        return self._calibration
+
+    def deployed_models(self, state) -> dict[str, tf.keras.Model]:
+        """The models a user of this method would deploy (docs/algorithm.md, "Evaluation").
+
+        ``deployed`` is the server model for PriSM, FedHM, FedAvg, ``small``, Federated Dropout and FedRolex;
+        for HeteroFL and FjORD it is the widest model their clients trained (the server's other channels are
+        never trained), and the full server model is reported beside it as ``server``.
+        """
+        server = self.process.assign_to(state)
+        method = self.process.method
+        if method.name not in ("heterofl", "fjord"):
+            return {"deployed": server}
+        fraction = getattr(method, "width_fraction", None) or method.keep_ratio
+        plan = self.process.plan
+        channels = {g: np.arange(prism_tf.sampling.num_kept(fraction, plan.groups[g].size), dtype=np.int32)
+                    for g in plan.free_channel_groups()}
+        widest = prism_tf.extract(server, prism_tf.Selection({}, fraction, method.name, channels=channels))
+        return {"deployed": widest, "server": server}
+
+    def evaluate(self, state) -> dict[str, float]:
+        """``eval_loss``/``eval_accuracy`` of the deployed model (and ``*_server`` where that differs)."""
+        out = {}
+        for label, model in self.deployed_models(state).items():
+            loss, accuracy = evaluation.evaluate(
+                model, self.x_test, self.y_test, norm=self.config.eval_norm, preprocess=self.preprocess,
+                calibration=self.calibration(), seed=self.config.seed)
+            suffix = "" if label == "deployed" else f"_{label}"
+            out[f"eval_loss{suffix}"], out[f"eval_accuracy{suffix}"] = loss, accuracy
+        return out
 
     def client_datasets(self, round_num: int) -> list[tf.data.Dataset]:
         cfg = self.config
@@ -236,8 +243,7 @@ class Simulation:
             state, metrics = process.next(state, self.client_datasets(round_num - 1))
             row = self._row(round_num, metrics, time.perf_counter() - began)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
-                loss, accuracy = evaluate(process.assign_to(state), self.x_test, self.y_test, norm=cfg.eval_norm)
-                row.update(eval_loss=loss, eval_accuracy=accuracy)
+                row.update(self.evaluate(state))
             run.append_metrics(row)
             run.save_state(manager, state, round_num)
             rows.append(row)

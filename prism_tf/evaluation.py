@@ -1,0 +1,166 @@
+"""Test accuracy of a (server or deployed) model, right whatever order the test set is stored in.
+
+No TFF: the driver, the exporter and the notebooks evaluate with the same function.
+
+BatchNorm is the hard part of evaluating a model that nobody trained whole (docs/algorithm.md, "Evaluation"):
+
+- ``batch``: each test batch is normalized with its own statistics, as the PriSM authors evaluate. The examples
+  are put in a seeded random order first, so that a test set stored class by class does not give one-class
+  batches (which normalize each class away: measured 0.147 against 0.362 on the same model). Needs large
+  batches (500 by default); the result depends slightly on the batch composition (within a few tenths of a pp).
+- ``moving``: Keras inference with the moving statistics the clients sent back. They describe the *sub-models'*
+  activations, not the full model's, and mislead it (measured: 0.10–0.15 where ``batch`` gives 0.36).
+- ``recalibrate``: HeteroFL's "static BN": before evaluation the full model's statistics are re-estimated on a
+  few training batches (cumulative average of per-batch statistics in training mode), then the model is
+  evaluated in inference mode. Deterministic and independent of the test batches; in a deployment the server
+  would obtain these statistics by a federated query of a few clients' batch statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import tensorflow as tf
+
+from prism_tf.factorize import walk_layers
+
+EVAL_NORMS = ("batch", "moving", "recalibrate")
+Preprocess = Callable[[np.ndarray], np.ndarray]
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def batch_norm_layers(model: tf.keras.Model) -> list[tf.keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer of ``model``, nested models included."""
+    return [layer for layer in walk_layers(model) if isinstance(layer, tf.keras.layers.BatchNormalization)]
+
+
+def recalibrate_batchnorm(model: tf.keras.Model, batches: Iterable[np.ndarray]) -> int:
+    """Re-estimate every BatchNorm layer's moving statistics of ``model`` on ``batches`` (in place).
+
+    The new mean and variance are the averages over the batches of the per-batch statistics that each layer sees
+    in training mode (PyTorch's cumulative ``momentum=None``, as HeteroFL's static BN). Returns the number of
+    batches used. Inputs are already preprocessed float batches.
+    """
+    layers = batch_norm_layers(model)
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    sums = [[np.zeros(layer.moving_mean.shape, np.float64), np.zeros(layer.moving_variance.shape, np.float64)]
+            for layer in layers]
+    count = 0
+    try:
+        for layer in layers:
+            layer.momentum = 0.0  # a training-mode call then writes exactly the batch statistics
+
+        @tf.function
+        def forward(xb):
+            model(xb, training=True)
+
+        for xb in batches:
+            forward(tf.constant(xb, tf.float32))
+            for layer, acc in zip(layers, sums, strict=True):
+                acc[0] += layer.moving_mean.numpy()
+                acc[1] += layer.moving_variance.numpy()
+            count += 1
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    if count == 0:
+        raise ValueError("recalibrate_batchnorm: no calibration batches")
+    for layer, (mean, var) in zip(layers, sums, strict=True):
+        layer.moving_mean.assign((mean / count).astype(np.float32))
+        layer.moving_variance.assign((var / count).astype(np.float32))
+    return count
+
+
+def calibration_batches(
+    x: np.ndarray, batch_size: int, num_examples: int, seed: int, preprocess: Preprocess | None = None
+) -> list[np.ndarray]:
+    """A seeded random subset of ``num_examples`` training inputs in even batches of ``batch_size``."""
+    preprocess = preprocess or _as_float
+    n = min(num_examples, len(x))
+    batch_size = max(2, min(batch_size, n) - min(batch_size, n) % 2)
+    order = np.random.default_rng([seed, 7]).permutation(len(x))[: n - n % batch_size]
+    return [preprocess(x[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
+
+
+def canonical_order(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A seeded random order of the examples that depends on their contents only, not on how they are stored.
+
+    Each example gets a key from a fixed random projection of its pixels (and its label); sorting by key gives
+    the same sequence for any permutation of the same test set, which a seeded shuffle then scatters. Per-batch
+    statistics then see the same batches however the data were stored: the result is exactly order-invariant.
+    """
+    flat = np.asarray(x).reshape(len(x), -1).astype(np.float64)
+    projection = np.random.default_rng(12345).standard_normal(flat.shape[1])
+    keys = np.lexsort((np.asarray(y), flat @ projection))
+    return keys[np.random.default_rng([seed, 11]).permutation(len(keys))]
+
+
+def evaluate(
+    model: tf.keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 500,
+    norm: str = "batch",
+    preprocess: Preprocess | None = None,
+    calibration: Iterable[np.ndarray] | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Test loss and accuracy of ``model`` on ``(x, y)``; the model's weights are unchanged afterwards.
+
+    Args:
+      model: a Keras classifier returning logits.
+      x, y: inputs (uint8 pixels, or floats) and integer labels, in any order.
+      batch_size: evaluation batch size (rounded down to even: odd batch sizes crash TF 2.14's oneDNN kernels
+        on these CPUs, docs/pitfalls.md). Every example counts once; nothing is padded.
+      norm: BatchNorm mode, one of `EVAL_NORMS` (module docstring).
+      preprocess: maps a batch of ``x`` to model inputs (default: uint8 / 255).
+      calibration: preprocessed training batches for ``norm="recalibrate"`` (`calibration_batches`).
+      seed: the order of the test examples for ``norm="batch"``.
+    """
+    if norm not in EVAL_NORMS:
+        raise ValueError(f"norm must be one of {', '.join(EVAL_NORMS)}, got {norm!r}")
+    if len(x) != len(y):
+        raise ValueError(f"evaluate: {len(x)} inputs but {len(y)} labels")
+    if len(x) < 2:
+        raise ValueError("evaluate needs at least 2 examples")
+    if norm == "recalibrate" and calibration is None:
+        raise ValueError("norm='recalibrate' needs calibration batches (prism_tf.evaluation.calibration_batches)")
+    preprocess = preprocess or _as_float
+    if norm == "batch":  # class-sorted storage must not make one-class batches
+        order = canonical_order(x, y, seed)
+        x, y = x[order], y[order]
+    batch_size = min(batch_size, len(x))
+    batch_size -= batch_size % 2
+    saved = [(v, v.numpy()) for layer in batch_norm_layers(model) for v in layer.non_trainable_weights]
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    try:
+        if norm == "recalibrate":
+            recalibrate_batchnorm(model, calibration)
+
+        @tf.function
+        def step(xb, yb, mask):
+            logits = model(xb, training=norm == "batch")
+            losses = loss_fn(yb, logits)
+            hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
+            return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
+
+        total_loss = total_hits = 0.0
+        for start in range(0, len(x), batch_size):
+            begin = min(start, len(x) - batch_size)  # the last batch re-uses seen examples, masked out
+            xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
+            mask = (np.arange(begin, begin + batch_size) >= start).astype(np.float32)
+            loss, hits = step(tf.constant(preprocess(xb)), tf.constant(np.asarray(yb, np.int32)), tf.constant(mask))
+            total_loss += float(loss)
+            total_hits += float(hits)
+    finally:
+        for variable, value in saved:  # training-mode calls and recalibration changed them
+            variable.assign(value)
+    return total_loss / len(x), total_hits / len(x)
