@@ -70,11 +70,14 @@ class PrismProcess:
         seed: int = 0,
         collective_clients: int | None = None,
         server_optimizer: tff.learning.optimizers.Optimizer | None = None,
+        lr_schedule: Callable[[int], float] | None = None,
     ) -> None:
         self.server_model = server_model
         self.method = method
         self.element_type = element_type
-        self.training = training
+        # With a schedule, clients read the round's learning rate from their input struct (`client_inputs`).
+        self.lr_schedule = lr_schedule
+        self.training = dataclasses.replace(training, round_lr=lr_schedule is not None)
         self.distribution = distribution
         self.refactorize_every = refactorize_every if method.spectral else 0
         self.weighting = weighting
@@ -112,7 +115,8 @@ class PrismProcess:
         work = client_work.build_client_work(layout, self.element_type, self.training, self.distribution)
         distribute = distributor.build_distributor(layout, self.distribution)
         aggregate = aggregator.build_aggregator(layout, work.type_signature.result, self.weighting)
-        client_type = tff.FederatedType(client_work.client_input_type(layout, self.element_type), tff.CLIENTS)
+        client_type = tff.FederatedType(  # self.training: with a lr schedule, clients' inputs carry `lr`
+            client_work.client_input_type(layout, self.element_type, self.training), tff.CLIENTS)
 
         @tff.tensorflow.computation(work.type_signature.result)
         def metrics_of(output):
@@ -243,11 +247,17 @@ class PrismProcess:
         return out
 
     def client_inputs(self, layout: RoundLayout, datasets: Sequence[tf.data.Dataset],
-                      selections: Sequence[prism_tf.Selection]) -> list[collections.OrderedDict]:
+                      selections: Sequence[prism_tf.Selection],
+                      round_num: int | None = None) -> list[collections.OrderedDict]:
+        """Each client's input struct ``<data, indices, scale>`` (`client_work.client_input_type`), plus ``lr`` =
+        ``lr_schedule(round_num)`` when the process has a schedule (``round_num=None``: round 0, the base rate)."""
+        extra = {}
+        if self.lr_schedule is not None:
+            extra["lr"] = np.float32(self.lr_schedule(0 if round_num is None else int(round_num)))
         inputs = []
         for dataset, selection in zip(datasets, selections, strict=True):
             indices, scale = layout.client_inputs(selection)
-            inputs.append(collections.OrderedDict(data=dataset, indices=indices, scale=scale))
+            inputs.append(collections.OrderedDict(data=dataset, indices=indices, scale=scale, **extra))
         return inputs
 
     def next(self, state, client_datasets: Sequence[tf.data.Dataset]):
@@ -373,6 +383,9 @@ def build_prism_process(
     collective_clients: int | None = None,
     factorize_options: dict | None = None,
     keep_mix: Sequence[tuple[float, float]] | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    frobenius_decay: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> PrismProcess:
     """Build the federated process for PriSM (or a peer method, `tff_pipelines.methods`).
 
@@ -398,6 +411,10 @@ def build_prism_process(
       collective_clients: ``C`` of the ``collective`` strategy (default: the clients of the round).
       factorize_options: keyword arguments of `prism_tf.factorize`.
       keep_mix: per-client keep ratios ``((ratio, share), ...)`` for heterogeneous devices (`Method.keep_mix`).
+      lr_schedule: the clients' learning rate per round, ``round_num -> lr`` (e.g. `tff_pipelines.recipe.Schedule`,
+        the authors' cosine from 0.1 to 1e-4); it travels in each client's input as ``lr`` and overrides the client
+        optimizer's ``learning_rate``. ``None`` (default): the optimizer's own constant rate.
+      frobenius_decay, weight_decay: see `client_work.ClientTraining` (the authors use λ = 2e-4…5e-4; default 0).
     """
     if not isinstance(method, Method):
         method = Method(method, keep_ratio=keep_ratio, strategy=strategy, gamma=gamma, output_keep=output_keep,
@@ -409,7 +426,8 @@ def build_prism_process(
     shape = tuple(input_shape) if input_shape is not None else tuple(model.inputs[0].shape[1:])
     training = client_work.ClientTraining(
         optimizer=client_optimizer or client_work.ClientTraining().optimizer, clip_norm=clip_norm,
-        clip_lr_tau=clip_lr_tau)
+        clip_lr_tau=clip_lr_tau, frobenius_decay=frobenius_decay, weight_decay=weight_decay)
     return PrismProcess(model, method, batch_spec(shape, batch_size), training, distribution=distribution,
                         refactorize_every=refactorize_every, weighting=weighting, seed=seed,
-                        collective_clients=collective_clients, server_optimizer=server_optimizer)
+                        collective_clients=collective_clients, server_optimizer=server_optimizer,
+                        lr_schedule=lr_schedule)
