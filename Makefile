@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo lint bench clean
+.PHONY: install test test-all demo lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ demo: install
 	$(PY) -m tff_pipelines train --method prism --model resnet18 --width 8 --dataset cifar10 \
 	  --clients 10 --clients-per-round 5 --examples-per-client 500 --rounds 10 --local-epochs 2 --client-lr 0.1 \
 	  --batch-size 20 --keep-ratio 0.2 --eval-every 2 --eval-examples 2000 --seed 0 --out runs/demo --overwrite
+
+# Accuracy at equal client cost (bench/accuracy.py): resumable, results in bench/results/<profile>/.
+bench-quick: install
+	$(PY) bench/accuracy.py --profile quick
+
+bench: install
+	$(PY) bench/accuracy.py --profile full
 
 lint: install
 	$(VENV)/bin/ruff check .

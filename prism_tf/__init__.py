@@ -7,7 +7,7 @@
     prism_tf.cost(sub)                                 # params, flops, activation bytes
 """
 
-from prism_tf import models, slicing, spectral
+from prism_tf import evaluation, models, slicing, spectral
 from prism_tf.cost import cost
 from prism_tf.factorize import (
     FactorizationReport,
@@ -15,6 +15,7 @@ from prism_tf.factorize import (
     plan_factorization,
     principal_layers,
     refactorize,
+    unfactorize,
     walk_layers,
 )
 from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
@@ -38,5 +39,5 @@ __all__ = [
     "Selection", "SubmodelPlan", "aggregate", "cost", "extract", "factorize", "flat_weights", "is_principal",
     "kernel_coverage", "merge", "models", "plan_factorization", "principal_layers", "refactorize", "sample",
     "sample_from_singular_values", "set_flat_weights", "slicing", "spectral", "submodel_architecture",
-    "submodel_weights", "walk_layers",
+    "submodel_weights", "unfactorize", "walk_layers", "evaluation",
 ]

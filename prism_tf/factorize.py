@@ -271,3 +271,34 @@ def _check_graph_model(model: tf.keras.Model) -> None:
         )
     if isinstance(model, tf.keras.Sequential) and not model.inputs:
         raise ValueError(f"Sequential model '{model.name}' has no known input shape: build it first")
+
+
+def unfactorize(model: tf.keras.Model) -> tf.keras.Model:
+    """A plain Keras copy of ``model``: every principal layer back to a ``Conv2D``/``Dense`` with ``W = A·diag(ω)·B``.
+
+    What a user deploys or evaluates without prism-tf: the result has only built-in Keras layers and the same
+    function as ``model`` (up to float rounding). Other layers, BatchNorm statistics included, are copied.
+    """
+    _check_graph_model(model)
+
+    def clone_layer(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        if isinstance(layer, tf.keras.Model):
+            return tf.keras.models.clone_model(layer, clone_function=clone_layer)
+        if not is_principal(layer):
+            return layer.__class__.from_config(layer.get_config())
+        common = dict(activation=layer.activation, use_bias=layer.use_bias, name=layer.name, dtype=layer.dtype)
+        if isinstance(layer, PrincipalConv2D):
+            return tf.keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides,
+                                          padding=layer.padding, dilation_rate=layer.dilation_rate, **common)
+        return tf.keras.layers.Dense(layer.units, **common)
+
+    plain = tf.keras.models.clone_model(model, clone_function=clone_layer)
+    sources = {layer.name: layer for layer in walk_layers(model)}
+    for layer in walk_layers(plain):
+        source = sources[layer.name]
+        if is_principal(source):
+            values = [source.dense_kernel().numpy()] + ([source.bias.numpy()] if source.use_bias else [])
+            layer.set_weights(values)
+        elif source.weights:
+            layer.set_weights(source.get_weights())
+    return plain

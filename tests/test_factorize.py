@@ -119,3 +119,17 @@ def test_errors_are_clear():
         prism_tf.factorize(prism_tf.models.small_cnn(width=4), only=["nope"])
     with pytest.raises(ValueError, match="no principal-kernel layer"):
         prism_tf.refactorize(prism_tf.models.small_cnn(width=4))
+
+
+def test_unfactorize_gives_plain_keras_layers_with_the_same_function():
+    model = prism_tf.models.resnet18(width=4, input_shape=(8, 8, 3))
+    fm = prism_tf.factorize(model)
+    for layer in prism_tf.principal_layers(fm):  # ω != 1 must be folded in too
+        layer.kernel_scale.assign(np.linspace(0.5, 2.0, layer.rank).astype(np.float32))
+    plain = prism_tf.unfactorize(fm)
+    assert not any(prism_tf.is_principal(layer) for layer in prism_tf.walk_layers(plain))
+    assert plain.count_params() == model.count_params()
+    x = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(plain(x).numpy(), fm(x).numpy(), rtol=1e-4, atol=1e-5)
+    reloaded = tf.keras.models.model_from_json(plain.to_json())  # no custom objects needed
+    assert reloaded.count_params() == plain.count_params()

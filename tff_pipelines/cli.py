@@ -20,7 +20,7 @@ _FIELD_HELP = {
     "clients_per_round": "clients sampled per round (default 5)",
     "examples_per_client": "cap on each client's examples (default: all of its partition)",
     "rounds": "total federated rounds (default 10)",
-    "local_epochs": "local epochs per round (default 1)",
+    "local_epochs": "local epochs per round (default 2, the authors')",
     "batch_size": "client batch size; partial batches are dropped (fixed shapes) (default 32)",
     "keep_ratio": "share of each layer's kernels (or channels) a client trains, in (0, 1] (default 0.2)",
     "strategy": "kernel sampling: prism, top, uniform, unbiased, collective (default prism)",
@@ -32,14 +32,21 @@ _FIELD_HELP = {
     "eval_examples": "evaluate on a fixed random subset of N test examples (default: all)",
     "seed": "run seed: data split, model init, client sampling, kernel sampling (default 0)",
     "distribution": "select (tff.federated_select per client, default) or broadcast (faster simulation)",
-    "client_lr": "client SGD learning rate (default 0.05)",
+    "client_lr": "client SGD learning rate (the authors': 0.1) (default 0.1)",
+    "lr_schedule": "client learning rate over rounds: cosine (to --final-lr, the authors') or constant "
+                   "(default cosine)",
+    "final_lr": "learning rate of the last round with --lr-schedule cosine (default 1e-4)",
+    "frobenius_decay": "decay of each factorized product A·B (gradient λ·A(BBᵀ), λ·(AᵀA)B) (default 2e-4)",
+    "weight_decay": "weight decay of the other conv/dense kernels (default 5e-4)",
+    "augment": "client data augmentation: crop_flip (pad 4, random crop, horizontal flip) or none (default crop_flip)",
+    "normalize": "input normalization: channel (per-channel mean/std of the training set) or none (default channel)",
     "client_momentum": "client SGD momentum (default 0.9)",
     "clip_norm": "client gradient-norm clip, 0 disables (default 5)",
     "server_lr": "server SGD learning rate on the rebuilt kernels (default: plain per-kernel averaging)",
     "server_momentum": "server momentum with --server-lr (default 0)",
     "eval_norm": "BatchNorm at evaluation: batch (per-batch statistics over shuffled test batches, as the PriSM "
                  "authors), recalibrate (the full model's statistics re-estimated on training batches, HeteroFL's "
-                 "static BN) or moving (the clients' averaged moving statistics) (default batch)",
+                 "static BN) or moving (the clients' averaged moving statistics) (default recalibrate)",
     "calibration_examples": "training examples used by --eval-norm recalibrate (default 1000)",
     "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
     "weighting": "examples (weight clients by examples) or uniform (default examples)",
@@ -49,13 +56,14 @@ _FIELD_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     import prism_tf
     from prism_tf.evaluation import EVAL_NORMS
+    from tff_pipelines import recipe
     from tff_pipelines.distributor import DISTRIBUTIONS
-    from tff_pipelines.driver import TrainConfig
+    from tff_pipelines.driver import AUGMENTS, NORMALIZE, TrainConfig
 
     choices_of = {
         "method": METHODS, "model": tuple(prism_tf.models.MODELS), "norm": prism_tf.models.zoo.NORMS,
         "strategy": prism_tf.STRATEGIES, "distribution": DISTRIBUTIONS, "weighting": ("examples", "uniform"),
-        "eval_norm": EVAL_NORMS,
+        "eval_norm": EVAL_NORMS, "lr_schedule": recipe.SCHEDULES, "augment": AUGMENTS, "normalize": NORMALIZE,
     }
 
     parser = argparse.ArgumentParser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import sys
@@ -16,6 +17,7 @@ import prism_tf
 from prism_tf import evaluation
 from prism_tf.evaluation import EVAL_NORMS
 from tff_pipelines import data as data_lib
+from tff_pipelines import recipe
 from tff_pipelines.methods import METHODS, Method
 from tff_pipelines.process import PrismProcess, build_prism_process, check_batch_size
 from tff_pipelines.runs import RunDir, RunError
@@ -35,7 +37,7 @@ class TrainConfig:
     clients_per_round: int = 5
     examples_per_client: int | None = None
     rounds: int = 10
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
     keep_ratio: float = 0.2
     strategy: str = "prism"
@@ -47,14 +49,20 @@ class TrainConfig:
     eval_examples: int | None = None
     seed: int = 0
     distribution: str = "select"
-    client_lr: float = 0.05
+    client_lr: float = 0.1
     client_momentum: float = 0.9
     clip_norm: float | None = 5.0
+    lr_schedule: str = "cosine"
+    final_lr: float = 1e-4
+    frobenius_decay: float = 2e-4
+    weight_decay: float = 5e-4
+    augment: str = "crop_flip"
+    normalize: str = "channel"
     server_lr: float | None = None
     server_momentum: float = 0.0
     refactorize_every: int = 1
     weighting: str = "examples"
-    eval_norm: str = "batch"
+    eval_norm: str = "recalibrate"
     calibration_examples: int = 1000
 
     def validate(self) -> None:
@@ -75,6 +83,14 @@ class TrainConfig:
                              f"({self.batch_size}): clients would train on nothing")
         if self.eval_norm not in EVAL_NORMS:
             raise ValueError(f"--eval-norm must be one of {', '.join(EVAL_NORMS)}, got {self.eval_norm!r}")
+        for name, value, allowed in (("lr_schedule", self.lr_schedule, recipe.SCHEDULES),
+                                     ("augment", self.augment, AUGMENTS), ("normalize", self.normalize, NORMALIZE)):
+            if value not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("client_lr", "final_lr", "frobenius_decay", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
         if self.calibration_examples < 2:
             raise ValueError(f"--calibration-examples must be >= 2, got {self.calibration_examples}")
         if self.eval_examples is not None and self.eval_examples < 1:
@@ -88,6 +104,10 @@ class TrainConfig:
     def method_spec(self) -> Method:
         return Method(self.method, keep_ratio=self.keep_ratio, strategy=self.strategy, gamma=self.gamma,
                       output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix))
+
+
+AUGMENTS = ("none", "crop_flip")
+NORMALIZE = ("none", "channel")
 
 
 def parse_keep_mix(text: str | None) -> tuple[tuple[float, float], ...] | None:
@@ -144,6 +164,10 @@ class Simulation:
         self.client_data = data_lib.make_client_data(
             self.dataset, config.clients, config.partition, seed=config.seed,
             examples_per_client=config.examples_per_client)
+        # Per-channel input statistics of the training set (the standard CIFAR constants, measured): clients and
+        # evaluation normalize with the same numbers, which are stored with the run for whoever deploys it.
+        self.input_mean, self.input_std = (recipe.channel_stats(self.dataset.x_train) if config.normalize == "channel"
+                                           else (None, None))
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
         width = small_width(config, shape, classes) if config.method == "small" else config.width
         self.model_width = width
@@ -157,7 +181,10 @@ class Simulation:
             server_optimizer=None if config.server_lr is None else tff.learning.optimizers.build_sgdm(
                 config.server_lr, config.server_momentum or None),
             clip_norm=config.clip_norm, distribution=config.distribution,
-            refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed)
+            refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed,
+            lr_schedule=None if config.lr_schedule == "constant" else recipe.Schedule(
+                config.lr_schedule, config.client_lr, config.final_lr, config.rounds),
+            frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay)
         reference = model_builder(config, shape, classes)()
         self.reference_cost = prism_tf.cost(reference)
         # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset (in
@@ -169,7 +196,14 @@ class Simulation:
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Raw test/training pixels -> model inputs, as the clients see them."""
-        return data_lib.to_float(x)
+        if self.input_mean is None:
+            return data_lib.to_float(x)
+        return recipe.normalize(x, self.input_mean, self.input_std).numpy()
+
+    def input_stats(self) -> dict | None:
+        if self.input_mean is None:
+            return None
+        return dict(mean=self.input_mean.tolist(), std=self.input_std.tolist(), scale="pixels / 255")
 
     def calibration(self) -> list[np.ndarray] | None:
         """Training batches for ``--eval-norm recalibrate`` (a fixed seeded subset, drawn once)."""
@@ -198,6 +232,13 @@ class Simulation:
         widest = prism_tf.extract(server, prism_tf.Selection({}, fraction, method.name, channels=channels))
         return {"deployed": widest, "server": server}
 
+    def final_model(self, state) -> tf.keras.Model:
+        """The deployed model as plain Keras layers, with the BatchNorm statistics its evaluation used."""
+        plain = prism_tf.unfactorize(self.deployed_models(state)["deployed"])
+        if self.config.eval_norm == "recalibrate":
+            evaluation.recalibrate_batchnorm(plain, self.calibration())
+        return plain
+
     def evaluate(self, state) -> dict[str, float]:
         """``eval_loss``/``eval_accuracy`` of the deployed model (and ``*_server`` where that differs)."""
         out = {}
@@ -217,9 +258,15 @@ class Simulation:
         for client in chosen:
             ds = self.client_data.create_tf_dataset_for_client(str(client))
             n = int(ds.cardinality())
-            # Fixed batch shapes: TF 2.14's oneDNN kernels corrupt memory with a varying batch size (TFF_NOTES.md).
-            out.append(ds.shuffle(max(n, 1), seed=int(rng.integers(2**31))).repeat(cfg.local_epochs)
-                       .batch(cfg.batch_size, drop_remainder=True))
+            ds = ds.shuffle(max(n, 1), seed=int(rng.integers(2**31))).repeat(cfg.local_epochs)
+            if cfg.augment == "crop_flip":  # before normalizing: the crop pads with black pixels
+                ds = recipe.augment_dataset(ds, recipe.client_seed(cfg.seed, round_num, int(client)))
+            if self.input_mean is not None:
+                ds = ds.map(lambda e, m=self.input_mean, s=self.input_std: collections.OrderedDict(
+                    x=recipe.normalize(e["x"], m, s), y=e["y"]))
+            # Fixed batch shapes: TF 2.14's oneDNN kernels corrupt memory with a varying batch size
+            # (docs/pitfalls.md).
+            out.append(ds.batch(cfg.batch_size, drop_remainder=True))
         return out
 
     def train(self, *, resume: bool = False) -> dict[str, Any]:
@@ -250,6 +297,8 @@ class Simulation:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("eval_accuracy")))
             self._print_row(row, bar)
         bar.close()
+        if rows:
+            run.save_model(self.final_model(state))
         summary = self._summary(rows)
         run.write_summary(summary)
         if rows:
@@ -306,6 +355,7 @@ def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str
     simulation = Simulation(config, out)  # loads and partitions the data, builds the process: may fail
     run.write_config(dataclasses.asdict(config), overwrite=overwrite)
     run.clear_results()
+    run.write_input_stats(simulation.input_stats())
     return simulation.train()
 
 

@@ -5,6 +5,8 @@
     DIR/summary.json       final and best accuracy, cost ratios, time
     DIR/checkpoints/       `tff.program.FileProgramStateManager` versions (atomic renames)
     DIR/accuracy.png       test accuracy and training loss per round
+    DIR/input_stats.json   per-channel mean/std of the inputs (when the run normalizes them)
+    DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
 
 Nothing is lost on failure: metrics and a checkpoint are written at the end of every round, and `resume` drops the
 metrics of rounds newer than the checkpoint it continues from.
@@ -40,6 +42,8 @@ class RunDir:
     summary_path = property(lambda self: self.path / "summary.json")
     plot_path = property(lambda self: self.path / "accuracy.png")
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
+    model_path = property(lambda self: self.path / "model.keras")
+    input_stats_path = property(lambda self: self.path / "input_stats.json")
 
     # --- config ----------------------------------------------------------------------------------------------
     def check_writable(self, *, overwrite: bool) -> None:
@@ -57,7 +61,7 @@ class RunDir:
 
     def clear_results(self) -> None:
         """Remove the metrics, summary, plot and checkpoints of a previous run in this directory."""
-        for path in (self.metrics_path, self.summary_path, self.plot_path):
+        for path in (self.metrics_path, self.summary_path, self.plot_path, self.model_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
@@ -96,6 +100,19 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, default=_json_default))
+
+    def write_input_stats(self, stats: dict[str, Any] | None) -> None:
+        """The per-channel input normalization the run trained with (``None``: pixels / 255 only)."""
+        if stats is None:
+            self.input_stats_path.unlink(missing_ok=True)
+        else:
+            _atomic_write(self.input_stats_path, json.dumps(stats, indent=2))
+
+    def save_model(self, model) -> None:
+        """Write the deployed model (``model.keras``) atomically: a file that exists is complete."""
+        tmp = self.path / ".model.keras.tmp.keras"
+        model.save(tmp)
+        os.replace(tmp, self.model_path)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def state_manager(self, keep_total: int = 3) -> tff.program.FileProgramStateManager:

@@ -1,0 +1,292 @@
+"""Where PriSM stands: every method at equal client cost, same data split, seeds, rounds and recipe.
+
+    .venv/bin/python bench/accuracy.py --profile quick      # make bench-quick (<= 25 minutes on 2 cores)
+    .venv/bin/python bench/accuracy.py --profile full       # make bench (<= 150 minutes on 2 cores)
+    .venv/bin/python bench/accuracy.py --profile full --only prism,fedavg --partitions iid
+
+Each configuration is one `python -m tff_pipelines train` run in ``bench/runs/<profile>/<partition>/<name>/``.
+The bench resumes: a configuration whose ``summary.json`` exists (with the same arguments) is skipped, one with
+checkpoints but no summary is resumed from its last round, so a bench cut short loses at most one round.
+
+Every reported accuracy is checked by an independent path before it is written: the run's final deployed model
+(``model.keras``, plain Keras layers) is loaded afresh and scored by Keras ``evaluate`` on the full test set in a
+different random order; the bench fails if the two disagree by more than 0.5 pp.
+
+Writes ``bench/results/<profile>/``: ``results.json`` (one record per configuration, its exact command
+included), ``README.md`` (the table), ``accuracy_<partition>.png`` (test accuracy per round) and ``cost.png``
+(client cost per method relative to the full model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A bench budget: the arguments every run shares and the configurations compared."""
+
+    name: str
+    common: tuple[str, ...]
+    partitions: tuple[str, ...]
+    configs: tuple[tuple[str, tuple[str, ...]], ...]
+    why: str
+
+
+# One recipe for every method (the authors' local training, docs/algorithm.md "Training recipe").
+RECIPE = ("--client-lr", "0.1", "--lr-schedule", "cosine", "--local-epochs", "2", "--batch-size", "32",
+          "--augment", "crop_flip", "--normalize", "channel", "--frobenius-decay", "2e-4", "--weight-decay", "5e-4")
+
+SPECTRAL = tuple((f"prism_{s}", ("--method", "prism", "--strategy", s))
+                 for s in ("prism", "top", "uniform", "unbiased", "collective"))
+PEERS = (
+    ("prism_output_keep", ("--method", "prism", "--output-keep", "0.5")),
+    ("fedavg", ("--method", "fedavg")),
+    ("small", ("--method", "small")),
+    ("heterofl", ("--method", "heterofl")),
+    ("fjord", ("--method", "fjord")),
+    ("fed_dropout", ("--method", "fed_dropout")),
+    ("fedrolex", ("--method", "fedrolex")),
+    ("fedhm", ("--method", "fedhm")),
+)
+
+PROFILES = {
+    "quick": Profile(
+        "quick",
+        ("--model", "resnet18", "--width", "16", "--clients", "20", "--clients-per-round", "5",
+         "--examples-per-client", "500", "--rounds", "15", "--eval-every", "5", "--keep-ratio", "0.2",
+         "--seed", "0", *RECIPE),
+        ("iid",),
+        (SPECTRAL[0], ("fedavg", ("--method", "fedavg")), ("small", ("--method", "small")),
+         ("heterofl", ("--method", "heterofl")), ("fedrolex", ("--method", "fedrolex"))),
+        "a first look in about 20 minutes: PriSM beside the full model, the small model and the two width methods "
+        "at equal client flops, IID only",
+    ),
+    "full": Profile(
+        "full",
+        ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
+         "--examples-per-client", "400", "--rounds", "30", "--eval-every", "5", "--keep-ratio", "0.2",
+         "--seed", "0", *RECIPE),
+        ("iid", "dirichlet:0.5"),
+        SPECTRAL + PEERS,
+        "every strategy and peer on both partitions within 150 minutes on 2 CPU cores: ResNet-18 at width 16 "
+        "(0.70 M parameters; width 64 costs 13x more per image here and would allow two rounds per run)",
+    ),
+}
+
+
+def run_dir(profile: Profile, partition: str, name: str) -> Path:
+    return ROOT / "bench" / "runs" / profile.name / partition.replace(":", "_") / name
+
+
+def train_args(profile: Profile, partition: str, extra: tuple[str, ...]) -> list[str]:
+    return [*profile.common, "--partition", partition, *extra]
+
+
+def is_done(path: Path, args: list[str]) -> bool:
+    done = path / "summary.json"
+    recorded = path / "bench_args.json"
+    return done.exists() and recorded.exists() and json.loads(recorded.read_text()) == args
+
+
+def run_one(path: Path, args: list[str], label: str) -> None:
+    """Train (or resume) one configuration, echoing its per-round lines with ``label``."""
+    python = sys.executable
+    resumable = (path / "checkpoints").exists() and (path / "bench_args.json").exists() and json.loads(
+        (path / "bench_args.json").read_text()) == args and not (path / "summary.json").exists()
+    if resumable:
+        command = [python, "-m", "tff_pipelines", "resume", "--out", str(path)]
+    else:
+        command = [python, "-m", "tff_pipelines", "train", *args, "--out", str(path), "--overwrite"]
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "bench_args.json").write_text(json.dumps(args))
+    print(f"{label} $ {' '.join(command[1:])}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as child:
+        for line in child.stdout:
+            line = line.rstrip()
+            if line and (line.lstrip()[:1].isdigit() or line.startswith(("round", "error", "resuming"))):
+                print(f"{label} {line}", flush=True)
+        code = child.wait()
+    if code != 0:
+        raise SystemExit(f"{label} failed with exit code {code}; see {path}")
+
+
+def independent_accuracy(path: Path, x_test, y_test) -> float:
+    """Keras's own evaluate of the saved deployed model, test set in another random order."""
+    import numpy as np
+    import tensorflow as tf
+
+    from prism_tf.evaluation import batch_norm_layers, canonical_order
+
+    model = tf.keras.models.load_model(path / "model.keras", compile=False)
+    config = json.loads((path / "config.json").read_text())
+    order = np.random.default_rng(2024).permutation(len(x_test))
+    x, y = x_test[order], y_test[order]
+    x = preprocess(x, config, path)
+    if config.get("eval_norm") == "batch" and batch_norm_layers(model):
+        # per-batch statistics: Keras in training mode on batches of 500, moving statistics not written back
+        order = canonical_order(x_test[order], y, config.get("seed", 0))
+        x, y = x[order], y[order]
+        hits = 0
+        for i in range(0, len(x) - len(x) % 500, 500):
+            hits += int((model(x[i:i + 500], training=True).numpy().argmax(-1) == y[i:i + 500]).sum())
+        return hits / (len(x) - len(x) % 500)
+    model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return float(model.evaluate(x, y, batch_size=500, verbose=0)[1])
+
+
+def preprocess(x, config: dict, path: Path):
+    """The run's input scaling, recomputed from its config (uint8 / 255, then its channel normalization)."""
+    import numpy as np
+
+    x = x.astype(np.float32) / 255.0
+    stats = path / "input_stats.json"
+    if config.get("normalize", "none") != "none" and stats.exists():
+        s = json.loads(stats.read_text())
+        x = (x - np.asarray(s["mean"], np.float32)) / np.asarray(s["std"], np.float32)
+    return x
+
+
+def record(profile: Profile, partition: str, name: str, path: Path, args: list[str], x_test, y_test) -> dict:
+    summary = json.loads((path / "summary.json").read_text())
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = json.loads((path / "config.json").read_text())
+    full_test = config.get("eval_examples") in (None, len(x_test))
+    check = independent_accuracy(path, x_test, y_test)
+    final = summary["final_accuracy"]
+    if full_test and abs(check - final) > 0.005:
+        raise SystemExit(f"{name} ({partition}): reported accuracy {final:.4f} but Keras evaluate of the saved "
+                         f"model gives {check:.4f}: the evaluation is wrong, not the result")
+    last = rows[-1]
+    return dict(
+        name=name, partition=partition, method=config["method"], strategy=config.get("strategy"),
+        keep_ratio=config["keep_ratio"], rounds=summary["rounds"], final_accuracy=final,
+        best_accuracy=summary["best_accuracy"], independent_accuracy=check,
+        final_accuracy_server=rows[-1].get("eval_accuracy_server"),
+        flops_ratio=summary["flops_ratio"], bytes_down_ratio=summary["bytes_down_ratio"],
+        bytes_up_ratio=summary["bytes_up_ratio"],
+        activation_ratio=last["client_activation_bytes_per_example"] / last["full_activation_bytes_per_example"],
+        params_ratio=summary.get("params_ratio"), budget=summary.get("budget"),
+        seconds_per_round=summary["mean_round_seconds"],
+        curve=[(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None],
+        command="python -m tff_pipelines train " + " ".join(args) + f" --out {path.relative_to(ROOT)}",
+    )
+
+
+def write_results(profile: Profile, records: list[dict], seconds: float) -> Path:
+    out = ROOT / "bench" / "results" / profile.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(profile=profile.name, common=list(profile.common),
+                                                      records=records, bench_seconds=seconds), indent=2))
+    lines = [f"# bench `{profile.name}`", "", f"Purpose: {profile.why}.", "",
+             "Command: `" + " ".join(["python", "bench/accuracy.py", "--profile", profile.name]) + "`", "",
+             "Shared arguments: `" + " ".join(profile.common) + "`", "",
+             "| partition | config | method | strategy | final acc | best acc | indep. check | flops | params | "
+             "down | up | activations | s/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(
+            f"| {r['partition']} | {r['name']} | {r['method']} | {r['strategy'] or ''} | {_pct(r['final_accuracy'])}"
+            f" | {_pct(r['best_accuracy'])} | {_pct(r['independent_accuracy'])} | {r['flops_ratio']:.3f} | "
+            f"{_ratio(r['params_ratio'])} | {r['bytes_down_ratio']:.3f} | {r['bytes_up_ratio']:.3f} | "
+            f"{r['activation_ratio']:.3f} | {r['seconds_per_round']:.1f} |")
+    lines += ["", "Cost columns are per client and example, relative to the full model (`prism_tf.cost`). "
+              "`indep. check`: Keras `evaluate` of the saved deployed model on the test set in another order.", ""]
+    (out / "README.generated.md").write_text("\n".join(lines))
+    plot(out, records)
+    return out
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _ratio(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def plot(out: Path, records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for partition in sorted({r["partition"] for r in records}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in (r for r in records if r["partition"] == partition):
+            rounds, acc = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
+            ax.plot(rounds, acc, "o-", ms=3, label=r["name"])
+        ax.set(xlabel="round", ylabel="test accuracy", title=f"test accuracy per round ({partition})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"accuracy_{partition.replace(':', '_')}.png", dpi=120)
+        plt.close(fig)
+    first = [r for r in records if r["partition"] == records[0]["partition"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r["name"] for r in first]
+    keys = (("flops_ratio", "flops"), ("bytes_down_ratio", "bytes down"), ("activation_ratio", "activations"))
+    for j, (key, label) in enumerate(keys):
+        ax.bar([i + 0.27 * (j - 1) for i in range(len(first))], [r[key] for r in first], width=0.27, label=label)
+    ax.set_xticks(range(len(first)), names, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="per client, relative to the full model", title="client cost per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--only", help="comma-separated configuration names (default: all of the profile)")
+    parser.add_argument("--partitions", help="comma-separated partitions (default: the profile's)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    options = parser.parse_args()
+    profile = PROFILES[options.profile]
+    partitions = options.partitions.split(",") if options.partitions else list(profile.partitions)
+    wanted = set(options.only.split(",")) if options.only else None
+    plan = [(p, name, extra) for p in partitions for name, extra in profile.configs
+            if wanted is None or name in wanted]
+    if options.dry_run:
+        for p, name, extra in plan:
+            print(" ".join(["python -m tff_pipelines train", *train_args(profile, p, extra), "--out",
+                            str(run_dir(profile, p, name).relative_to(ROOT))]))
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from tff_pipelines import data as data_lib
+
+    dataset = data_lib.load_dataset("cifar10")
+    began = time.time()
+    records = []
+    for i, (partition, name, extra) in enumerate(plan, 1):
+        path, args = run_dir(profile, partition, name), train_args(profile, partition, extra)
+        label = f"[{i}/{len(plan)} {partition} {name}]"
+        if is_done(path, args):
+            print(f"{label} done before, kept", flush=True)
+        else:
+            run_one(path, args, label)
+        records.append(record(profile, partition, name, path, args, dataset.x_test, dataset.y_test))
+        r = records[-1]
+        print(f"{label} final {_pct(r['final_accuracy'])}% (independent {_pct(r['independent_accuracy'])}%), "
+              f"flops {r['flops_ratio']:.3f}x, {r['seconds_per_round']:.1f} s/round", flush=True)
+        write_results(profile, records, time.time() - began)
+    out = write_results(profile, records, time.time() - began)
+    print(f"results: {out}/results.json, {out}/README.generated.md, plots in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
