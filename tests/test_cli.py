@@ -493,9 +493,10 @@ def test_train_prism_end_to_end(prism_run):
     _assert_table_matches(_table(result.stdout), rows)
 
     for r in rows:
-        # 4 clients x 40 images (iid: 30 each); 2 per round; batches of 8, the partial one dropped: 2 x 24.
+        # 4 clients x 40 images (iid: 30 each); 2 per round; 2 local epochs (the default) of 30, batches of 8,
+        # the partial one dropped: 2 x 56.
         assert r["clients"] == 2
-        assert r["num_examples"] == 2 * (30 // BATCH) * BATCH
+        assert r["num_examples"] == 2 * (2 * 30 // BATCH) * BATCH
         # Accuracy on 12 test images is a multiple of 1/12.
         assert r["eval_accuracy"] * EVAL_EXAMPLES == pytest.approx(round(r["eval_accuracy"] * EVAL_EXAMPLES))
         # Sub-models at keep 0.25 cost less than the full model, both ways and in flops.
