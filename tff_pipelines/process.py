@@ -277,7 +277,7 @@ class PrismProcess:
             sizes = self.plan.sizes(selection.indices())
             tiers.setdefault(_key({g: sizes[g] for g in sliced}), []).append(i)
         if list(tiers) == [self.layout.sizes_key]:
-            inputs = self.client_inputs(self.layout, client_datasets, selections)
+            inputs = self.client_inputs(self.layout, client_datasets, selections, self.round_num(state))
             output = self.learning_process.next(state, inputs)
             state, metrics = output.state, dict(output.metrics)
         else:
@@ -303,7 +303,8 @@ class PrismProcess:
         weights = state["weights"]
         for key, members in tiers.items():
             layout = self._layout(key)
-            inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members])
+            inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members],
+                                        self.round_num(state))
             tier_acc, tier_metrics = self._phase(key)(weights, inputs)
             add = lambda a, b: tf.nest.map_structure(np.add, a, b)  # noqa: E731
             acc = tier_acc if acc is None else add(acc, tier_acc)
