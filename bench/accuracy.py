@@ -24,12 +24,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUND_LINE = re.compile(r"^\s*\d+\s+[-+\d.]+\s")  # the per-round table of `tff_pipelines train`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +118,7 @@ def run_one(path: Path, args: list[str], label: str) -> None:
                           env=env) as child:
         for line in child.stdout:
             line = line.rstrip()
-            if line and (line.lstrip()[:1].isdigit() or line.startswith(("round", "error", "resuming"))):
+            if ROUND_LINE.match(line) or line.startswith(("round ", "error", "resuming", "Traceback")):
                 print(f"{label} {line}", flush=True)
         code = child.wait()
     if code != 0:

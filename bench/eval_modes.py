@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-
 LEGACY = dict(normalize="none", augment="none", lr_schedule="constant", frobenius_decay=0.0, weight_decay=0.0)
 
 
