@@ -62,17 +62,45 @@ PEERS = (
     ("fedhm", ("--method", "fedhm")),
 )
 
+QUICK_COMMON = ("--model", "resnet18", "--width", "16", "--clients", "20", "--clients-per-round", "5",
+                "--examples-per-client", "500", "--rounds", "15", "--eval-every", "5", "--keep-ratio", "0.2",
+                "--seed", "0", *RECIPE)
+# What each part of the recipe changes: the full recipe minus one part (later flags override the shared ones).
+RECIPE_PARTS = (
+    ("no_cosine", ("--lr-schedule", "constant")),
+    ("no_decay", ("--frobenius-decay", "0", "--weight-decay", "0")),
+    ("no_augment", ("--augment", "none")),
+    ("no_normalize", ("--normalize", "none")),
+    ("old_recipe", ("--client-lr", "0.05", "--local-epochs", "1", "--lr-schedule", "constant", "--augment", "none",
+                    "--normalize", "none", "--frobenius-decay", "0", "--weight-decay", "0")),
+)
+
 PROFILES = {
     "quick": Profile(
         "quick",
-        ("--model", "resnet18", "--width", "16", "--clients", "20", "--clients-per-round", "5",
-         "--examples-per-client", "500", "--rounds", "15", "--eval-every", "5", "--keep-ratio", "0.2",
-         "--seed", "0", *RECIPE),
+        QUICK_COMMON,
         ("iid",),
         (SPECTRAL[0], ("fedavg", ("--method", "fedavg")), ("small", ("--method", "small")),
          ("heterofl", ("--method", "heterofl")), ("fedrolex", ("--method", "fedrolex"))),
         "a first look in about 20 minutes: PriSM beside the full model, the small model and the two width methods "
         "at equal client flops, IID only",
+    ),
+    "ablation": Profile(
+        "ablation", QUICK_COMMON, ("iid",),
+        tuple((f"{m}_{part}", ("--method", m, *flags)) for m in ("prism", "fedavg") for part, flags in RECIPE_PARTS),
+        "what each part of the authors' recipe changes for PriSM and FedAvg at the quick budget (compare with "
+        "`prism_prism` and `fedavg` of the quick profile)",
+    ),
+    "study": Profile(
+        "study", QUICK_COMMON, ("iid",),
+        (("prism_keep1", ("--method", "prism", "--keep-ratio", "1.0")),
+         ("prism_gamma1", ("--method", "prism", "--gamma", "1")),
+         ("prism_top", ("--method", "prism", "--strategy", "top")),
+         ("prism_w32", ("--method", "prism", "--width", "32")),
+         ("small_w32", ("--method", "small", "--width", "32"))),
+        "why PriSM learns slower than a small model at equal flops: the factorized model at full rank (keep 1.0), "
+        "more exploration (gamma 1), no sampling (top), and a wider server model (width 32) against its own small "
+        "model at equal flops",
     ),
     "full": Profile(
         "full",
