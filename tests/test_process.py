@@ -215,3 +215,22 @@ def test_server_optimizer_acts_on_rebuilt_kernels():
     np.testing.assert_allclose(results["sgd_half"][3], head_old + 0.5 * (head_plain - head_old), atol=1e-5)
     with pytest.raises(ValueError, match="refactorize_every=1"):
         _tiny_process(refactorize_every=2, server_optimizer=tff.learning.optimizers.build_sgdm(1.0))
+
+
+def test_next_uses_the_learning_rate_of_the_current_round():
+    """`next` passes the round number: a cosine schedule to 0 over 2 rounds trains in round 1, freezes in round 2."""
+    from tff_pipelines.recipe import Schedule
+
+    process = build_prism_process(_tiny_model, method="fedavg", batch_size=BATCH, clip_norm=None,
+                                  client_optimizer=tff.learning.optimizers.build_sgdm(0.05),
+                                  lr_schedule=Schedule("cosine", 0.3, 0.0, 2))
+    state = process.initialize()
+    data = [_dataset(8, seed=1), _dataset(8, seed=2)]
+    start = process.get_model_weights(state)
+    state, _ = process.next(state, data)
+    after_one = process.get_model_weights(state)
+    state, _ = process.next(state, data)
+    after_two = process.get_model_weights(state)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(start, after_one, strict=True)) > 1e-3
+    for a, b in zip(after_one, after_two, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
