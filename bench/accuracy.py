@@ -201,7 +201,9 @@ def record(profile: Profile, partition: str, name: str, path: Path, args: list[s
                          f"model gives {check:.4f}: the evaluation is wrong, not the result")
     last = rows[-1]
     return dict(
-        name=name, partition=partition, method=config["method"], strategy=config.get("strategy"),
+        name=name, partition=partition, method=config["method"],
+        strategy=config.get("strategy") if config["method"] == "prism" else ("top" if config["method"] == "fedhm"
+                                                                             else None),
         keep_ratio=config["keep_ratio"], rounds=summary["rounds"], final_accuracy=final,
         best_accuracy=summary["best_accuracy"], independent_accuracy=check,
         final_accuracy_server=rows[-1].get("eval_accuracy_server"),

@@ -232,6 +232,10 @@ class Simulation:
         widest = prism_tf.extract(server, prism_tf.Selection({}, fraction, method.name, channels=channels))
         return {"deployed": widest, "server": server}
 
+    def client_cost(self) -> dict:
+        """`prism_tf.cost` of a client's (default-size) sub-model."""
+        return self.process._submodel_cost(self.process.layout.sizes_key)
+
     def final_model(self, state) -> tf.keras.Model:
         """The deployed model as plain Keras layers, with the BatchNorm statistics its evaluation used."""
         plain = prism_tf.unfactorize(self.deployed_models(state)["deployed"])
@@ -339,6 +343,10 @@ class Simulation:
             bytes_down_ratio=last.get("bytes_down_per_client", math.nan) / self.reference_cost["bytes"],
             bytes_up_ratio=last.get("bytes_up_per_client", math.nan) / self.reference_cost["bytes"],
             flops_ratio=last.get("client_flops_per_example", math.nan) / self.reference_cost["flops"],
+            params_ratio=self.client_cost()["params"] / self.reference_cost["params"],
+            activation_ratio=last.get("client_activation_bytes_per_example", math.nan)
+            / self.reference_cost["activation_bytes"],
+            eval_norm=self.config.eval_norm,
             mean_round_seconds=float(np.mean([r["round_seconds"] for r in rows])) if rows else None,
             run_dir=str(self.run.path))
 
