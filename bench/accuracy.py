@@ -102,6 +102,14 @@ PROFILES = {
         "more exploration (gamma 1), no sampling (top), and a wider server model (width 32) against its own small "
         "model at equal flops",
     ),
+    "rounds": Profile(
+        "rounds",
+        tuple(a if a != "15" else "60" for a in QUICK_COMMON[:QUICK_COMMON.index("--eval-every")])
+        + ("--eval-every", "10") + QUICK_COMMON[QUICK_COMMON.index("--eval-every") + 2:],
+        ("iid",),
+        (SPECTRAL[0], ("small", ("--method", "small")), ("fedavg", ("--method", "fedavg"))),
+        "does the gap between PriSM and the small model shrink with rounds? The quick settings for 60 rounds",
+    ),
     "full": Profile(
         "full",
         ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
