@@ -24,11 +24,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from prism_tf import streams
 from prism_tf.factorize import principal_layers
 from prism_tf.plan import SubmodelPlan
+from prism_tf.streams import SeedLike
 
 STRATEGIES = ("prism", "top", "uniform", "unbiased", "collective")
-SeedLike = int | Sequence[int] | np.random.SeedSequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +128,10 @@ def sample(
 ) -> Selection:
     """Draw one client's `Selection` over every principal layer of ``model`` (PRISM.md §3, §5).
 
-    Layers are sampled independently. ``seed`` may be a sequence such as ``(run_seed, round, client)`` so that
-    every client of every round draws independently and reproducibly.
+    Layers are sampled independently, each from its own named stream (`prism_tf.streams`). ``seed`` may be a
+    sequence such as ``(run_seed, round, client)`` so that every client of every round draws independently and
+    reproducibly; the result equals `tff_pipelines.methods.Method.select` for the same seed (one code path,
+    `sample_from_singular_values`).
 
     Args:
       model: a factorized model (`prism_tf.factorize`).
@@ -147,25 +150,32 @@ def sample(
     if not layers:
         raise ValueError(f"sample: model '{model.name}' has no principal-kernel layer; call prism_tf.factorize first")
     singular_values = {layer.name: layer.singular_values.numpy() for layer in layers}
-    selection = sample_from_singular_values(
-        singular_values, keep_ratio, seed, strategy, gamma=gamma, clients_per_round=clients_per_round
-    )
-    if output_keep is None:
-        return selection
-    rng = np.random.default_rng(_seed_sequence(seed).spawn(len(layers) + 1)[-1])
-    channels = output_channels(SubmodelPlan.of(model), output_keep, output_rule, rng, model.name)
-    return dataclasses.replace(selection, channels=channels)
+    return sample_from_singular_values(
+        singular_values, keep_ratio, seed, strategy, gamma=gamma, clients_per_round=clients_per_round,
+        plan=SubmodelPlan.of(model) if output_keep is not None else None, output_keep=output_keep,
+        output_rule=output_rule, model_name=model.name)
 
 
 def output_channels(
-    plan: SubmodelPlan, output_keep: float, rule: str, rng: np.random.Generator, model_name: str = "model"
+    plan: SubmodelPlan, output_keep: float, rule: str, seed: SeedLike, model_name: str = "model"
 ) -> dict[str, np.ndarray]:
-    """The memory-efficient variant's channels (PRISM.md §3): per owned output group, ``ceil(keep · C)`` channels."""
+    """The memory-efficient variant's channels (README, "Use it from Python"): per owned output group,
+    ``ceil(keep · C)`` channels.
+
+    Group ``g`` draws from the named stream ``(seed, "channels", g)`` (`prism_tf.streams`).
+    """
     check_keep_ratio(output_keep, "output_keep")
     groups = sorted(plan.owned_channel_groups().values())
     if not groups:
         raise ValueError(f"output_keep: model '{model_name}' has no principal layer whose outputs can be sliced")
-    return {g: channel_subset(plan.groups[g].size, output_keep, rule, rng) for g in groups}
+    return channel_selection(plan, groups, output_keep, rule, seed)
+
+
+def channel_selection(
+    plan: SubmodelPlan, groups: Sequence[str], keep: float, rule: str, seed: SeedLike
+) -> dict[str, np.ndarray]:
+    """`channel_subset` of every group in ``groups``, group ``g`` from its own stream ``(seed, "channels", g)``."""
+    return {g: channel_subset(plan.groups[g].size, keep, rule, streams.rng(seed, streams.CHANNELS, g)) for g in groups}
 
 
 def channel_subset(size: int, keep: float, rule: str, rng: np.random.Generator) -> np.ndarray:
@@ -178,6 +188,18 @@ def channel_subset(size: int, keep: float, rule: str, rng: np.random.Generator) 
     raise ValueError(f"unknown channel rule {rule!r}; choose 'first' or 'random'")
 
 
+def rolling_window(size: int, keep: float, round_num: int) -> np.ndarray:
+    """FedRolex's rolling sub-model extraction (Alam et al., NeurIPS 2022): ``n = ceil(keep · size)`` channels starting
+    at ``round_num mod size`` and wrapping around, returned sorted.
+
+    The window advances by one channel per round, so over ``size`` consecutive rounds every channel is kept
+    exactly ``n`` times. (The authors' code, ``torch.roll(arange(C), t mod C)[:n]``, rolls the same window the other
+    way, start ``(−t) mod C``: the same coverage.)
+    """
+    n = num_kept(keep, size)
+    return np.sort((int(round_num) % size + np.arange(n)) % size).astype(np.int32)
+
+
 def sample_from_singular_values(
     singular_values: Mapping[str, np.ndarray],
     keep_ratio: float,
@@ -186,29 +208,34 @@ def sample_from_singular_values(
     *,
     gamma: float | None = None,
     clients_per_round: int | None = None,
+    plan: SubmodelPlan | None = None,
+    output_keep: float | None = None,
+    output_rule: str = "random",
+    model_name: str = "model",
 ) -> Selection:
-    """`sample` given the singular values per layer (what a server holds without a Keras model)."""
+    """`sample` given the singular values per layer (what a server holds without a Keras model).
+
+    The one code path of every spectral selection (`sample` and `tff_pipelines.methods.Method.select` both call
+    it): layer ``name`` draws its kernels from the stream ``(seed, "kernels", name)`` and, with ``output_keep``
+    (which needs ``plan``), owned output group ``g`` its channels from ``(seed, "channels", g)``
+    (`prism_tf.streams`), so adding or reordering layers changes no other layer's draw.
+    """
     check_keep_ratio(keep_ratio)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    seq = _seed_sequence(seed)
-    children = seq.spawn(len(singular_values))
+    gamma = gamma if gamma is not None else default_gamma(keep_ratio)
     chosen = {}
-    for child, (name, s) in zip(children, singular_values.items(), strict=True):
+    for name, s in singular_values.items():
         s = np.asarray(s, dtype=np.float64)
-        k = num_kept(keep_ratio, s.shape[0])
-        indices, scale = draw(
-            s, k, strategy, np.random.default_rng(child), gamma=gamma if gamma is not None else
-            default_gamma(keep_ratio), clients_per_round=clients_per_round,
-        )
+        indices, scale = draw(s, num_kept(keep_ratio, s.shape[0]), strategy, streams.rng(seed, streams.KERNELS, name),
+                              gamma=gamma, clients_per_round=clients_per_round)
         chosen[name] = LayerSelection(indices, scale, s.shape[0])
-    return Selection(chosen, float(keep_ratio), strategy)
-
-
-def _seed_sequence(seed: SeedLike) -> np.random.SeedSequence:
-    if isinstance(seed, np.random.SeedSequence):
-        return np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key)
-    return np.random.SeedSequence(seed)
+    selection = Selection(chosen, float(keep_ratio), strategy)
+    if output_keep is None:
+        return selection
+    if plan is None:
+        raise ValueError("sample_from_singular_values: output_keep needs the model's plan (plan=SubmodelPlan.of(m))")
+    return dataclasses.replace(selection, channels=output_channels(plan, output_keep, output_rule, seed, model_name))
 
 
 def draw(

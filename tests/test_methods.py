@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 import prism_tf
+from prism_tf import budget, sampling, streams
 from tff_pipelines.driver import TrainConfig, parse_keep_mix, small_width
-from tff_pipelines.methods import METHODS, Method
+from tff_pipelines.methods import METHODS, Method, equal_cost_method
 from tff_pipelines.process import build_prism_process
 
 
@@ -34,13 +35,16 @@ def test_fjord_draws_nested_widths_per_client(plain):
     plan = prism_tf.SubmodelPlan.of(plain)
     method = Method("fjord", keep_ratio=1.0)
     widths = set()
-    for client in range(12):
-        keep = method.client_keep_ratio(np.random.default_rng(client))
+    for client in range(40):  # 4 widths, uniform: all four appear (a width is missed with probability 4e-5)
+        keep = method.client_keep_ratio(0, client, round_num=0)
+        assert keep == streams.rng((0, 0, client), "fjord_width").choice(method.fjord_widths)
         sel = method.select(plan, {}, (0, 0, client), keep_ratio=keep)
         stem = sel.channels["stage1_block2_2_conv:out"]
         np.testing.assert_array_equal(stem, np.arange(len(stem)))
         widths.add(len(stem))
     assert widths == {2, 4, 6, 8}
+    # a new width every round (ordered dropout), not a fixed capacity
+    assert len({method.client_keep_ratio(0, 3, round_num=t) for t in range(20)}) > 1
 
 
 def test_spectral_methods_and_fedavg(plain):
@@ -54,7 +58,7 @@ def test_spectral_methods_and_fedavg(plain):
         np.testing.assert_array_equal(layer_sel.indices, np.sort(np.argsort(-s[name], kind="stable")[:layer_sel.size]))
     assert Method("fedavg").select(plan, s, (0, 0, 0)).indices() == {}
     assert Method("fedavg").sizes(plan) == {}
-    assert set(METHODS) == {"prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm"}
+    assert set(METHODS) == {"prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm", "fedrolex"}
 
 
 def test_small_model_is_as_cheap_as_a_submodel():
@@ -75,7 +79,7 @@ def test_keep_mix_parsing():
         parse_keep_mix("1.2:1")
 
 
-@pytest.mark.parametrize("method", ["heterofl", "fed_dropout", "fedhm"])
+@pytest.mark.parametrize("method", ["heterofl", "fed_dropout", "fedhm", "fedrolex"])
 def test_baselines_run_real_rounds(method):
     shape = (8, 8, 3)
     rng = np.random.default_rng(0)
@@ -88,7 +92,10 @@ def test_baselines_run_real_rounds(method):
     with pytest.raises(ValueError, match="drop_remainder=True"):
         process.next(state, [ds.batch(4) for ds in data])
     before = process.get_model_weights(state)
-    state, metrics = process.next(state, [ds.batch(4, drop_remainder=True) for ds in data])
+    batched = [ds.batch(4, drop_remainder=True) for ds in data]
+    with pytest.raises(ValueError, match="3 client ids for 2"):
+        process.next(state, batched, client_ids=[5, 2, 1])
+    state, metrics = process.next(state, batched, client_ids=[5, 2])
     after = process.get_model_weights(state)
     assert metrics["num_examples"] == 16 and np.isfinite(metrics["loss"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
@@ -115,3 +122,149 @@ def test_strategies_and_memory_efficient_variant_run_real_rounds(strategy, outpu
     fm = process.assign_to(state)
     for layer in prism_tf.principal_layers(fm):
         np.testing.assert_array_equal(layer.kernel_scale.numpy(), np.ones(layer.rank))  # ω is a client-side factor
+
+
+@pytest.mark.parametrize("strategy", ["prism", "collective"])
+def test_library_sample_equals_method_select(plain, strategy):
+    fm = prism_tf.factorize(plain)
+    plan = prism_tf.SubmodelPlan.of(fm)
+    s = {layer.name: layer.singular_values.numpy() for layer in prism_tf.principal_layers(fm)}
+    s_reordered = dict(reversed(list(s.items())))  # the server's order need not be the model's
+    seed = (3, 5, 17)
+    lib = prism_tf.sample(fm, 0.25, seed=seed, strategy=strategy, clients_per_round=4, output_keep=0.5)
+    sel = Method("prism", keep_ratio=0.25, strategy=strategy, output_keep=0.5).select(
+        plan, s_reordered, seed, clients_per_round=4)
+    assert lib.layers.keys() == sel.layers.keys() and lib.channels.keys() == sel.channels.keys()
+    for name in lib.layers:
+        np.testing.assert_array_equal(lib.layers[name].indices, sel.layers[name].indices)
+        np.testing.assert_array_equal(lib.layers[name].scale, sel.layers[name].scale)
+    for group in lib.channels:
+        np.testing.assert_array_equal(lib.channels[group], sel.channels[group])
+
+
+def test_capacity_is_a_fixed_function_of_seed_and_client():
+    method = Method("prism", keep_ratio=0.2, keep_mix=((0.2, 0.6), (0.4, 0.4)))
+    for client in range(50):
+        ratios = {method.client_keep_ratio(1, client, round_num=t) for t in range(6)}
+        assert len(ratios) == 1 and ratios <= {0.2, 0.4}
+    n = 4000
+    share = np.mean([method.capacity(1, c) == 0.2 for c in range(n)])
+    assert abs(share - 0.6) <= 4 * np.sqrt(0.6 * 0.4 / n)  # Binomial(4000, 0.6)/4000, sd 0.0077
+    u = streams.rng((1, 7), "capacity").random()
+    assert method.capacity(1, 7) == (0.2 if u < 0.6 else 0.4)
+    assert any(method.capacity(1, c) != method.capacity(2, c) for c in range(50))  # another run, other devices
+    assert Method("prism", keep_ratio=0.3).capacity(1, 9) == 0.3
+
+
+@pytest.fixture(scope="module")
+def mixed_collective():
+    return build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=(8, 8, 1)), keep_ratio=0.25,
+                               strategy="collective", keep_mix=((0.25, 0.5), (0.5, 0.5)), batch_size=4)
+
+
+def test_process_capacity_is_fixed_across_rounds_and_seeds_by_client_id(mixed_collective):
+    process = mixed_collective
+    state = process.initialize()
+    ids = [4, 11, 30, 2, 7, 19]
+    rounds = [process.selections(dict(state, round_num=np.int64(t)), ids) for t in range(3)]
+    for i, client in enumerate(ids):
+        assert len({r[i].keep_ratio for r in rounds}) == 1
+        assert rounds[0][i].keep_ratio == process.method.capacity(process.seed, client)
+        assert any(not np.array_equal(rounds[0][i].layers[n].indices, rounds[1][i].layers[n].indices)
+                   for n in rounds[0][i].layers)  # fresh kernels every round
+    # the same client gets the same draw whatever its position in the round
+    backwards = process.selections(state, ids[::-1])[::-1]
+    for a, b in zip(rounds[0], backwards, strict=True):
+        assert all(np.array_equal(a.layers[n].indices, b.layers[n].indices) for n in a.layers)
+    # alone in its round, a client's collective C is 1: the top-k kernels, ω = 1
+    alone = process.selections(state, [ids[2]])[0]
+    s = process.singular_values(state)
+    for name, layer in alone.layers.items():
+        np.testing.assert_array_equal(layer.indices, np.sort(np.argsort(-s[name], kind="stable")[:layer.size]))
+        np.testing.assert_array_equal(layer.scale, np.ones(layer.size))
+    assert [s.keep_ratio for s in process.selections(state, 3)] == [
+        s.keep_ratio for s in process.selections(state, [0, 1, 2])]  # an int n means clients 0..n-1
+
+
+def test_collective_C_is_the_clients_sharing_a_keep_ratio(mixed_collective):
+    process = mixed_collective
+    state = process.initialize()
+    ids = list(range(9))
+    keeps = [process.method.capacity(process.seed, c) for c in ids]
+    groups = {k: keeps.count(k) for k in set(keeps)}
+    assert len(groups) == 2 and all(n < len(ids) for n in groups.values())  # both groups are proper subsets
+    s = process.singular_values(state)
+
+    def check(selections, c_of):
+        for selection, keep in zip(selections, keeps, strict=True):
+            c = c_of(keep)
+            for name, layer in selection.layers.items():
+                pi = sampling.collective_inclusion(s[name].astype(np.float64), layer.size, c)
+                np.testing.assert_allclose(layer.scale, c / (1 + (c - 1) * pi[layer.indices]), rtol=1e-6)
+
+    check(process.selections(state, ids), groups.__getitem__)
+    process.collective_clients = 3
+    try:
+        check(process.selections(state, ids), lambda keep: 3)
+    finally:
+        process.collective_clients = None
+
+
+def test_fedrolex_window_rolls_with_the_round(plain):
+    plan = prism_tf.SubmodelPlan.of(plain)
+    method = Method("fedrolex", keep_ratio=0.5)
+    sel = {t: method.select(plan, {}, (0, t, 1), round_num=t) for t in (0, 1, 8, 64)}
+    group = "stage1_block2_2_conv:out"  # 8 channels: windows of 4
+    np.testing.assert_array_equal(sel[0].channels[group], [0, 1, 2, 3])
+    np.testing.assert_array_equal(sel[1].channels[group], [1, 2, 3, 4])
+    np.testing.assert_array_equal(sel[8].channels[group], [0, 1, 2, 3])  # round C = round 0
+    for g in plan.free_channel_groups():
+        size = plan.groups[g].size
+        seen = np.zeros(size, int)
+        for t in range(size):
+            seen[method.select(plan, {}, (0, t, 0), round_num=t).channels[g]] += 1
+        np.testing.assert_array_equal(seen, np.full(size, size // 2))  # every channel trained in turn
+    # clients of a round share the window; it is the server's round, not the seed, that moves it
+    assert all(np.array_equal(method.select(plan, {}, (9, 3, c), round_num=3).channels[group],
+                              [3, 4, 5, 6]) for c in range(3))
+    with pytest.raises(ValueError, match="round_num"):
+        method.select(plan, {}, (0, 0, 0))
+
+
+def test_width_fraction_replaces_the_nominal_keep_ratio(plain):
+    plan = prism_tf.SubmodelPlan.of(plain)
+    method = Method("heterofl", keep_ratio=0.2, width_fraction=0.5)
+    assert method.sizes(plan) == budget.width_sizes(plan, 0.5)
+    sel = method.select(plan, {}, (0, 0, 0))
+    for group, idx in sel.channels.items():
+        np.testing.assert_array_equal(idx, np.arange(plan.groups[group].size // 2))
+    fjord = Method("fjord", keep_ratio=0.2, width_fraction=0.5)
+    widest = fjord.sizes(plan, keep_ratio=fjord.keep_ratio * max(fjord.fjord_widths))
+    assert widest == budget.width_sizes(plan, 0.5)
+    assert fjord.sizes(plan, keep_ratio=0.2 * 0.25) == budget.width_sizes(plan, 0.125)  # grid multiplies it
+    assert Method("heterofl", keep_ratio=0.2).sizes(plan) == budget.width_sizes(plan, 0.2)  # nominal default
+    with pytest.raises(ValueError, match="width_fraction"):
+        Method("heterofl", width_fraction=1.5)
+
+
+def test_equal_cost_method_matches_prism_flops():
+    server = prism_tf.models.resnet18(width=16)
+    method, info = equal_cost_method(Method("heterofl", keep_ratio=0.2), server)
+    assert method.width_fraction == 0.5 and info["width_fraction"] == 0.5  # measured: 0.957 of PriSM's flops
+    assert info["prism_flops_ratio"] == pytest.approx(0.2646, abs=1e-3)
+    assert abs(info["flops_ratio"] / info["prism_flops_ratio"] - 1) <= 0.05
+    plan = prism_tf.SubmodelPlan.of(server)
+    real = prism_tf.cost(prism_tf.extract(server, method.select(plan, {}, (0, 0, 0))))
+    assert real["flops"] / prism_tf.cost(server)["flops"] == pytest.approx(info["flops_ratio"], rel=1e-12)
+    assert info["target"] == pytest.approx(info["prism_flops_ratio"] * prism_tf.cost(server)["flops"])
+    fjord, fjord_info = equal_cost_method(Method("fjord", keep_ratio=0.2, fjord_widths=(0.4, 0.8)), server)
+    assert fjord.width_fraction == pytest.approx(0.5 / 0.8)  # its widest width, 0.8·w, is the matched 0.5
+    assert fjord_info["flops_ratio"] == info["flops_ratio"]
+    prism, prism_info = equal_cost_method(Method("prism", keep_ratio=0.2), server)
+    assert prism.width_fraction is None and prism_info["flops_ratio"] == prism_info["prism_flops_ratio"]
+    _, small = equal_cost_method(Method("small", keep_ratio=0.2), server,
+                                 build_model=lambda w: prism_tf.models.resnet18(width=w), max_width=16)
+    assert small["small_width"] == budget.match_small_width(
+        lambda w: prism_tf.models.resnet18(width=w), small["target"], 16)[0]
+    with pytest.raises(ValueError, match="keep_mix"):
+        equal_cost_method(Method("heterofl", keep_mix=((0.2, 0.5), (0.4, 0.5))), server)

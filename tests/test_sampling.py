@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import prism_tf
-from prism_tf import sampling
+from prism_tf import sampling, streams
 
 RANK = 24
 S = np.sort(np.random.default_rng(0).gamma(2.0, 1.0, RANK))[::-1] + 0.05
@@ -134,3 +134,44 @@ def test_many_clients_cover_nearly_every_kernel():
     assert prism_tf.kernel_coverage(fm, sels) > 0.95
     tops = [prism_tf.sample(fm, 0.2, seed=(0, 0, c), strategy="top") for c in range(20)]
     assert prism_tf.kernel_coverage(fm, tops) == pytest.approx(0.25, abs=0.06)
+
+
+def test_each_layer_draws_from_its_named_stream():
+    spectra = {"a": S, "b": S[:16] * 2.0, "c": S[:8] + 1.0}
+    sel = sampling.sample_from_singular_values(spectra, 0.25, (5, 2, 9), "prism")
+    for name, s in spectra.items():
+        idx, scale = sampling.draw(s, sampling.num_kept(0.25, len(s)), "prism",
+                                   streams.rng((5, 2, 9), "kernels", name), gamma=sampling.default_gamma(0.25))
+        np.testing.assert_array_equal(sel.layers[name].indices, idx)
+        np.testing.assert_array_equal(sel.layers[name].scale, scale)
+    # adding a layer, dropping one or reordering leaves every other layer's draw unchanged
+    more = sampling.sample_from_singular_values({"new": S, "c": spectra["c"], "a": S}, 0.25, (5, 2, 9), "prism")
+    for name in ("a", "c"):
+        np.testing.assert_array_equal(more.layers[name].indices, sel.layers[name].indices)
+
+
+def test_output_keep_channels_are_per_group_streams_and_differ_from_kernels():
+    fm = prism_tf.factorize(prism_tf.models.resnet18(width=8))
+    plan = prism_tf.SubmodelPlan.of(fm)
+    sel = prism_tf.sample(fm, 0.25, seed=(1, 0, 4), output_keep=0.5)
+    plain = prism_tf.sample(fm, 0.25, seed=(1, 0, 4))
+    assert all(np.array_equal(sel.layers[n].indices, plain.layers[n].indices) for n in sel.layers)
+    assert set(sel.channels) == set(plan.owned_channel_groups().values())
+    for group, idx in sel.channels.items():
+        size = plan.groups[group].size
+        expected = np.sort(streams.rng((1, 0, 4), "channels", group).choice(size, size // 2, replace=False))
+        np.testing.assert_array_equal(idx, expected)
+    with pytest.raises(ValueError, match="needs the model's plan"):
+        sampling.sample_from_singular_values({"a": S}, 0.5, 0, output_keep=0.5)
+
+
+def test_rolling_window_rolls_by_one_and_covers_every_channel_equally():
+    np.testing.assert_array_equal(sampling.rolling_window(10, 0.3, 0), [0, 1, 2])
+    np.testing.assert_array_equal(sampling.rolling_window(10, 0.3, 1), [1, 2, 3])
+    np.testing.assert_array_equal(sampling.rolling_window(10, 0.3, 9), [0, 1, 9])  # wraps around
+    np.testing.assert_array_equal(sampling.rolling_window(10, 0.3, 10), [0, 1, 2])  # round C = round 0
+    counts = np.zeros(10, int)
+    for t in range(10):
+        counts[sampling.rolling_window(10, 0.3, t)] += 1
+    np.testing.assert_array_equal(counts, np.full(10, 3))  # each channel kept ceil(0.3·10) = 3 times in C rounds
+    assert len(sampling.rolling_window(7, 0.5, 123)) == 4

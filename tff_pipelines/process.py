@@ -233,18 +233,24 @@ class PrismProcess:
         return {t.layer: np.asarray(weights[i]) for i, t in enumerate(self.layout.tensors)
                 if t.weight == SERVER_ONLY}
 
-    def selections(self, state, num_clients: int) -> list[prism_tf.Selection]:
-        """This round's selections, one per client, reproducible from (seed, round, client)."""
+    def selections(self, state, client_ids: Sequence[int] | int) -> list[prism_tf.Selection]:
+        """This round's selections, one per client of ``client_ids`` (global ids; an int ``n`` means ``0..n-1``).
+
+        Client ``c`` of round ``t`` selects with seed ``(seed, t, c)`` at its keep ratio
+        `Method.client_keep_ratio` ``(seed, c, t)`` (its fixed capacity; FjORD's width of the round). The
+        ``collective`` strategy's ``C`` is the number of this round's clients at that client's keep ratio
+        (Korzhenkov & Louizos 2024, Eq. 8: the clients that share a keep ratio), unless ``collective_clients`` is set.
+        """
+        ids = range(client_ids) if isinstance(client_ids, int | np.integer) else [int(c) for c in client_ids]
+        if any(c < 0 for c in ids):
+            raise ValueError(f"selections: client ids must be non-negative integers, got {list(ids)}")
         round_num = self.round_num(state)
         s = self.singular_values(state)
-        out = []
-        for client in range(num_clients):
-            seed = (self.seed, round_num, client)
-            rng = np.random.default_rng(np.random.SeedSequence(list(seed)).spawn(3)[2])
-            keep = self.method.client_keep_ratio(rng)
-            out.append(self.method.select(self.plan, s, seed, keep_ratio=keep,
-                                          clients_per_round=self.collective_clients or num_clients))
-        return out
+        keeps = [self.method.client_keep_ratio(self.seed, c, round_num) for c in ids]
+        sharing = collections.Counter(keeps)
+        return [self.method.select(self.plan, s, (self.seed, round_num, c), keep_ratio=keep, round_num=round_num,
+                                   clients_per_round=self.collective_clients or sharing[keep])
+                for c, keep in zip(ids, keeps, strict=True)]
 
     def client_inputs(self, layout: RoundLayout, datasets: Sequence[tf.data.Dataset],
                       selections: Sequence[prism_tf.Selection],
@@ -260,8 +266,11 @@ class PrismProcess:
             inputs.append(collections.OrderedDict(data=dataset, indices=indices, scale=scale, **extra))
         return inputs
 
-    def next(self, state, client_datasets: Sequence[tf.data.Dataset]):
+    def next(self, state, client_datasets: Sequence[tf.data.Dataset], client_ids: Sequence[int] | None = None):
         """One round over ``client_datasets`` (batched, fixed batch size); returns ``(state, metrics)``.
+
+        ``client_ids``: the clients' global ids (default ``0..n-1``), which fix each device's capacity and seed
+        its sampling (`selections`).
 
         Metrics: ``loss``, ``accuracy``, ``num_examples`` (client training), ``kernel_coverage`` (share of all
         principal kernels trained by some client), and the per-client traffic and cost of this round's sub-models.
@@ -270,7 +279,9 @@ class PrismProcess:
             raise ValueError("next: no client datasets")
         for i, dataset in enumerate(client_datasets):
             self._check_dataset(i, dataset)
-        selections = self.selections(state, len(client_datasets))
+        if client_ids is not None and len(client_ids) != len(client_datasets):
+            raise ValueError(f"next: {len(client_ids)} client ids for {len(client_datasets)} client datasets")
+        selections = self.selections(state, len(client_datasets) if client_ids is None else client_ids)
         tiers: dict[tuple, list[int]] = {}
         sliced = self._default_sizes()
         for i, selection in enumerate(selections):
