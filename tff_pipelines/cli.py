@@ -47,6 +47,9 @@ _FIELD_HELP = {
     "eval_norm": "BatchNorm at evaluation: batch (per-batch statistics over shuffled test batches, as the PriSM "
                  "authors), recalibrate (the full model's statistics re-estimated on training batches, HeteroFL's "
                  "static BN) or moving (the clients' averaged moving statistics) (default recalibrate)",
+    "match": "client budget of width methods and small: flops (channel fraction whose client flops match PriSM's "
+             "at --keep-ratio), activations (match activation memory) or nominal (--keep-ratio as channel fraction) "
+             "(default flops)",
     "calibration_examples": "training examples used by --eval-norm recalibrate (default 1000)",
     "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
     "weighting": "examples (weight clients by examples) or uniform (default examples)",
@@ -58,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     from prism_tf.evaluation import EVAL_NORMS
     from tff_pipelines import recipe
     from tff_pipelines.distributor import DISTRIBUTIONS
-    from tff_pipelines.driver import AUGMENTS, NORMALIZE, TrainConfig
+    from tff_pipelines.driver import AUGMENTS, MATCHES, NORMALIZE, TrainConfig
 
     choices_of = {
         "method": METHODS, "model": tuple(prism_tf.models.MODELS), "norm": prism_tf.models.zoo.NORMS,
         "strategy": prism_tf.STRATEGIES, "distribution": DISTRIBUTIONS, "weighting": ("examples", "uniform"),
         "eval_norm": EVAL_NORMS, "lr_schedule": recipe.SCHEDULES, "augment": AUGMENTS, "normalize": NORMALIZE,
+        "match": MATCHES,
     }
 
     parser = argparse.ArgumentParser(

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import prism_tf
 from prism_tf import evaluation
 from prism_tf.evaluation import EVAL_NORMS
 from tff_pipelines import data as data_lib
+from tff_pipelines import methods as tff_methods
 from tff_pipelines import recipe
 from tff_pipelines.methods import METHODS, Method
 from tff_pipelines.process import PrismProcess, build_prism_process, check_batch_size
@@ -63,6 +64,7 @@ class TrainConfig:
     refactorize_every: int = 1
     weighting: str = "examples"
     eval_norm: str = "recalibrate"
+    match: str = "flops"
     calibration_examples: int = 1000
 
     def validate(self) -> None:
@@ -91,6 +93,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.match not in MATCHES:
+            raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.calibration_examples < 2:
             raise ValueError(f"--calibration-examples must be >= 2, got {self.calibration_examples}")
         if self.eval_examples is not None and self.eval_examples < 1:
@@ -134,18 +138,26 @@ def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int
     return build
 
 
-def small_width(config: TrainConfig, input_shape, num_classes: int) -> int:
-    """The widest model whose flops do not exceed a PriSM sub-model's at ``keep_ratio`` (the ``small`` baseline)."""
+MATCHES = ("flops", "activations", "nominal")
+
+
+def client_budget(config: TrainConfig, input_shape, num_classes: int) -> tuple[Method, int, dict]:
+    """The method at the run's client budget (docs/algorithm.md §5): its `Method`, model width and budget record.
+
+    ``--match flops`` (default) / ``activations`` give every width method the channel fraction, and ``small`` the
+    model width, whose client flops (activation bytes) are closest to PriSM's sub-model at ``--keep-ratio``;
+    ``nominal`` uses ``--keep-ratio`` as the channel fraction (``small`` is still matched by flops).
+    """
+    method = config.method_spec()
+    metric = "activation_bytes" if config.match == "activations" else "flops"
     full = model_builder(config, input_shape, num_classes)()
-    fm = prism_tf.factorize(full)
-    plan = prism_tf.SubmodelPlan.of(fm)
-    sizes = Method("prism", keep_ratio=config.keep_ratio).sizes(plan)
-    target = prism_tf.cost(prism_tf.submodel_architecture(fm, plan, plan.sizes_with(sizes)))["flops"]
-    best = 1
-    for width in range(1, config.width + 1):
-        if prism_tf.cost(model_builder(config, input_shape, num_classes, width)())["flops"] <= target:
-            best = width
-    return best
+    if config.match == "nominal" and method.name != "small":
+        _, info = tff_methods.equal_cost_method(dataclasses.replace(method, name="prism"), full, metric)
+        info.update(metric="nominal", width_fraction=None)
+        return method, config.width, info
+    build = lambda width: model_builder(config, input_shape, num_classes, width)()  # noqa: E731
+    matched, info = tff_methods.equal_cost_method(method, full, metric, build_model=build, max_width=config.width)
+    return matched, int(info.get("small_width", config.width)), info
 
 
 def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500, norm: str = "moving",
@@ -169,10 +181,10 @@ class Simulation:
         self.input_mean, self.input_std = (recipe.channel_stats(self.dataset.x_train) if config.normalize == "channel"
                                            else (None, None))
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
-        width = small_width(config, shape, classes) if config.method == "small" else config.width
+        method, width, self.budget = client_budget(config, shape, classes)
         self.model_width = width
-        method = dataclasses.replace(config.method_spec(), name="fedavg") if config.method == "small" else (
-            config.method_spec())
+        if method.name == "small":  # the small model is trained whole, like FedAvg
+            method = dataclasses.replace(method, name="fedavg")
         import tensorflow_federated as tff
 
         self.process: PrismProcess = build_prism_process(
@@ -225,7 +237,8 @@ class Simulation:
         method = self.process.method
         if method.name not in ("heterofl", "fjord"):
             return {"deployed": server}
-        fraction = getattr(method, "width_fraction", None) or method.keep_ratio
+        widest = max(method.fjord_widths) if method.name == "fjord" else 1.0
+        fraction = method.channel_fraction(method.keep_ratio * widest)
         plan = self.process.plan
         channels = {g: np.arange(prism_tf.sampling.num_kept(fraction, plan.groups[g].size), dtype=np.int32)
                     for g in plan.free_channel_groups()}
@@ -254,12 +267,18 @@ class Simulation:
             out[f"eval_loss{suffix}"], out[f"eval_accuracy{suffix}"] = loss, accuracy
         return out
 
-    def client_datasets(self, round_num: int) -> list[tf.data.Dataset]:
+    def round_clients(self, round_num: int) -> list[int]:
+        """The clients of round ``round_num`` (0-based), a seeded draw without replacement."""
+        rng = prism_tf.streams.rng((self.config.seed, round_num), "participants")
+        return [int(c) for c in np.sort(rng.choice(self.config.clients, self.config.clients_per_round,
+                                                   replace=False))]
+
+    def client_datasets(self, round_num: int, clients: Sequence[int] | None = None) -> list[tf.data.Dataset]:
         cfg = self.config
-        rng = np.random.default_rng([cfg.seed, round_num, 1])
-        chosen = np.sort(rng.choice(cfg.clients, cfg.clients_per_round, replace=False))
+        clients = self.round_clients(round_num) if clients is None else clients
+        rng = prism_tf.streams.rng((cfg.seed, round_num), "shuffle")
         out = []
-        for client in chosen:
+        for client in clients:
             ds = self.client_data.create_tf_dataset_for_client(str(client))
             n = int(ds.cardinality())
             ds = ds.shuffle(max(n, 1), seed=int(rng.integers(2**31))).repeat(cfg.local_epochs)
@@ -286,12 +305,19 @@ class Simulation:
             self.log(f"resuming {run.path} after round {start} of {cfg.rounds}")
         else:
             rows = []
+        b = self.budget
+        self.log(f"client budget ({b['metric']}): this method's client model {b['flops_ratio']:.3f}x flops, "
+                 f"{b['activation_bytes_ratio']:.3f}x activations of the full model; PriSM at keep "
+                 f"{b['keep_ratio']}: {b['prism_flops_ratio']:.3f}x flops"
+                 + (f"; channel fraction {b['width_fraction']:.3f}" if b.get("width_fraction") else "")
+                 + (f"; small model width {b['small_width']}" if b.get("small_width") else ""))
         self._print_header()
         bar = tqdm(range(start + 1, cfg.rounds + 1), desc="rounds", unit="round", initial=start, total=cfg.rounds,
                    disable=None, file=sys.stderr)
         for round_num in bar:
             began = time.perf_counter()
-            state, metrics = process.next(state, self.client_datasets(round_num - 1))
+            clients = self.round_clients(round_num - 1)
+            state, metrics = process.next(state, self.client_datasets(round_num - 1, clients), client_ids=clients)
             row = self._row(round_num, metrics, time.perf_counter() - began)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
                 row.update(self.evaluate(state))
@@ -346,7 +372,7 @@ class Simulation:
             params_ratio=self.client_cost()["params"] / self.reference_cost["params"],
             activation_ratio=last.get("client_activation_bytes_per_example", math.nan)
             / self.reference_cost["activation_bytes"],
-            eval_norm=self.config.eval_norm,
+            eval_norm=self.config.eval_norm, budget=self.budget,
             mean_round_seconds=float(np.mean([r["round_seconds"] for r in rows])) if rows else None,
             run_dir=str(self.run.path))
 
@@ -364,6 +390,7 @@ def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str
     run.write_config(dataclasses.asdict(config), overwrite=overwrite)
     run.clear_results()
     run.write_input_stats(simulation.input_stats())
+    run.write_budget(simulation.budget)
     return simulation.train()
 
 

@@ -5,6 +5,7 @@
     DIR/summary.json       final and best accuracy, cost ratios, time
     DIR/checkpoints/       `tff.program.FileProgramStateManager` versions (atomic renames)
     DIR/accuracy.png       test accuracy and training loss per round
+    DIR/budget.json        the client budget: PriSM's cost at the keep ratio, the matched sizes, cost ratios
     DIR/input_stats.json   per-channel mean/std of the inputs (when the run normalizes them)
     DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
 
@@ -44,6 +45,7 @@ class RunDir:
     checkpoint_dir = property(lambda self: self.path / "checkpoints")
     model_path = property(lambda self: self.path / "model.keras")
     input_stats_path = property(lambda self: self.path / "input_stats.json")
+    budget_path = property(lambda self: self.path / "budget.json")
 
     # --- config ----------------------------------------------------------------------------------------------
     def check_writable(self, *, overwrite: bool) -> None:
@@ -107,6 +109,10 @@ class RunDir:
             self.input_stats_path.unlink(missing_ok=True)
         else:
             _atomic_write(self.input_stats_path, json.dumps(stats, indent=2))
+
+    def write_budget(self, budget: dict[str, Any]) -> None:
+        """The client budget of the run (``budget.json``: target, matched sizes, cost ratios)."""
+        _atomic_write(self.budget_path, json.dumps(budget, indent=2, default=_json_default))
 
     def save_model(self, model) -> None:
         """Write the deployed model (``model.keras``) atomically: a file that exists is complete."""
