@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf import budget, sampling, streams
-from tff_pipelines.driver import TrainConfig, parse_keep_mix, small_width
+from tff_pipelines.driver import TrainConfig, client_budget, parse_keep_mix
 from tff_pipelines.methods import METHODS, Method, equal_cost_method
 from tff_pipelines.process import build_prism_process
 
@@ -61,14 +61,20 @@ def test_spectral_methods_and_fedavg(plain):
     assert set(METHODS) == {"prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm", "fedrolex"}
 
 
-def test_small_model_is_as_cheap_as_a_submodel():
-    config = TrainConfig(model="resnet18", width=16, keep_ratio=0.2)
-    width = small_width(config, (32, 32, 3), 10)
+def test_driver_budget_gives_small_and_width_methods_prisms_client_flops():
+    """The run's budget: `small` is the width closest to PriSM's flops, HeteroFL the matched channel fraction."""
     fm = prism_tf.factorize(prism_tf.models.resnet18(width=16))
     plan = prism_tf.SubmodelPlan.of(fm)
     target = prism_tf.cost(prism_tf.submodel_architecture(fm, plan, plan.sizes_with(Method("prism").sizes(plan))))
-    assert prism_tf.cost(prism_tf.models.resnet18(width=width))["flops"] <= target["flops"]
-    assert prism_tf.cost(prism_tf.models.resnet18(width=width + 1))["flops"] > target["flops"]
+    _, width, info = client_budget(TrainConfig(method="small", width=16, keep_ratio=0.2), (32, 32, 3), 10)
+    flops = {w: prism_tf.cost(prism_tf.models.resnet18(width=w))["flops"] for w in range(1, 17)}
+    assert width == min(flops, key=lambda w: abs(flops[w] - target["flops"]))
+    assert info["small_width"] == width and info["prism_flops_ratio"] == pytest.approx(0.2646, abs=1e-4)
+    heterofl, _, info = client_budget(TrainConfig(method="heterofl", width=16, keep_ratio=0.2), (32, 32, 3), 10)
+    assert heterofl.width_fraction == 0.5 and abs(info["flops_ratio"] / info["prism_flops_ratio"] - 1) <= 0.05
+    nominal, _, info = client_budget(TrainConfig(method="heterofl", width=16, keep_ratio=0.2, match="nominal"),
+                                     (32, 32, 3), 10)
+    assert nominal.width_fraction is None and nominal.channel_fraction() == 0.2 and info["metric"] == "nominal"
 
 
 def test_keep_mix_parsing():
