@@ -10,12 +10,9 @@ training examples; each also in the test set's stored (class-sorted) order, to s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
-
-LEGACY = dict(normalize="none", augment="none", lr_schedule="constant", frobenius_decay=0.0, weight_decay=0.0)
 
 
 def main() -> int:
@@ -26,14 +23,8 @@ def main() -> int:
     from prism_tf import evaluation
     from tff_pipelines import driver
 
-    run = driver.RunDir(options.run)
-    stored = run.read_config()
-    for key, neutral in LEGACY.items():  # runs from before the recipe options trained without them
-        stored.setdefault(key, neutral)
-    config = driver.TrainConfig(**stored)
-    config = dataclasses.replace(config, eval_examples=None)
-    simulation = driver.Simulation(config, options.run, log=lambda _: None)
-    state, round_num = run.load_state(run.state_manager(), simulation.process.initialize())
+    simulation, state, round_num = driver.load_run(options.run, eval_examples=None)
+    config = simulation.config
     model = simulation.deployed_models(state)["deployed"]
     x_sorted, y_sorted = simulation.dataset.x_test, simulation.dataset.y_test
     results = dict(run=str(options.run), round=round_num, method=config.method, test_examples=len(y_sorted))

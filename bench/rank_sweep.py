@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-LEGACY = dict(normalize="none", augment="none", lr_schedule="constant", frobenius_decay=0.0, weight_decay=0.0)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,13 +25,7 @@ def main() -> int:
     from prism_tf import evaluation
     from tff_pipelines import driver
 
-    run = driver.RunDir(options.run)
-    stored = run.read_config()
-    for key, neutral in LEGACY.items():
-        stored.setdefault(key, neutral)
-    config = driver.TrainConfig(**{**stored, "eval_examples": None, "eval_norm": "recalibrate"})
-    simulation = driver.Simulation(config, options.run, log=lambda _: None)
-    state, round_num = run.load_state(run.state_manager(), simulation.process.initialize())
+    simulation, state, round_num = driver.load_run(options.run, eval_examples=None, eval_norm="recalibrate")
     server = simulation.process.assign_to(state)
     calibration = simulation.calibration()
     results = dict(run=str(options.run), round=round_num, keep={})

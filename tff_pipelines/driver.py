@@ -394,15 +394,33 @@ def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str
     return simulation.train()
 
 
+# Options added after runs were first written, with the behaviour those runs had: a run directory from before an
+# option existed continues as it was trained, not with today's default.
+LEGACY_DEFAULTS = dict(normalize="none", augment="none", lr_schedule="constant", frobenius_decay=0.0,
+                       weight_decay=0.0, match="nominal")
+
+
+def stored_config(run: RunDir, **overrides: Any) -> TrainConfig:
+    """The `TrainConfig` of an existing run directory (older configs get `LEGACY_DEFAULTS`)."""
+    stored = run.read_config()
+    unknown = set(stored) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise RunError(f"{run.config_path} has unknown options {sorted(unknown)}")
+    return TrainConfig(**{**LEGACY_DEFAULTS, **stored, **overrides})
+
+
+def load_run(out: str, **overrides: Any) -> tuple[Simulation, Any, int]:
+    """The run in ``out`` rebuilt (data, process) with its latest checkpoint: ``(simulation, state, round)``."""
+    run = RunDir(out)
+    simulation = Simulation(stored_config(run, **overrides), out, log=lambda _: None)
+    state, round_num = run.load_state(run.state_manager(), simulation.process.initialize())
+    return simulation, state, round_num
+
+
 def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
     """Continue the run in ``out`` from its latest checkpoint (optionally to a new total of ``rounds``)."""
     run = RunDir(out)
-    stored = run.read_config()
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(stored) - known
-    if unknown:
-        raise RunError(f"{run.config_path} has unknown options {sorted(unknown)}")
-    config = TrainConfig(**stored)
+    config = stored_config(run)
     if rounds is not None:
         config.rounds = rounds
         config.validate()
