@@ -244,7 +244,7 @@ def write_results(profile: Profile, records: list[dict], seconds: float) -> Path
             f"{r['activation_ratio']:.3f} | {r['seconds_per_round']:.1f} |")
     lines += ["", "Cost columns are per client and example, relative to the full model (`prism_tf.cost`). "
               "`indep. check`: Keras `evaluate` of the saved deployed model on the test set in another order.", ""]
-    (out / "README.generated.md").write_text("\n".join(lines))
+    (out / "README.md").write_text("\n".join(lines))
     plot(out, records)
     return out
 
@@ -324,7 +324,7 @@ def main() -> int:
               f"flops {r['flops_ratio']:.3f}x, {r['seconds_per_round']:.1f} s/round", flush=True)
         write_results(profile, records, time.time() - began)
     out = write_results(profile, records, time.time() - began)
-    print(f"results: {out}/results.json, {out}/README.generated.md, plots in {out}/")
+    print(f"results: {out}/results.json, {out}/README.md, plots in {out}/")
     return 0
 
 
