@@ -233,17 +233,20 @@ def write_results(profile: Profile, records: list[dict], seconds: float) -> Path
     lines = [f"# bench `{profile.name}`", "", f"Purpose: {profile.why}.", "",
              "Command: `" + " ".join(["python", "bench/accuracy.py", "--profile", profile.name]) + "`", "",
              "Shared arguments: `" + " ".join(profile.common) + "`", "",
-             "| partition | config | method | strategy | final acc | best acc | indep. check | flops | params | "
-             "down | up | activations | s/round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| partition | config | method | strategy | final acc | best acc | indep. check | server model | flops | "
+             "params | down | up | activations | s/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(
             f"| {r['partition']} | {r['name']} | {r['method']} | {r['strategy'] or ''} | {_pct(r['final_accuracy'])}"
-            f" | {_pct(r['best_accuracy'])} | {_pct(r['independent_accuracy'])} | {r['flops_ratio']:.3f} | "
+            f" | {_pct(r['best_accuracy'])} | {_pct(r['independent_accuracy'])} | {_pct(r['final_accuracy_server'])} | "
+            f"{r['flops_ratio']:.3f} | "
             f"{_ratio(r['params_ratio'])} | {r['bytes_down_ratio']:.3f} | {r['bytes_up_ratio']:.3f} | "
             f"{r['activation_ratio']:.3f} | {r['seconds_per_round']:.1f} |")
     lines += ["", "Cost columns are per client and example, relative to the full model (`prism_tf.cost`). "
-              "`indep. check`: Keras `evaluate` of the saved deployed model on the test set in another order.", ""]
+              "`indep. check`: Keras `evaluate` of the saved deployed model on the test set in another order. "
+              "`server model`: the full server model, where the deployed model is the widest trained slice "
+              "(HeteroFL, FjORD).", ""]
     (out / "README.md").write_text("\n".join(lines))
     plot(out, records)
     return out
