@@ -1,10 +1,10 @@
-"""Turn any functional or Sequential Keras model into a principal-kernel model (PRISM.md §2).
+"""Turn any functional or Sequential Keras model into a principal-kernel model (docs/algorithm.md §1).
 
 `factorize` clones the model, swaps each eligible ``Conv2D``/``Dense`` for a `PrincipalConv2D`/`PrincipalDense`
 holding the SVD factors of its kernel (exact at full rank) and copies every other weight unchanged. The default
 rules follow the authors' code: k×k convs (k > 1) and hidden Dense layers are factorized; the first conv, 1×1 convs,
 the classifier, normalization and depthwise convs are kept whole. `refactorize` restores orthogonality after
-training (server side, PRISM.md §4).
+training (server side, docs/algorithm.md §3).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def plan_factorization(
     min_rank: int = 4,
     only: Iterable[str] | None = None,
 ) -> FactorizationReport:
-    """Decide which layers `factorize` would replace, without touching the model (PRISM.md §2 rules)."""
+    """Decide which layers `factorize` would replace, without touching the model (docs/algorithm.md §1 rules)."""
     _check_graph_model(model)
     only = set(only) if only is not None else None
     classifiers = _output_dense_layers(model) if skip_classifier else set()
@@ -115,7 +115,7 @@ def factorize(
     min_rank: int = 4,
     only: Iterable[str] | None = None,
 ) -> tf.keras.Model:
-    """Return a copy of ``model`` whose eligible Conv2D/Dense layers hold principal kernels (PRISM.md §2).
+    """Return a copy of ``model`` whose eligible Conv2D/Dense layers hold principal kernels (docs/algorithm.md §1).
 
     Args:
       model: a built functional or Sequential ``tf.keras.Model`` (nested models are descended into).
@@ -186,7 +186,8 @@ def clone_with_ranks(
 
 
 def refactorize(model: tf.keras.Model) -> tf.keras.Model:
-    """Rebuild every principal layer's kernel ``W = A diag(ω) B`` and re-run its SVD, in place (PRISM.md §2, §4).
+    """Rebuild every principal layer's kernel ``W = A diag(ω) B`` and re-run its SVD, in place (docs/algorithm.md §1,
+    §3).
 
     The model's function is unchanged (up to float rounding); its principal kernels are orthogonal again, their
     singular values current, and ``ω`` reset to ones. Returns ``model`` for chaining.

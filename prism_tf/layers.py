@@ -1,8 +1,9 @@
-"""Keras layers holding a kernel as principal kernels: `PrincipalConv2D` and `PrincipalDense` (PRISM.md §2).
+"""Keras layers holding a kernel as principal kernels: `PrincipalConv2D` and `PrincipalDense` (docs/algorithm.md §1).
 
 ``y = act(((x ⊛ A) · diag(ω)) ⊛₁ₓ₁ B + b)`` where ``A`` holds ``rank`` principal kernels (ordinary filters),
 ``B`` the ``rank → out`` combination, ``ω`` frozen per-kernel multipliers (1 except for the NeurIPS'24 strategies,
-PRISM.md §5) and ``s`` the frozen singular values used only for sampling. The singular values are split as ``√s``
+docs/algorithm.md §2) and ``s`` the frozen singular values used only for sampling. The singular values are split as
+``√s``
 into both trainable factors (the authors' ``Conv2d_Orth_v2``). A full model and every client's sub-model use the
 same layer classes; a sub-model's layers simply have a smaller ``rank``.
 """
@@ -118,7 +119,7 @@ class _PrincipalMixin:
 
 @tf.keras.utils.register_keras_serializable(package="prism_tf")
 class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
-    """A ``Conv2D`` as ``rank`` principal kernels followed by a 1×1 combination (PRISM.md §2).
+    """A ``Conv2D`` as ``rank`` principal kernels followed by a 1×1 combination (docs/algorithm.md §1).
 
     Supports the ``Conv2D`` options of the layer it replaces: ``strides``, ``padding`` (``valid``/``same``),
     ``dilation_rate``, bias and activation; ``channels_last`` and ``groups=1`` only.
@@ -196,7 +197,7 @@ class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
 
 @tf.keras.utils.register_keras_serializable(package="prism_tf")
 class PrincipalDense(_PrincipalMixin, tf.keras.layers.Layer):
-    """A ``Dense`` layer as ``rank`` principal kernels (rank-one terms) and their combination (PRISM.md §2)."""
+    """A ``Dense`` layer as ``rank`` principal kernels (rank-one terms) and their combination (docs/algorithm.md §1)."""
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ Every sub-model in this project (PriSM's, and the width-sliced baselines') is th
 vectors of a few *groups*:
 
 - a **kernel group** per principal layer: which of its ``r`` principal kernels a client has (columns of ``A``,
-  rows of ``B``, entries of ``s`` and ``ω``; PRISM.md §3);
+  rows of ``B``, entries of ``s`` and ``ω``; docs/algorithm.md §2);
 - a **channel group** per set of layer outputs that must agree: a Conv2D/Dense/principal layer's output channels,
   passed through channel-wise layers (normalization, activations, pooling) and united by residual ``Add``s. A group
   is *free* (may be sliced) unless it reaches a model output or a layer that mixes channels in other ways

@@ -1,4 +1,4 @@
-"""Sampling strategies: which principal kernels each client trains (PRISM.md §3, §5).
+"""Sampling strategies: which principal kernels each client trains (docs/algorithm.md §2).
 
 A strategy turns a layer's singular values into ``k = ceil(keep_ratio · r)`` kernel indices and their frozen
 multipliers ``ω``. `sample` applies it to every principal layer of a factorized model and returns a `Selection`,
@@ -51,7 +51,7 @@ class LayerSelection:
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """What one client trains this round (ARCHITECTURE.md: the currency).
+    """What one client trains this round (docs/algorithm.md §2: the currency of a round).
 
     ``layers``: per principal layer, the kept kernels. ``channels``: per sliced channel group (`prism_tf.plan`),
     the kept output channels, for PriSM's memory-efficient variant and the width-sliced baselines; groups not
@@ -100,7 +100,7 @@ class Selection:
 
 
 def num_kept(keep_ratio: float, rank: int) -> int:
-    """``k = ceil(keep_ratio · r)``, at least 1 (PRISM.md §3); tolerant of float round-off (0.3·10 -> 3)."""
+    """``k = ceil(keep_ratio · r)``, at least 1 (docs/algorithm.md §2); tolerant of float round-off (0.3·10 -> 3)."""
     check_keep_ratio(keep_ratio)
     return max(1, min(rank, math.ceil(keep_ratio * rank - 1e-9)))
 
@@ -111,7 +111,7 @@ def check_keep_ratio(keep_ratio: float, what: str = "keep_ratio") -> None:
 
 
 def default_gamma(keep_ratio: float) -> float:
-    """PriSM's exponent: γ = 4 for keep ≤ 0.2, else 2.5 (PRISM.md §3)."""
+    """PriSM's exponent: γ = 4 for keep ≤ 0.2, else 2.5 (docs/algorithm.md §2)."""
     return 4.0 if keep_ratio <= 0.2 else 2.5
 
 
@@ -126,7 +126,7 @@ def sample(
     output_keep: float | None = None,
     output_rule: str = "random",
 ) -> Selection:
-    """Draw one client's `Selection` over every principal layer of ``model`` (PRISM.md §3, §5).
+    """Draw one client's `Selection` over every principal layer of ``model`` (docs/algorithm.md §2).
 
     Layers are sampled independently, each from its own named stream (`prism_tf.streams`). ``seed`` may be a
     sequence such as ``(run_seed, round, client)`` so that every client of every round draws independently and
@@ -140,7 +140,7 @@ def sample(
       strategy: one of `STRATEGIES`.
       gamma: PriSM's exponent (default `default_gamma`).
       clients_per_round: ``C`` for ``collective`` (required there).
-      output_keep: PriSM's memory-efficient variant (PRISM.md §3): also keep only this fraction of the output
+      output_keep: PriSM's memory-efficient variant (docs/algorithm.md §2): also keep only this fraction of the output
         channels of every principal layer whose outputs feed a single next layer (not a residual add), so the
         sub-model's intermediate feature maps shrink. ``None`` keeps all channels.
       output_rule: ``"random"`` (uniform per client and layer, the default) or ``"first"`` (the first
@@ -254,7 +254,7 @@ def draw(
         raise ValueError(f"cannot draw {k} of {r} kernels")
     if strategy == "prism":
         weights = s**gamma
-        # A tiny floor keeps every kernel reachable (PRISM.md §3: none is always kept) when some s_i = 0.
+        # A tiny floor keeps every kernel reachable (docs/algorithm.md §2: none is always kept) when some s_i = 0.
         weights = weights + 1e-12 * max(weights.max(), 1e-30)
         indices = rng.choice(r, size=k, replace=False, p=weights / weights.sum())
         scale = np.ones(k)

@@ -3,7 +3,8 @@
 A sub-model's tensor is the full tensor restricted, along some axes, to index vectors (principal kernels for
 PriSM, channels for width-sliced methods and PriSM's memory-efficient variant). Aggregation sums each client's
 sub-tensor into the full shape, counts how much weight reached every entry, and averages per entry: for PriSM that
-is exactly PRISM.md §4's per-kernel average (``a_i``, ``b_i`` over the clients that trained kernel ``i``); for a
+is exactly docs/algorithm.md §3's per-kernel average (``a_i``, ``b_i`` over the clients that trained kernel ``i``);
+for a
 tensor nobody slices it is FedAvg. Pure TensorFlow ops, eager or in TFF graphs.
 """
 
@@ -68,7 +69,7 @@ def masked_average(
     counts: tf.types.experimental.TensorLike,
     previous: tf.types.experimental.TensorLike,
 ) -> tf.Tensor:
-    """``sums / counts`` where some client reached the entry, else ``previous`` (PRISM.md §4)."""
+    """``sums / counts`` where some client reached the entry, else ``previous`` (docs/algorithm.md §3)."""
     sums = tf.convert_to_tensor(sums)
     counts = tf.cast(counts, sums.dtype)
     safe = tf.where(counts > 0, counts, tf.ones_like(counts))

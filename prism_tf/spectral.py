@@ -1,10 +1,12 @@
 """Spectral math of principal kernels: reshapes, SVD, rebuild, slicing and per-kernel averaging.
 
 Pure functions in TensorFlow ops (they run eagerly on numpy input and inside TFF/`tf.function` graphs alike), so
-the Keras layers, the TFF computations and the device-ingest path all call this one implementation (PRISM.md §2,
+the Keras layers, the TFF computations and the device-ingest path all call this one implementation (docs/algorithm.md
+§1,
 §4). No Keras, no state.
 
-Conventions (PRISM.md §2): a kernel of shape ``[kh, kw, Cin, Cout]`` (or ``[in, out]`` for Dense) is viewed as the
+Conventions (docs/algorithm.md §1): a kernel of shape ``[kh, kw, Cin, Cout]`` (or ``[in, out]`` for Dense) is viewed
+as the
 matrix ``W = [kh*kw*Cin, Cout]``. Its thin SVD ``W = U diag(s) Vᵀ`` is split as ``A = U diag(√s)`` (reshaped back to
 ``[kh, kw, Cin, r]``: ``r`` ordinary filters, the *principal kernels*) and ``B = diag(√s) Vᵀ`` (``[r, Cout]``, the
 1×1 map that mixes their responses into the outputs).
@@ -20,7 +22,7 @@ TensorLike = tf.types.experimental.TensorLike
 
 
 def kernel_to_matrix(kernel: TensorLike) -> tf.Tensor:
-    """``[..., Cout]`` kernel -> ``[prod(...), Cout]`` matrix (PRISM.md §2)."""
+    """``[..., Cout]`` kernel -> ``[prod(...), Cout]`` matrix (docs/algorithm.md §1)."""
     kernel = tf.convert_to_tensor(kernel)
     return tf.reshape(kernel, [-1, tf.shape(kernel)[-1]])
 
@@ -32,7 +34,7 @@ def matrix_to_kernel(matrix: TensorLike, leading_shape: Sequence[int]) -> tf.Ten
 
 
 def factorize_kernel(kernel: TensorLike) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Split a kernel into principal kernels ``A``, combination ``B`` and singular values ``s`` (PRISM.md §2).
+    """Split a kernel into principal kernels ``A``, combination ``B`` and singular values ``s`` (docs/algorithm.md §1).
 
     Args:
       kernel: ``[kh, kw, Cin, Cout]`` or ``[in, out]``.
@@ -53,7 +55,7 @@ def factorize_kernel(kernel: TensorLike) -> tuple[tf.Tensor, tf.Tensor, tf.Tenso
 
 
 def rebuild_kernel(principal: TensorLike, combination: TensorLike) -> tf.Tensor:
-    """``W = A·B`` in kernel shape: ``[kh, kw, Cin, r] x [r, Cout] -> [kh, kw, Cin, Cout]`` (PRISM.md §2)."""
+    """``W = A·B`` in kernel shape: ``[kh, kw, Cin, r] x [r, Cout] -> [kh, kw, Cin, Cout]`` (docs/algorithm.md §1)."""
     principal = tf.convert_to_tensor(principal)
     matrix = tf.matmul(kernel_to_matrix(principal), tf.convert_to_tensor(combination, principal.dtype))
     return matrix_to_kernel(matrix, principal.shape[:-1])
@@ -62,10 +64,10 @@ def rebuild_kernel(principal: TensorLike, combination: TensorLike) -> tf.Tensor:
 def refactorize(
     principal: TensorLike, combination: TensorLike, scale: TensorLike | None = None
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Rebuild ``W = A diag(ω) B`` and re-run the SVD, re-splitting ``√s`` into both factors (PRISM.md §2, §4).
+    """Rebuild ``W = A diag(ω) B`` and re-run the SVD, re-splitting ``√s`` into both factors (docs/algorithm.md §1, §3).
 
     Training drifts the principal kernels away from orthogonality; the server restores it after aggregation.
-    ``scale`` (the frozen multipliers ω, PRISM.md §5) defaults to ones. Rank is preserved when
+    ``scale`` (the frozen multipliers ω, docs/algorithm.md §2) defaults to ones. Rank is preserved when
     ``r = min(rows, Cout)``; a lower-rank layer keeps its ``r`` leading terms.
     """
     principal = tf.convert_to_tensor(principal)
@@ -80,7 +82,7 @@ def refactorize(
 def gather_kernels(
     principal: TensorLike, combination: TensorLike, indices: TensorLike
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The principal kernels ``indices`` of a layer: ``(A[..., idx], B[idx, :])`` (PRISM.md §3)."""
+    """The principal kernels ``indices`` of a layer: ``(A[..., idx], B[idx, :])`` (docs/algorithm.md §2)."""
     principal = tf.convert_to_tensor(principal)
     indices = tf.convert_to_tensor(indices, tf.int32)
     return tf.gather(principal, indices, axis=-1), tf.gather(combination, indices, axis=0)

@@ -1,6 +1,7 @@
 """Client sub-models: `extract` a genuinely smaller model, `merge` it back, and `aggregate` many per entry.
 
-PRISM.md §3 (sub-models) and §4 (aggregation). A sub-model has the full model's graph; each principal layer keeps
+docs/algorithm.md §2 (sub-models) and §4 (aggregation). A sub-model has the full model's graph; each principal layer
+keeps
 only the selected kernels (``A[..., idx]``, ``B[idx]``, ``ω`` from the strategy) and, in the memory-efficient
 variant or a width-sliced baseline, only the selected channels. Everything is driven by a `SubmodelPlan` (which
 group slices which axis of which tensor) and the arithmetic of `prism_tf.slicing`, the same functions the TFF
@@ -21,7 +22,7 @@ from prism_tf.sampling import Selection
 
 
 def extract(model: tf.keras.Model, selection: Selection) -> tf.keras.Model:
-    """Build the client's sub-model: a standalone Keras model with only the selected kernels (PRISM.md §3).
+    """Build the client's sub-model: a standalone Keras model with only the selected kernels (docs/algorithm.md §2).
 
     Raises:
       ValueError: the selection does not fit the model (names the layer).
@@ -75,7 +76,7 @@ def set_flat_weights(model: tf.keras.Model, weights: Sequence[np.ndarray]) -> No
 
 
 def merge(model: tf.keras.Model, sub: tf.keras.Model, selection: Selection) -> tf.keras.Model:
-    """Write a (trained) sub-model back into the full model, in place (PRISM.md §3-§4).
+    """Write a (trained) sub-model back into the full model, in place (docs/algorithm.md §2-§3).
 
     Principal layers receive only the selected kernels (columns of ``A``, rows of ``B``); the full model's
     singular values and ``ω`` are left as they are (`refactorize` recomputes ``s``). Every other weight receives
@@ -91,7 +92,7 @@ def aggregate(
     model: tf.keras.Model,
     results: Sequence[tuple[tf.keras.Model | Sequence[np.ndarray], Selection, float]],
 ) -> tf.keras.Model:
-    """Per-entry weighted average of client sub-models into ``model``, in place (PRISM.md §4).
+    """Per-entry weighted average of client sub-models into ``model``, in place (docs/algorithm.md §3).
 
     Each principal kernel ``i`` (``a_i``, ``b_i``) becomes the weighted mean over the clients whose selection
     contains ``i``; a kernel no client trained keeps its value. Weights that are not sliced (biases of

@@ -1,4 +1,4 @@
-"""factorize on models nobody here wrote, rules, report, refactorize, errors (PRISM.md §2)."""
+"""factorize on models nobody here wrote, rules, report, refactorize, errors (docs/algorithm.md §1)."""
 
 import numpy as np
 import pytest

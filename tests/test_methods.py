@@ -1,4 +1,4 @@
-"""PriSM's peers as selection rules on the same harness (PRISM.md §6)."""
+"""PriSM's peers as selection rules on the same harness (docs/algorithm.md §4)."""
 
 import collections
 

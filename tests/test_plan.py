@@ -1,4 +1,4 @@
-"""Index groups and slicing: PriSM's memory-efficient variant and width-sliced sub-models (PRISM.md §3, §6)."""
+"""Index groups and slicing: PriSM's memory-efficient variant and width-sliced sub-models (docs/algorithm.md §2, §4)."""
 
 import numpy as np
 import pytest

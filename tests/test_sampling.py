@@ -1,4 +1,4 @@
-"""Sampling laws, checked statistically over thousands of draws (PRISM.md §3, §5)."""
+"""Sampling laws, checked statistically over thousands of draws (docs/algorithm.md §2)."""
 
 import numpy as np
 import pytest

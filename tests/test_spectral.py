@@ -1,4 +1,4 @@
-"""Exact math of principal kernels (PRISM.md §2, §4)."""
+"""Exact math of principal kernels (docs/algorithm.md §1, §3)."""
 
 import numpy as np
 import pytest

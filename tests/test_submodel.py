@@ -140,7 +140,7 @@ def test_cost_ratios_for_resnet18_at_keep_02():
     sub = prism_tf.extract(fm, prism_tf.sample(fm, 0.2, seed=0))
     c_full, c_sub = prism_tf.cost(full), prism_tf.cost(sub)
     assert c_full["params"] == full.count_params()
-    # PRISM.md §3: flops 0.239x at width 64
+    # docs/algorithm.md §2: flops 0.239x at width 64
     assert c_sub["flops"] / c_full["flops"] == pytest.approx(0.239, abs=0.002)
     assert c_sub["params"] / c_full["params"] <= 0.25
     # factorized layers alone: <= 0.25x in both

@@ -1,10 +1,10 @@
-"""Clients → server: per-entry weighted averaging of sub-model tensors (PRISM.md §4).
+"""Clients → server: per-entry weighted averaging of sub-model tensors (docs/algorithm.md §3).
 
 Each client uploads only its sub-tensors and index vectors. `tff.federated_aggregate` accumulates, per full-model
 tensor, the weighted sum of what clients sent and the weight that reached every entry (`prism_tf.slicing`); the
 finalizer divides. For a principal layer this is the per-kernel average over the clients that trained each kernel;
 for tensors nobody slices it is FedAvg. TFF 0.87 has no per-key aggregator, hence the dense accumulator
-(TFF_NOTES.md, per-key aggregation); client messages stay sub-model sized.
+(docs/pitfalls.md, per-key aggregation); client messages stay sub-model sized.
 """
 
 from __future__ import annotations

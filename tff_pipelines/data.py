@@ -20,7 +20,7 @@ plain ``np.load``.
 :func:`partition` splits the training set over clients (``iid``, ``dirichlet:<alpha>`` label skew,
 ``shards:<k>``); :func:`make_client_data` wraps the result as a ``tff.simulation.datasets.ClientData`` whose
 client datasets yield unbatched ``OrderedDict(x=float32[H, W, C] in [0, 1], y=int32[])`` (the caller batches;
-keep batch shapes fixed where training happens, see ``/work/shared/TFF_NOTES.md``).
+keep batch shapes fixed where training happens, see ``docs/pitfalls.md``).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def find_cifar10(data: str | os.PathLike[str] | None = None) -> str | None:
 
     Order: the explicit ``data`` path; the environment variable ``PRISM_DATA``; a
     ``shared/data/cifar10-jpg.tar.gz`` in the current working directory, the package directory or any of their
-    parents (e.g. ``/work/shared/data/...`` for a checkout in ``/work/main``). An explicit path (argument or
+    parents (e.g. ``shared/data/...`` beside the checkout). An explicit path (argument or
     ``PRISM_DATA``) is returned even if it does not exist, so that loading it fails loudly instead of silently
     downloading something else.
     """

@@ -1,8 +1,8 @@
-"""Server update: finish the per-entry averages, apply the server optimizer, re-factorize (PRISM.md §2, §4).
+"""Server update: finish the per-entry averages, apply the server optimizer, re-factorize (docs/algorithm.md §1, §3).
 
 Entries no client trained keep their value. Without a server optimizer (the default, plain averaging) the averaged
 factors are the new model. With one (e.g. server momentum, `tff.learning.optimizers.build_sgdm`), it acts on the
-*rebuilt* update, as PRISM.md §4 asks: for a principal layer the pseudo-gradient is ``W_old − A_avg·B_avg`` in
+*rebuilt* update, as docs/algorithm.md §3 asks: for a principal layer the pseudo-gradient is ``W_old − A_avg·B_avg`` in
 kernel space (other tensors: ``old − avg``), the optimizer steps ``W``, and the SVD of the new ``W`` gives the
 factors — so a server optimizer needs re-factorization every round. On the re-factorization schedule (every round
 by default) each principal layer's ``W = A·B`` is rebuilt and its SVD re-run, restoring orthogonal principal

@@ -1,6 +1,7 @@
 """PriSM and its peers as choices of a selection rule (+ server model), so the federated process is written once.
 
-PRISM.md §6. Every method returns, per client and round, a `prism_tf.Selection`; the process, traffic accounting and
+docs/algorithm.md §4. Every method returns, per client and round, a `prism_tf.Selection`; the process, traffic
+accounting and
 aggregation do not change:
 
 | method        | server model       | what a client gets                                              |

@@ -1,6 +1,6 @@
 """The PriSM federated process: TFF computations composed into a `tff.learning.templates.LearningProcess`.
 
-One round (PRISM.md §2-§4), all placements explicit:
+One round (docs/algorithm.md §1-§3), all placements explicit:
 
 1. the server's driver samples each client's `Selection` (`Method.select`, numpy) from the singular values in
    the server state and places the index vectors at the clients with their data;
@@ -13,7 +13,7 @@ Why the server samples (and not each client from a broadcast seed): the sampling
 Poisson designs of ``unbiased``/``collective``, live once in numpy (`prism_tf.sampling`), the server needs each
 client's indices anyway to route `federated_select`, and ``collective`` couples the clients of a round. The indices
 travel inside each client's input struct (``<data, indices, scale>``), which keeps ``next(state, client_data)`` the
-`LearningProcess` signature (TFF_NOTES.md, processes and client inputs).
+`LearningProcess` signature (docs/pitfalls.md, processes and client inputs).
 
 Heterogeneous sub-model sizes (per-client keep ratios, FjORD's widths) change TFF types: `PrismProcess.next`
 groups clients by size, runs one client phase per group and a single server update over the summed accumulators.
@@ -405,19 +405,19 @@ def build_prism_process(
       model_fn: returns a fresh functional/Sequential Keras model (the full server model, unfactorized).
       method: ``prism`` (default), ``fedhm``, ``fedavg``, ``small``, ``heterofl``, ``fjord``, ``fed_dropout``
         or a `Method`.
-      keep_ratio: share of each layer's principal kernels (or channels) a client trains (PRISM.md §3).
+      keep_ratio: share of each layer's principal kernels (or channels) a client trains (docs/algorithm.md §2).
       strategy: sampling strategy (`prism_tf.STRATEGIES`).
       gamma: PriSM's exponent; default 4 at keep ≤ 0.2 else 2.5.
-      output_keep: memory-efficient variant (PRISM.md §3): share of owned output channels kept.
+      output_keep: memory-efficient variant (docs/algorithm.md §2): share of owned output channels kept.
       input_shape: per-example input shape (default: the model's).
       batch_size: client batch size; client datasets must be batched with exactly this size
-        (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes, TFF_NOTES.md).
+        (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes, docs/pitfalls.md).
       client_optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
       server_optimizer: ``None`` (plain per-entry averaging, the default) or a `tff.learning.optimizers.Optimizer`
         acting on the rebuilt kernels (`finalizer`; requires ``refactorize_every=1``).
       clip_norm, clip_lr_tau: see `client_work.ClientTraining`.
       distribution: ``select`` (per-client `tff.federated_select`) or ``broadcast`` (simulation shortcut).
-      refactorize_every: re-run the SVD every this many rounds (PRISM.md §2; 0 = never).
+      refactorize_every: re-run the SVD every this many rounds (docs/algorithm.md §1; 0 = never).
       weighting: ``examples`` (weight clients by examples trained) or ``uniform`` (the authors' choice).
       seed: run seed; client ``c`` of round ``t`` samples with seed ``(seed, t, c)``.
       collective_clients: ``C`` of the ``collective`` strategy (default: the clients of the round).

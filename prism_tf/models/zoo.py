@@ -1,4 +1,4 @@
-"""Width-scalable models for federated experiments (PRISM.md §3 normalization, §7 models).
+"""Width-scalable models for federated experiments (normalization: docs/algorithm.md §6 and docs/pitfalls.md).
 
 All are functional Keras models (so `prism_tf.factorize` can clone them) with ``norm`` = ``"batch"`` (Keras
 BatchNorm; its moving statistics are averaged over clients like other weights), ``"group"`` (GroupNorm, as in the
