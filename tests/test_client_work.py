@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import prism_tf
+from prism_tf import local_step
 from tff_pipelines import client_work, recipe
 from tff_pipelines.layout import RoundLayout
 from tff_pipelines.process import build_prism_process
@@ -81,11 +82,11 @@ def test_frobenius_terms_are_the_gradient_of_the_penalty():
         kernel = prism_tf.spectral.rebuild_kernel(a, omega[:, None] * b)
         penalty = 0.5 * tf.reduce_sum(tf.square(kernel))
     want_a, want_b = tape.gradient(penalty, [a, b])
-    got_a, got_b = client_work.frobenius_terms(a, b, omega)
+    got_a, got_b = local_step.frobenius_terms(a, b, omega)
     np.testing.assert_allclose(got_a.numpy(), want_a.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got_b.numpy(), want_b.numpy(), rtol=1e-5, atol=1e-4)
     # ω = 1: the authors' λ·A(BBᵀ) and λ·(AᵀA)B
-    got_a, got_b = client_work.frobenius_terms(a, b, tf.ones([4]))
+    got_a, got_b = local_step.frobenius_terms(a, b, tf.ones([4]))
     a_mat = a.numpy().reshape(-1, 4)
     np.testing.assert_allclose(got_a.numpy().reshape(-1, 4), a_mat @ b.numpy() @ b.numpy().T, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got_b.numpy(), a_mat.T @ a_mat @ b.numpy(), rtol=1e-5, atol=1e-4)

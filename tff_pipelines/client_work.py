@@ -16,36 +16,26 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import prism_tf
-from prism_tf import slicing, spectral
+from prism_tf import local_step, slicing
 from prism_tf.plan import FROM_SELECTION, SERVER_ONLY
 from tff_pipelines import distributor
 from tff_pipelines.layout import RoundLayout
 
 LEARNING_RATE_KEY = tff.learning.optimizers.LEARNING_RATE_KEY
-DECAYED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.Dense)  # their `kernel` gets weight decay
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientTraining:
     """Local training options (README "The federated process"; the authors' recipe, Niu et al. TMLR 2023).
 
-    One step on a batch: ``g = ∇loss + frobenius`` → ``g *= ClipLR factor`` → global-norm clip → ``g += wd·w`` →
-    ``optimizer.next`` (the authors add the Frobenius term before ``clip_grad_norm_`` and let ``torch.optim.SGD``
-    add weight decay after it). The optimizer state — momentum included — is initialized afresh every round, as in
-    TFF's FedAvg and the authors' code (a new optimizer per client per round): momentum does not carry over rounds.
+    One step on a batch applies `prism_tf.local_step.step_gradients` (loss gradients + Frobenius decay, × ClipLR,
+    global-norm clip, + weight decay; the same code as the exported TFLite step) and then ``optimizer.next``. The
+    optimizer state — momentum included — is initialized afresh every round, as in TFF's FedAvg and the authors'
+    code (a new optimizer per client per round): momentum does not carry over rounds.
 
     Attributes:
       optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
-      clip_norm: global gradient-norm clip (the authors use 5); ``None`` disables it.
-      clip_lr_tau: "ClipLR" of Korzhenkov & Louizos (2024): each kernel's factors learn at ``min(1, τ/ω)`` of the
-        learning rate; a no-op where ``ω ≤ τ`` (always for ``prism``/``top``/``uniform``). ``None`` disables it.
-      frobenius_decay: λ of the penalty ``λ/2·‖A·diag(ω)·B‖²_F`` on each principal layer's effective kernel, with
-        ``A`` the ``[kh·kw·Cin, k]`` matrix and ``B`` ``[k, Cout]``: gradients ``λ·A(B̃B̃ᵀ)`` for ``A`` and
-        ``λ·diag(ω)(AᵀA)B̃`` for ``B``, ``B̃ = diag(ω)B`` (`frobenius_terms`). With ω = 1 (the authors' setting, and
-        ``prism``/``top``/``uniform``) this is their ``λ·A(BBᵀ)`` / ``λ·(AᵀA)B``; with the NeurIPS'24 ω it is
-        the decay of the kernel the sub-model computes. The factors themselves get no weight decay. 0 disables it.
-      weight_decay: ``wd·w`` added to the gradients of every other Conv2D/Dense kernel (not biases, not
-        normalization, not the factors). 0 disables it.
+      clip_norm, clip_lr_tau, frobenius_decay, weight_decay: see `prism_tf.local_step.StepOptions`.
       round_lr: clients receive the round's learning rate in their input struct (``lr``, `client_input_type`) and
         set it as the optimizer's ``learning_rate`` hparam before training (`tff_pipelines.recipe.Schedule`).
     """
@@ -57,6 +47,12 @@ class ClientTraining:
     frobenius_decay: float = 0.0
     weight_decay: float = 0.0
     round_lr: bool = False
+
+    @property
+    def step_options(self) -> local_step.StepOptions:
+        """The gradient transformations of a step (`prism_tf.local_step`, shared with the exported TFLite step)."""
+        return local_step.StepOptions(clip_norm=self.clip_norm, clip_lr_tau=self.clip_lr_tau,
+                                      frobenius_decay=self.frobenius_decay, weight_decay=self.weight_decay)
 
 
 def materialize(layout: RoundLayout, received: dict, indices: list, scale: list) -> list[tf.Tensor]:
@@ -105,7 +101,6 @@ def train_submodel(
     variables = prism_tf.flat_weights(model)
     positions = [i for i, t in enumerate(layout.trainable) if t]
     train_vars = [variables[i] for i in positions]
-    lr_factors = _clip_lr_factors(layout, positions, scale, training.clip_lr_tau)
     specs = [tf.TensorSpec(v.shape, v.dtype) for v in train_vars]
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -120,12 +115,8 @@ def train_submodel(
             with tf.GradientTape() as tape:
                 logits = model(batch["x"], training=True)
                 loss = loss_fn(batch["y"], logits)
-            grads = tape.gradient(loss, train_vars)
-            grads = _plus(grads, frobenius_gradients(model, train_vars, training.frobenius_decay))
-            grads = [g if f is None else g * f for g, f in zip(grads, lr_factors, strict=True)]
-            if training.clip_norm is not None:
-                grads, _ = tf.clip_by_global_norm(grads, training.clip_norm)
-            grads = _plus(grads, weight_decay_gradients(model, train_vars, training.weight_decay))
+            grads = local_step.step_gradients(model, train_vars, tape.gradient(loss, train_vars),
+                                              training.step_options)
             opt_state, updated = training.optimizer.next(
                 opt_state, tuple(v.read_value() for v in train_vars), tuple(grads))
             opt_state = _tuples(opt_state)
@@ -157,44 +148,6 @@ def with_learning_rate(optimizer: tff.learning.optimizers.Optimizer, state, lr: 
     return optimizer.set_hparams(state, hparams)
 
 
-def frobenius_terms(principal: tf.Tensor, combination: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Gradients of ``½‖A·diag(ω)·B‖²_F`` w.r.t. the factors: ``(A(B̃B̃ᵀ), diag(ω)(AᵀA)B̃)``, ``B̃ = diag(ω)B``.
-
-    ``principal`` is ``A`` in kernel shape ``[kh, kw, Cin, k]`` (or ``[in, k]``); the first term comes back in that
-    shape. ω = 1 gives the authors' ``A(BBᵀ)`` and ``(AᵀA)B`` (their ``utils/frob.py``).
-    """
-    a = spectral.kernel_to_matrix(principal)
-    omega = tf.convert_to_tensor(scale, a.dtype)[:, tf.newaxis]
-    b = omega * tf.convert_to_tensor(combination, a.dtype)
-    grad_a = tf.matmul(a, tf.matmul(b, b, transpose_b=True))
-    grad_b = omega * tf.matmul(tf.matmul(a, a, transpose_a=True), b)
-    return spectral.matrix_to_kernel(grad_a, principal.shape[:-1]), grad_b
-
-
-def frobenius_gradients(model: tf.keras.Model, variables: list[tf.Variable], decay: float) -> list[tf.Tensor | None]:
-    """Per variable, ``decay`` times `frobenius_terms` for the factors of each principal layer, else ``None``."""
-    if not decay:
-        return [None] * len(variables)
-    terms = {}
-    for layer in prism_tf.principal_layers(model):
-        grad_a, grad_b = frobenius_terms(layer.principal_kernels, layer.combination, layer.kernel_scale)
-        terms[layer.principal_kernels.ref()] = decay * grad_a
-        terms[layer.combination.ref()] = decay * grad_b
-    return [terms.get(v.ref()) for v in variables]
-
-
-def weight_decay_gradients(model: tf.keras.Model, variables: list[tf.Variable], decay: float) -> list[tf.Tensor | None]:
-    """Per variable, ``decay·w`` for the kernels of Conv2D/Dense layers, else ``None`` (biases, norms, factors)."""
-    if not decay:
-        return [None] * len(variables)
-    kernels = {layer.kernel.ref() for layer in prism_tf.walk_layers(model) if isinstance(layer, DECAYED_LAYERS)}
-    return [decay * v if v.ref() in kernels else None for v in variables]
-
-
-def _plus(grads: list, terms: list) -> list:
-    return [g if t is None else g + t for g, t in zip(grads, terms, strict=True)]
-
-
 def _tuples(structure):
     # tf.data packs Python lists inside a dataset loop's state into one tensor; tuples stay structures.
     if isinstance(structure, list | tuple):
@@ -202,23 +155,6 @@ def _tuples(structure):
     if isinstance(structure, dict):
         return type(structure)((k, _tuples(v)) for k, v in structure.items())
     return structure
-
-
-def _clip_lr_factors(layout: RoundLayout, positions: list[int], scale: list[tf.Tensor], tau: float | None):
-    if tau is None or not layout.scale_layers:
-        return [None] * len(positions)
-    scales = dict(zip(layout.scale_layers, scale, strict=True))
-    factors = []
-    for position in positions:
-        found = layout.kernel_axis(position)
-        if found is None:
-            factors.append(None)
-            continue
-        axis, group = found
-        rank = len(layout.tensors[position].shape)
-        factor = tf.minimum(1.0, tau / scales[group])
-        factors.append(tf.reshape(factor, [-1 if d == axis else 1 for d in range(rank)]))
-    return factors
 
 
 def build_client_work(

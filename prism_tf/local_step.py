@@ -1,0 +1,116 @@
+"""One local training step's gradient arithmetic, shared by the TFF client and the on-device (TFLite) step.
+
+docs/algorithm.md §7 (the training recipe). Given the loss gradients of a sub-model's trainable variables, a step
+forms ``g = ∇loss + frobenius`` → ``g *= ClipLR factor`` → global-norm clip → ``g += wd·w`` and then applies
+SGD with momentum ``a ← μ·a + g``, ``w ← w − lr·a`` (`tff.learning.optimizers.build_sgdm`'s rule). The authors add
+the Frobenius term before ``clip_grad_norm_`` and let ``torch.optim.SGD`` add weight decay after it.
+
+Pure TensorFlow ops on the model's variables: the same functions run inside the TFF client computation
+(`tff_pipelines.client_work`) and inside the exported TFLite ``train`` signature (`export.tflite_train`), so a phone
+and a simulated client take the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from prism_tf import spectral
+from prism_tf.factorize import principal_layers, walk_layers
+
+DECAYED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.Dense)  # their `kernel` gets weight decay
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The gradient transformations of a local step (README "The federated process"; Niu et al. TMLR 2023).
+
+    Attributes:
+      clip_norm: global gradient-norm clip (the authors use 5); ``None`` disables it.
+      clip_lr_tau: "ClipLR" of Korzhenkov & Louizos (2024): each kernel's factors learn at ``min(1, τ/ω)`` of the
+        learning rate; a no-op where ``ω ≤ τ`` (always for ``prism``/``top``/``uniform``). ``None`` disables it.
+      frobenius_decay: λ of the penalty ``λ/2·‖A·diag(ω)·B‖²_F`` on each principal layer's effective kernel
+        (`frobenius_terms`); the factors themselves get no weight decay. 0 disables it.
+      weight_decay: ``wd·w`` added to the gradients of every other Conv2D/Dense kernel (not biases, not
+        normalization, not the factors). 0 disables it.
+    """
+
+    clip_norm: float | None = 5.0
+    clip_lr_tau: float | None = 10.0
+    frobenius_decay: float = 0.0
+    weight_decay: float = 0.0
+
+
+def frobenius_terms(principal: tf.Tensor, combination: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Gradients of ``½‖A·diag(ω)·B‖²_F`` w.r.t. the factors: ``(A(B̃B̃ᵀ), diag(ω)(AᵀA)B̃)``, ``B̃ = diag(ω)B``.
+
+    ``principal`` is ``A`` in kernel shape ``[kh, kw, Cin, k]`` (or ``[in, k]``); the first term comes back in that
+    shape. ω = 1 gives the authors' ``A(BBᵀ)`` and ``(AᵀA)B`` (their ``utils/frob.py``).
+    """
+    principal = tf.convert_to_tensor(principal)
+    a = spectral.kernel_to_matrix(principal)
+    omega = tf.convert_to_tensor(scale, a.dtype)[:, tf.newaxis]
+    b = omega * tf.convert_to_tensor(combination, a.dtype)
+    grad_a = tf.matmul(a, tf.matmul(b, b, transpose_b=True))
+    grad_b = omega * tf.matmul(tf.matmul(a, a, transpose_a=True), b)
+    return spectral.matrix_to_kernel(grad_a, principal.shape[:-1]), grad_b
+
+
+def frobenius_gradients(model: tf.keras.Model, variables: Sequence[tf.Variable], decay: float) -> list:
+    """Per variable, ``decay`` times `frobenius_terms` for the factors of each principal layer, else ``None``."""
+    if not decay:
+        return [None] * len(variables)
+    terms = {}
+    for layer in principal_layers(model):
+        grad_a, grad_b = frobenius_terms(layer.principal_kernels, layer.combination, layer.kernel_scale)
+        terms[layer.principal_kernels.ref()] = decay * grad_a
+        terms[layer.combination.ref()] = decay * grad_b
+    return [terms.get(v.ref()) for v in variables]
+
+
+def weight_decay_gradients(model: tf.keras.Model, variables: Sequence[tf.Variable], decay: float) -> list:
+    """Per variable, ``decay·w`` for the kernels of Conv2D/Dense layers, else ``None`` (biases, norms, factors)."""
+    if not decay:
+        return [None] * len(variables)
+    kernels = {layer.kernel.ref() for layer in walk_layers(model) if isinstance(layer, DECAYED_LAYERS)}
+    return [decay * tf.convert_to_tensor(v) if v.ref() in kernels else None for v in variables]
+
+
+def clip_lr_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], tau: float | None) -> list:
+    """Per variable, ClipLR's ``min(1, τ/ω)`` shaped to broadcast along its kernel axis, else ``None``.
+
+    ``A`` (``principal_kernels``) holds kernel ``i`` in its last axis, ``B`` (``combination``) in its first; ω is
+    the layer's ``kernel_scale`` as the sub-model holds it.
+    """
+    if tau is None:
+        return [None] * len(variables)
+    factors = {}
+    for layer in principal_layers(model):
+        factor = tf.minimum(1.0, tau / tf.convert_to_tensor(layer.kernel_scale))
+        rank_a = len(layer.principal_kernels.shape)
+        factors[layer.principal_kernels.ref()] = tf.reshape(factor, [1] * (rank_a - 1) + [-1])
+        factors[layer.combination.ref()] = tf.reshape(factor, [-1, 1])
+    return [factors.get(v.ref()) for v in variables]
+
+
+def step_gradients(
+    model: tf.keras.Model, variables: Sequence[tf.Variable], loss_gradients: Sequence[tf.Tensor],
+    options: StepOptions,
+) -> list[tf.Tensor]:
+    """The gradients a step applies: loss gradients + Frobenius decay, × ClipLR, global-norm clip, + weight decay."""
+    grads = _plus(list(loss_gradients), frobenius_gradients(model, variables, options.frobenius_decay))
+    grads = [g if f is None else g * f for g, f in zip(grads, clip_lr_factors(model, variables, options.clip_lr_tau),
+                                                       strict=True)]
+    if options.clip_norm is not None:
+        grads, _ = tf.clip_by_global_norm(grads, options.clip_norm)
+    return _plus(list(grads), weight_decay_gradients(model, variables, options.weight_decay))
+
+
+def _plus(grads: list, terms: list) -> list:
+    return [g if t is None else g + t for g, t in zip(grads, terms, strict=True)]
+
+
+__all__ = ["DECAYED_LAYERS", "StepOptions", "clip_lr_factors", "frobenius_gradients", "frobenius_terms",
+           "step_gradients", "weight_decay_gradients"]
