@@ -7,7 +7,7 @@
     prism_tf.cost(sub)                                 # params, flops, activation bytes
 """
 
-from prism_tf import budget, evaluation, models, slicing, spectral, streams
+from prism_tf import budget, evaluation, local_step, models, server, slicing, spectral, streams
 from prism_tf.cost import cost
 from prism_tf.factorize import (
     FactorizationReport,
@@ -39,5 +39,5 @@ __all__ = [
     "Selection", "SubmodelPlan", "aggregate", "cost", "extract", "factorize", "flat_weights", "is_principal",
     "kernel_coverage", "merge", "models", "plan_factorization", "principal_layers", "refactorize", "sample",
     "sample_from_singular_values", "set_flat_weights", "slicing", "spectral", "submodel_architecture",
-    "submodel_weights", "unfactorize", "walk_layers", "evaluation", "budget", "streams",
+    "submodel_weights", "unfactorize", "walk_layers", "evaluation", "budget", "streams", "local_step", "server",
 ]

@@ -63,6 +63,37 @@ class Selection:
     strategy: str
     channels: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """A JSON-ready description (`from_dict` inverts it exactly: indices, ω as float32, ranks, channels)."""
+        return {
+            "keep_ratio": float(self.keep_ratio), "strategy": self.strategy,
+            "layers": {name: {"indices": sel.indices.tolist(), "scale": sel.scale.tolist(), "rank": int(sel.rank)}
+                       for name, sel in sorted(self.layers.items())},
+            "channels": {name: np.asarray(idx, np.int32).tolist() for name, idx in sorted(self.channels.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Selection:
+        """The `Selection` that `to_dict` described.
+
+        Raises:
+          ValueError: a field is missing or malformed (naming it).
+        """
+        try:
+            layers = {str(name): LayerSelection(np.asarray(v["indices"], np.int64), np.asarray(v["scale"], np.float64),
+                                                int(v["rank"]))
+                      for name, v in data["layers"].items()}
+            channels = {str(name): np.asarray(v, np.int32) for name, v in data.get("channels", {}).items()}
+            selection = cls(layers, float(data["keep_ratio"]), str(data["strategy"]), channels)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"not a selection: {type(e).__name__}: {e}") from None
+        for name, sel in selection.layers.items():
+            if sel.indices.ndim != 1 or sel.scale.shape != sel.indices.shape:
+                raise ValueError(f"selection for layer '{name}': indices and scale must be equal-length lists")
+            if sel.size and (sel.indices.min() < 0 or sel.indices.max() >= sel.rank):
+                raise ValueError(f"selection for layer '{name}' has indices outside [0, {sel.rank})")
+        return selection
+
     def sizes(self) -> dict[str, int]:
         """Number of kept kernels per layer (the sub-model's ranks)."""
         return {name: sel.size for name, sel in self.layers.items()}

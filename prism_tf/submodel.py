@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from prism_tf import slicing
+from prism_tf import server, slicing
 from prism_tf.factorize import clone_with_ranks, principal_layers, walk_layers
 from prism_tf.plan import FROM_SELECTION, SubmodelPlan
 from prism_tf.sampling import Selection
@@ -107,33 +107,14 @@ def aggregate(
     if not results:
         raise ValueError("aggregate: no client results")
     plan = SubmodelPlan.of(model)
-    uploads = []
+    accumulator = server.Accumulator(plan)
     for client, (sub, selection, weight) in enumerate(results):
         selection.check_model(model, plan)
         values = [w.numpy() for w in flat_weights(sub)] if isinstance(sub, tf.keras.Model) else list(sub)
-        if len(values) != len(plan.tensors):
-            raise ValueError(f"client {client}: sub-model has {len(values)} weights, the model {len(plan.tensors)}")
-        if not weight > 0:
-            raise ValueError(f"client {client}: weight must be positive, got {weight}")
-        indices = selection.indices()
-        uploads.append((values, indices, plan.sizes(indices), float(weight)))
-    for position, (tensor, variable) in enumerate(zip(plan.tensors, flat_weights(model), strict=True)):
-        if not tensor.travels:
-            continue
-        sums = counts = None
-        for client, (values, indices, sizes, weight) in enumerate(uploads):
-            value = np.asarray(values[position], np.float64)
-            slices = plan.slices(tensor, indices)
-            expected = tensor.sub_shape(sizes)
-            if value.shape != expected:
-                raise ValueError(
-                    f"client {client}: layer '{tensor.layer}' weight '{tensor.weight}' has shape {value.shape}, "
-                    f"the selection expects {expected}"
-                )
-            s, c = slicing.weighted_sums(value, slices, tensor.shape, weight)
-            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
-        merged = slicing.masked_average(sums, counts, tf.cast(variable, tf.float64))
-        variable.assign(tf.cast(merged, variable.dtype))
+        accumulator.add(values, selection, weight, name=f"client {client}")
+    variables = flat_weights(model)
+    for variable, value in zip(variables, accumulator.average([v.numpy() for v in variables]), strict=True):
+        variable.assign(value)
     return model
 
 

@@ -35,8 +35,13 @@ if threading.current_thread() is threading.main_thread():
         if signal.getsignal(_signum) == signal.SIG_DFL:
             signal.signal(_signum, _end_session_on_signal)
 
-import tff_pipelines  # noqa: E402,F401  (installs the local TFF context at collection time)
-from tff_pipelines import runtime  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tff_pipelines  # noqa: E402,F401
+from tff_pipelines import runtime  # noqa: E402  (importing it installs the local TFF context)
+
+# The small class-folder dataset of `shapes_dataset`.
+SHAPES_CLASSES, SHAPES_TRAIN_PER_CLASS, SHAPES_TEST_PER_CLASS, SHAPES_SIDE = 3, 40, 12, 28
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,3 +50,37 @@ def tff_local_runtime() -> Iterator[None]:
     runtime.install_local_context()
     yield
     runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    """train/<class>/*.png and test/<class>/*.png: 28x28 grayscale noise plus a bright band at a class's columns
+    (learnable in a few rounds; decodes in well under a second)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    rng = np.random.default_rng(1234)
+    band = SHAPES_SIDE // SHAPES_CLASSES
+    for split, per_class in (("train", SHAPES_TRAIN_PER_CLASS), ("test", SHAPES_TEST_PER_CLASS)):
+        for c in range(SHAPES_CLASSES):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 90, (SHAPES_SIDE, SHAPES_SIDE), dtype=np.uint8)
+                img[:, c * band:(c + 1) * band] += np.uint8(140)
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_dataset, tmp_path_factory) -> Path:
+    """A finished 2-round PriSM run (ResNet-18 width 4, 4 clients, 2 per round) on `shapes_dataset`; tests that
+    read it must not change it (copy it first)."""
+    from tff_pipelines import driver
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    config = driver.TrainConfig(dataset=str(shapes_dataset), model="resnet18", width=4, clients=4,
+                                clients_per_round=2, rounds=2, batch_size=8, eval_examples=12, eval_every=2,
+                                calibration_examples=16)
+    driver.start(config, str(out))
+    return out

@@ -35,18 +35,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tff_pipelines import driver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-CLASSES = 3
-TRAIN_PER_CLASS = 40
-TEST_PER_CLASS = 12
-SIDE = 28
 BATCH = 8
 EVAL_EXAMPLES = 12
 
@@ -233,20 +227,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """train/<class>/*.png and test/<class>/*.png: 28x28 grayscale noise plus a bright band at a class's columns."""
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    rng = np.random.default_rng(1234)
-    band = SIDE // CLASSES
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for c in range(CLASSES):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                img = rng.integers(0, 90, (SIDE, SIDE), dtype=np.uint8)
-                img[:, c * band:(c + 1) * band] += np.uint8(140)
-                Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
+def dataset(shapes_dataset) -> Path:
+    return shapes_dataset
 
 
 class _Jobs:

@@ -17,17 +17,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from prism_tf import slicing, spectral
+from prism_tf import server, spectral
 from tff_pipelines.layout import RoundLayout
 
 
 def principal_positions(layout: RoundLayout) -> dict[str, dict[str, int]]:
     """For every principal layer, the flat positions of its factor tensors by weight name."""
-    out: dict[str, dict[str, int]] = {}
-    for position, tensor in enumerate(layout.tensors):
-        if tensor.layer in layout.scale_layers:
-            out.setdefault(tensor.layer, {})[tensor.weight] = position
-    return out
+    return server.principal_positions(layout.plan)
 
 
 class DenseView:
@@ -75,33 +71,20 @@ def build_server_update(
     factors = principal_positions(layout)
     if server_optimizer is not None and factors and refactorize_every != 1:
         raise ValueError("a server optimizer acts on the rebuilt kernels W and needs refactorize_every=1")
-    travelling = layout.travelling()
-    total_kernels = sum(layout.plan.groups[g].size for g in layout.scale_layers)
     view = DenseView(layout)
     optimizer_state_type = optimizer_state_type_of(layout, server_optimizer)
 
     @tff.tensorflow.computation(layout.weights_type(), accumulator_type, np.int64, optimizer_state_type)
     def server_update(weights, acc, round_num, optimizer_state):
-        new = list(weights)
-        for j, position in enumerate(travelling):
-            new[position] = slicing.masked_average(acc["sums"][j], acc["counts"][j], weights[position])
+        # The pure server step (prism_tf.server); with a server optimizer it only averages (no SVD) and the
+        # optimizer's step on the rebuilt kernels is factorized below.
+        new, coverage = server.finish_round(layout.plan, list(weights), acc["sums"], acc["counts"], round_num,
+                                            refactorize_every if server_optimizer is None else 0)
         if server_optimizer is not None:
             old_dense, avg_dense = view.of(weights), view.of(new)
             gradient = [o - a for o, a in zip(old_dense, avg_dense, strict=True)]
             optimizer_state, stepped = server_optimizer.next(optimizer_state, tuple(old_dense), tuple(gradient))
             view.write(new, list(stepped))
-        covered = tf.constant(0.0)
-        for pos in factors.values():
-            b_counts = acc["counts"][travelling.index(pos["combination"])]
-            covered += tf.reduce_sum(tf.cast(tf.reduce_any(b_counts > 0, axis=1), tf.float32))
-            if refactorize_every and server_optimizer is None:
-                due = tf.equal(tf.math.floormod(round_num + 1, refactorize_every), 0)
-                a, b = new[pos["principal_kernels"]], new[pos["combination"]]
-                s = weights[pos["singular_values"]]
-                a, b, s = tf.cond(due, lambda a=a, b=b: spectral.refactorize(a, b), lambda a=a, b=b, s=s: (a, b, s))
-                new[pos["principal_kernels"]], new[pos["combination"]], new[pos["singular_values"]] = a, b, s
-            new[pos["kernel_scale"]] = tf.ones_like(weights[pos["kernel_scale"]])
-        coverage = covered / total_kernels if total_kernels else tf.constant(1.0)
         return collections.OrderedDict(weights=new, coverage=coverage, optimizer_state=optimizer_state)
 
     return server_update

@@ -16,6 +16,7 @@ import tensorflow_federated as tff
 
 import prism_tf
 from prism_tf.plan import KERNELS, SubmodelPlan, TensorSlicing
+from tff_pipelines import runtime  # noqa: F401  (our worker context before any computation is built or run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class RoundLayout:
 
     def travelling(self) -> list[int]:
         """Positions (in the full model's flat weights) of the tensors clients receive and return."""
-        return [i for i, t in enumerate(self.tensors) if t.travels]
+        return prism_tf.server.travelling(self.plan)
 
     def sub_shape(self, position: int) -> tuple[int, ...]:
         return self.tensors[position].sub_shape(self.sizes)

@@ -25,8 +25,9 @@ FjORD's per-round width from ``((seed, t, c), "fjord_width")``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -224,3 +225,30 @@ def equal_cost_method(
     info.update({f"{m}_ratio": r for m, r in budget.cost_ratios(matched, full).items()})
     info.update({f"prism_{m}_ratio": r for m, r in budget.cost_ratios(target, full).items()})
     return method, info
+
+
+def round_selections(
+    method: Method,
+    plan: SubmodelPlan,
+    singular_values: Mapping[str, np.ndarray],
+    seed: int,
+    round_num: int,
+    client_ids: Sequence[int],
+    collective_clients: int | None = None,
+) -> list[Selection]:
+    """Every client's selection for round ``round_num``, one per id of ``client_ids`` (global client ids).
+
+    Client ``c`` selects with seed ``(seed, round, c)`` at its keep ratio `Method.client_keep_ratio` (its fixed
+    capacity; FjORD's width of the round). The ``collective`` strategy's ``C`` is the number of this round's clients
+    at that client's keep ratio (Korzhenkov & Louizos 2024, Eq. 8: the clients that share a keep ratio), unless
+    ``collective_clients`` is set. The process (`tff_pipelines.process.PrismProcess.selections`) and round replay
+    (`tff_pipelines.replay`) both call this.
+    """
+    ids = [int(c) for c in client_ids]
+    if any(c < 0 for c in ids):
+        raise ValueError(f"selections: client ids must be non-negative integers, got {ids}")
+    keeps = [method.client_keep_ratio(seed, c, round_num) for c in ids]
+    sharing = collections.Counter(keeps)
+    return [method.select(plan, singular_values, (seed, round_num, c), keep_ratio=keep, round_num=round_num,
+                          clients_per_round=collective_clients or sharing[keep])
+            for c, keep in zip(ids, keeps, strict=True)]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,8 +33,9 @@ import tensorflow_federated as tff
 import prism_tf
 from prism_tf.plan import SERVER_ONLY
 from tff_pipelines import aggregator, client_work, distributor, finalizer
+from tff_pipelines.config import check_batch_size, onednn_enabled  # noqa: F401 (re-exported)
 from tff_pipelines.layout import RoundLayout
-from tff_pipelines.methods import Method
+from tff_pipelines.methods import Method, round_selections
 
 
 @dataclasses.dataclass
@@ -234,23 +234,11 @@ class PrismProcess:
                 if t.weight == SERVER_ONLY}
 
     def selections(self, state, client_ids: Sequence[int] | int) -> list[prism_tf.Selection]:
-        """This round's selections, one per client of ``client_ids`` (global ids; an int ``n`` means ``0..n-1``).
-
-        Client ``c`` of round ``t`` selects with seed ``(seed, t, c)`` at its keep ratio
-        `Method.client_keep_ratio` ``(seed, c, t)`` (its fixed capacity; FjORD's width of the round). The
-        ``collective`` strategy's ``C`` is the number of this round's clients at that client's keep ratio
-        (Korzhenkov & Louizos 2024, Eq. 8: the clients that share a keep ratio), unless ``collective_clients`` is set.
-        """
-        ids = range(client_ids) if isinstance(client_ids, int | np.integer) else [int(c) for c in client_ids]
-        if any(c < 0 for c in ids):
-            raise ValueError(f"selections: client ids must be non-negative integers, got {list(ids)}")
-        round_num = self.round_num(state)
-        s = self.singular_values(state)
-        keeps = [self.method.client_keep_ratio(self.seed, c, round_num) for c in ids]
-        sharing = collections.Counter(keeps)
-        return [self.method.select(self.plan, s, (self.seed, round_num, c), keep_ratio=keep, round_num=round_num,
-                                   clients_per_round=self.collective_clients or sharing[keep])
-                for c, keep in zip(ids, keeps, strict=True)]
+        """This round's selections, one per client of ``client_ids`` (global ids; an int ``n`` means ``0..n-1``):
+        `tff_pipelines.methods.round_selections` on the state's singular values."""
+        ids = range(client_ids) if isinstance(client_ids, int | np.integer) else client_ids
+        return round_selections(self.method, self.plan, self.singular_values(state), self.seed,
+                                self.round_num(state), list(ids), self.collective_clients)
 
     def client_inputs(self, layout: RoundLayout, datasets: Sequence[tf.data.Dataset],
                       selections: Sequence[prism_tf.Selection],
@@ -344,28 +332,6 @@ def _key(sizes: dict[str, int]) -> tuple:
 def _py(value):
     array = np.asarray(value)
     return array.item() if array.shape == () else array.tolist()
-
-
-def onednn_enabled() -> bool:
-    """Whether TensorFlow uses its oneDNN kernels (the default on x86 Linux unless TF_ENABLE_ONEDNN_OPTS=0)."""
-    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false", "off")
-
-
-def check_batch_size(batch_size: int) -> None:
-    """Reject batch sizes that crash TF 2.14's oneDNN kernels on these CPUs.
-
-    Measured here (ResNet-18, 32×32×3, FedAvg or PriSM alike): client training with batch sizes 15, 25, 27 and 33
-    aborts the TFF worker with glibc heap corruption ("double free or corruption", SIGABRT/SIGSEGV) within the
-    first round; 16, 20, 24, 32 and 40 run clean, and batch 25 runs clean with TF_ENABLE_ONEDNN_OPTS=0.
-    """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if batch_size % 2 and onednn_enabled():
-        raise ValueError(
-            f"batch size {batch_size} is odd: TF 2.14's oneDNN kernels corrupt memory with odd batch sizes on this "
-            "CPU (the TFF worker aborts). Use an even batch size, or set TF_ENABLE_ONEDNN_OPTS=0 before starting "
-            "Python (about 2x slower training)."
-        )
 
 
 def batch_spec(input_shape: Sequence[int], batch_size: int) -> tff.Type:

@@ -7,6 +7,7 @@
     DIR/accuracy.png       test accuracy and training loss per round
     DIR/budget.json        the client budget: PriSM's cost at the keep ratio, the matched sizes, cost ratios
     DIR/input_stats.json   per-channel mean/std of the inputs (when the run normalizes them)
+    DIR/data_spec.json     per-example input shape and number of classes (what replay and export rebuild from)
     DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
 
 Nothing is lost on failure: metrics and a checkpoint are written at the end of every round, and `resume` drops the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow_federated as tff
+
+_CHECKPOINT = re.compile(r"program_state_(\d+)")
 
 
 class RunError(ValueError):
@@ -46,6 +49,7 @@ class RunDir:
     model_path = property(lambda self: self.path / "model.keras")
     input_stats_path = property(lambda self: self.path / "input_stats.json")
     budget_path = property(lambda self: self.path / "budget.json")
+    data_spec_path = property(lambda self: self.path / "data_spec.json")
 
     # --- config ----------------------------------------------------------------------------------------------
     def check_writable(self, *, overwrite: bool) -> None:
@@ -121,15 +125,19 @@ class RunDir:
         os.replace(tmp, self.model_path)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
-    def state_manager(self, keep_total: int = 3) -> tff.program.FileProgramStateManager:
+    def state_manager(self, keep_total: int = 3) -> tff.program.FileProgramStateManager:  # noqa: F821
+        import tensorflow_federated as tff
+
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         return tff.program.FileProgramStateManager(str(self.checkpoint_dir), keep_total=keep_total, keep_first=False)
 
-    def save_state(self, manager: tff.program.FileProgramStateManager, state: Any, version: int) -> None:
+    def save_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
+                   state: Any, version: int) -> None:
         # A flat list of arrays: nested dict/list structures trip SavedModel's tracking wrappers here.
         asyncio.run(manager.save([np.asarray(x) for x in _flatten(state)], version))
 
-    def load_state(self, manager: tff.program.FileProgramStateManager, structure: Any) -> tuple[Any, int]:
+    def load_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
+                   structure: Any) -> tuple[Any, int]:
         template = [np.asarray(x) for x in _flatten(structure)]
         flat, version = asyncio.run(manager.load_latest(template))
         if flat is None:
@@ -137,6 +145,53 @@ class RunDir:
         if len(flat) != len(template):
             raise RunError(f"checkpoint {version} in {self.checkpoint_dir} does not match this run's model")
         return _unflatten(structure, iter(flat)), int(version)
+
+    def checkpoint_versions(self) -> list[int]:
+        """The rounds with a complete checkpoint, oldest first (``program_state_<round>``; TFF's temporary
+        ``..._temp<n>`` directories of an interrupted save are not versions)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        versions = []
+        for entry in self.checkpoint_dir.iterdir():
+            match = _CHECKPOINT.fullmatch(entry.name)
+            if match and (entry / "saved_model.pb").exists():
+                versions.append(int(match.group(1)))
+        return sorted(versions)
+
+    def read_checkpoint(self, version: int | None = None) -> tuple[list[np.ndarray], int]:
+        """The flat arrays of checkpoint ``version`` (default: the latest), read with plain TensorFlow: no TFF.
+
+        A checkpoint is what `save_state` wrote: the flattened process state (server weights, then the round
+        counter, then any server-optimizer state).
+
+        Raises:
+          RunError: no such checkpoint (naming the ones there are), or it cannot be read.
+        """
+        versions = self.checkpoint_versions()
+        if not versions:
+            raise RunError(f"no checkpoint in {self.checkpoint_dir}")
+        version = versions[-1] if version is None else int(version)
+        if version not in versions:
+            raise RunError(f"{self.path} has no checkpoint of round {version}; it has rounds "
+                           f"{', '.join(map(str, versions))} (a run keeps its last few)")
+        import tensorflow as tf
+
+        path = self.checkpoint_dir / f"program_state_{version}"
+        try:
+            values = tf.saved_model.load(str(path))()
+        except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
+            raise RunError(f"checkpoint {path} cannot be read: {type(e).__name__}: {str(e)[:300]}") from None
+        return [np.asarray(v.read_value() if isinstance(v, tf.Variable) else v) for v in values], version
+
+    def write_data_spec(self, input_shape: Any, num_classes: int) -> None:
+        """What the model takes (``data_spec.json``): per-example input shape and number of classes."""
+        _atomic_write(self.data_spec_path, json.dumps(
+            {"input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)}, indent=2))
+
+    def read_data_spec(self) -> dict[str, Any] | None:
+        if not self.data_spec_path.exists():
+            return None
+        return json.loads(self.data_spec_path.read_text())
 
     # --- plot ------------------------------------------------------------------------------------------------
     def plot(self, rows: Iterable[dict[str, Any]], title: str) -> None:

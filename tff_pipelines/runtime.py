@@ -575,3 +575,8 @@ def _stop_tff_managed_worker(ctx: Any) -> None:
         manager._stub = None
     except Exception:
         pass
+
+
+# Importing this module (as every module that builds TFF computations does, through `tff_pipelines.layout`)
+# installs our context: TFF's stock context must never start a worker of its own with our pipes.
+install_local_context(log_path=os.environ.get(LOG_ENV_VAR) or None)

@@ -1,0 +1,203 @@
+"""What a run is, without TFF: its options (`TrainConfig`), its server model and its client budget.
+
+Everything here is plain Python, numpy and Keras, so the exporter, device ingest and round replay
+(`tff_pipelines.replay`) can rebuild a run's model and its clients' sub-models without starting a TFF worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+import prism_tf
+from prism_tf.evaluation import EVAL_NORMS
+from tff_pipelines import methods as tff_methods
+from tff_pipelines import recipe
+from tff_pipelines.methods import METHODS, Method
+from tff_pipelines.runs import RunDir, RunError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a simulated run (the CLI's flags; stored as ``config.json``)."""
+
+    method: str = "prism"
+    model: str = "resnet18"
+    width: int = 16
+    norm: str = "batch"
+    dataset: str = "cifar10"
+    data: str | None = None
+    clients: int = 20
+    clients_per_round: int = 5
+    examples_per_client: int | None = None
+    rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 32
+    keep_ratio: float = 0.2
+    strategy: str = "prism"
+    gamma: float | None = None
+    output_keep: float | None = None
+    keep_mix: str | None = None
+    partition: str = "iid"
+    eval_every: int = 1
+    eval_examples: int | None = None
+    seed: int = 0
+    distribution: str = "select"
+    client_lr: float = 0.1
+    client_momentum: float = 0.9
+    clip_norm: float | None = 5.0
+    lr_schedule: str = "cosine"
+    final_lr: float = 1e-4
+    frobenius_decay: float = 2e-4
+    weight_decay: float = 5e-4
+    augment: str = "crop_flip"
+    normalize: str = "channel"
+    server_lr: float | None = None
+    server_momentum: float = 0.0
+    refactorize_every: int = 1
+    weighting: str = "examples"
+    eval_norm: str = "recalibrate"
+    match: str = "flops"
+    calibration_examples: int = 1000
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.model not in prism_tf.models.MODELS:
+            raise ValueError(f"--model must be one of {', '.join(prism_tf.models.MODELS)}, got {self.model!r}")
+        positive = dict(width=self.width, clients=self.clients, clients_per_round=self.clients_per_round,
+                        rounds=self.rounds, local_epochs=self.local_epochs, batch_size=self.batch_size,
+                        eval_every=self.eval_every)
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.clients_per_round > self.clients:
+            raise ValueError(f"--clients-per-round ({self.clients_per_round}) exceeds --clients ({self.clients})")
+        if self.examples_per_client is not None and self.examples_per_client < self.batch_size:
+            raise ValueError(f"--examples-per-client ({self.examples_per_client}) is below --batch-size "
+                             f"({self.batch_size}): clients would train on nothing")
+        if self.eval_norm not in EVAL_NORMS:
+            raise ValueError(f"--eval-norm must be one of {', '.join(EVAL_NORMS)}, got {self.eval_norm!r}")
+        for name, value, allowed in (("lr_schedule", self.lr_schedule, recipe.SCHEDULES),
+                                     ("augment", self.augment, AUGMENTS), ("normalize", self.normalize, NORMALIZE)):
+            if value not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("client_lr", "final_lr", "frobenius_decay", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.match not in MATCHES:
+            raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
+        if self.calibration_examples < 2:
+            raise ValueError(f"--calibration-examples must be >= 2, got {self.calibration_examples}")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            raise ValueError(f"--eval-examples must be >= 1, got {self.eval_examples}")
+        prism_tf.sampling.check_keep_ratio(self.keep_ratio, "--keep-ratio")
+        if self.output_keep is not None:
+            prism_tf.sampling.check_keep_ratio(self.output_keep, "--output-keep")
+        check_batch_size(self.batch_size)
+        parse_keep_mix(self.keep_mix)
+
+    def method_spec(self) -> Method:
+        return Method(self.method, keep_ratio=self.keep_ratio, strategy=self.strategy, gamma=self.gamma,
+                      output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix))
+
+
+AUGMENTS = ("none", "crop_flip")
+NORMALIZE = ("none", "channel")
+
+
+def parse_keep_mix(text: str | None) -> tuple[tuple[float, float], ...] | None:
+    """``"0.2:0.6,0.4:0.4"`` -> ``((0.2, 0.6), (0.4, 0.4))`` (keep ratio : share of clients)."""
+    if not text:
+        return None
+    try:
+        mix = tuple((float(r), float(s)) for r, s in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--keep-mix must look like 0.2:0.6,0.4:0.4 (ratio:share,...), got {text!r}") from None
+    for ratio, share in mix:
+        prism_tf.sampling.check_keep_ratio(ratio, "--keep-mix ratio")
+        if share <= 0:
+            raise ValueError(f"--keep-mix shares must be positive, got {share}")
+    return mix
+
+
+def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int | None = None) -> Callable:
+    def build() -> tf.keras.Model:
+        tf.keras.utils.set_random_seed(config.seed)  # the same initial server model for every method
+        return prism_tf.models.build_model(config.model, width=width or config.width, num_classes=num_classes,
+                                           input_shape=input_shape, norm=config.norm)
+
+    return build
+
+
+MATCHES = ("flops", "activations", "nominal")
+
+
+def client_budget(config: TrainConfig, input_shape, num_classes: int) -> tuple[Method, int, dict]:
+    """The method at the run's client budget (docs/algorithm.md §5): its `Method`, model width and budget record.
+
+    ``--match flops`` (default) / ``activations`` give every width method the channel fraction, and ``small`` the
+    model width, whose client flops (activation bytes) are closest to PriSM's sub-model at ``--keep-ratio``;
+    ``nominal`` uses ``--keep-ratio`` as the channel fraction (``small`` is still matched by flops).
+    """
+    method = config.method_spec()
+    metric = "activation_bytes" if config.match == "activations" else "flops"
+    full = model_builder(config, input_shape, num_classes)()
+    if config.match == "nominal" and method.name != "small":
+        _, info = tff_methods.equal_cost_method(dataclasses.replace(method, name="prism"), full, metric)
+        info.update(metric="nominal", width_fraction=None)
+        return method, config.width, info
+    build = lambda width: model_builder(config, input_shape, num_classes, width)()  # noqa: E731
+    matched, info = tff_methods.equal_cost_method(method, full, metric, build_model=build, max_width=config.width)
+    return matched, int(info.get("small_width", config.width)), info
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow uses its oneDNN kernels (the default on x86 Linux unless TF_ENABLE_ONEDNN_OPTS=0)."""
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false", "off")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Reject batch sizes that crash TF 2.14's oneDNN kernels on these CPUs.
+
+    Measured here (ResNet-18, 32×32×3, FedAvg or PriSM alike): client training with batch sizes 15, 25, 27 and 33
+    aborts the TFF worker with glibc heap corruption ("double free or corruption", SIGABRT/SIGSEGV) within the
+    first round; 16, 20, 24, 32 and 40 run clean, and batch 25 runs clean with TF_ENABLE_ONEDNN_OPTS=0.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if batch_size % 2 and onednn_enabled():
+        raise ValueError(
+            f"batch size {batch_size} is odd: TF 2.14's oneDNN kernels corrupt memory with odd batch sizes on this "
+            "CPU (the TFF worker aborts). Use an even batch size, or set TF_ENABLE_ONEDNN_OPTS=0 before starting "
+            "Python (about 2x slower training)."
+        )
+
+
+def round_clients(config: TrainConfig, round_num: int) -> list[int]:
+    """The clients of round ``round_num`` (0-based): ``clients_per_round`` of ``clients`` drawn without replacement
+    from the stream ``((seed, round), "participants")`` (`prism_tf.streams`), sorted."""
+    rng = prism_tf.streams.rng((config.seed, round_num), "participants")
+    return [int(c) for c in np.sort(rng.choice(config.clients, config.clients_per_round, replace=False))]
+
+
+# Options added after runs were first written, with the behaviour those runs had: a run directory from before an
+# option existed continues as it was trained, not with today's default.
+LEGACY_DEFAULTS = dict(normalize="none", augment="none", lr_schedule="constant", frobenius_decay=0.0,
+                       weight_decay=0.0, match="nominal")
+
+
+def stored_config(run: RunDir, **overrides: Any) -> TrainConfig:
+    """The `TrainConfig` of an existing run directory (older configs get `LEGACY_DEFAULTS`)."""
+    stored = run.read_config()
+    unknown = set(stored) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise RunError(f"{run.config_path} has unknown options {sorted(unknown)}")
+    return TrainConfig(**{**LEGACY_DEFAULTS, **stored, **overrides})

@@ -1,0 +1,135 @@
+"""Any round of a run, rebuilt from its directory without TFF: the server model, each client's `Selection`.
+
+A round ``t`` (1-based, as the run's table numbers them) starts from the server weights after ``t − 1`` rounds
+(checkpoint ``t − 1``; round 1 starts from the seeded initial model, which is rebuilt) and draws its clients
+(`tff_pipelines.config.round_clients`) and their selections (`tff_pipelines.methods.round_selections`) exactly as
+the process did. The exporter (`export`) builds device sub-models from it and device ingest checks uploads
+against it; nothing here imports TFF or starts a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+import prism_tf
+from tff_pipelines import recipe
+from tff_pipelines.config import TrainConfig, client_budget, model_builder, round_clients, stored_config
+from tff_pipelines.methods import Method, round_selections
+from tff_pipelines.runs import RunDir, RunError
+
+# Runs from before data_spec.json existed: the built-in dataset's shapes.
+_KNOWN_DATA = {"cifar10": {"input_shape": [32, 32, 3], "num_classes": 10}}
+
+
+def weights_digest(weights: Sequence[np.ndarray]) -> str:
+    """SHA-256 over the flat weights' dtypes, shapes and bytes: names the exact server model a round started from."""
+    digest = hashlib.sha256()
+    for w in weights:
+        w = np.ascontiguousarray(w)
+        digest.update(f"{w.dtype.str}{w.shape}".encode())
+        digest.update(w.tobytes())
+    return digest.hexdigest()
+
+
+class RoundReplay:
+    """Round ``round_num`` of the run in ``run_dir``: its server model, clients and selections.
+
+    Args:
+      run_dir: a run directory (`tff_pipelines.runs.RunDir`).
+      round_num: 1-based round; default the next round to train (one after the latest checkpoint).
+
+    Raises:
+      RunError: no run there, or the checkpoint the round needs is not kept (the run keeps its last few).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], round_num: int | None = None) -> None:
+        self.run = RunDir(run_dir)
+        self.config: TrainConfig = stored_config(self.run)
+        spec = self.run.read_data_spec() or _KNOWN_DATA.get(self.config.dataset)
+        if spec is None:
+            raise RunError(f"{self.run.path} has no data_spec.json (written by runs since it existed); resume the "
+                           "run once to write it")
+        self.input_shape, self.num_classes = tuple(spec["input_shape"]), int(spec["num_classes"])
+        self.method, width = self._method()
+        model = model_builder(self.config, self.input_shape, self.num_classes, width)()
+        self.server_model = prism_tf.factorize(model) if self.method.spectral else model
+        self.plan = prism_tf.SubmodelPlan.of(self.server_model)
+        versions = self.run.checkpoint_versions()
+        latest = versions[-1] if versions else 0
+        self.round_num = latest + 1 if round_num is None else int(round_num)
+        if self.round_num < 1:
+            raise RunError(f"rounds are numbered from 1, got {round_num}")
+        if self.round_num > 1:
+            flat, _ = self.run.read_checkpoint(self.round_num - 1)
+            n = len(self.plan.tensors)
+            if len(flat) < n + 1:
+                raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match its config")
+            prism_tf.set_flat_weights(self.server_model, flat[:n])
+            if int(flat[n]) != self.round_num - 1:
+                raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} holds round {int(flat[n])}")
+        self.weights = [w.numpy() for w in prism_tf.flat_weights(self.server_model)]
+        self.server_digest = weights_digest(self.weights)
+
+    def _method(self) -> tuple[Method, int]:
+        budget = self.run.budget_path
+        if budget.exists():
+            import json
+
+            info = json.loads(budget.read_text())
+            method = self.config.method_spec()
+            if method.width and info.get("width_fraction") is not None:
+                method = dataclasses.replace(method, width_fraction=float(info["width_fraction"]))
+            width = int(info.get("small_width") or self.config.width)
+        else:
+            method, width, _ = client_budget(self.config, self.input_shape, self.num_classes)
+        if method.name == "small":  # trained whole, like FedAvg
+            method = dataclasses.replace(method, name="fedavg")
+        return method, width
+
+    # --- the round -----------------------------------------------------------------------------------------
+    @property
+    def index(self) -> int:
+        """The round's 0-based index: what seeds its participants and selections (the process's ``round_num``)."""
+        return self.round_num - 1
+
+    def clients(self) -> list[int]:
+        """The global ids of the clients the run draws for this round."""
+        return round_clients(self.config, self.index)
+
+    def singular_values(self) -> dict[str, np.ndarray]:
+        return {layer.name: layer.singular_values.numpy() for layer in prism_tf.principal_layers(self.server_model)}
+
+    def selections(self, client_ids: Sequence[int] | None = None) -> dict[int, prism_tf.Selection]:
+        """Each client's selection, as the process draws it (default: this round's clients; ``collective``'s ``C``
+        counts the clients passed)."""
+        ids = self.clients() if client_ids is None else [int(c) for c in client_ids]
+        for c in ids:
+            if not 0 <= c < self.config.clients:
+                raise ValueError(f"client {c} does not exist: the run has clients 0..{self.config.clients - 1}")
+        chosen = round_selections(self.method, self.plan, self.singular_values(), self.config.seed, self.index, ids)
+        return dict(zip(ids, chosen, strict=True))
+
+    def selection(self, client_id: int) -> prism_tf.Selection:
+        """Client ``client_id``'s selection in this round (drawn among the round's clients when it is one of them)."""
+        ids = self.clients()
+        return self.selections(ids if client_id in ids else [client_id])[int(client_id)]
+
+    def submodel(self, client_id: int) -> tf.keras.Model:
+        """Client ``client_id``'s sub-model of this round, with the server's weights (`prism_tf.extract`)."""
+        return prism_tf.extract(self.server_model, self.selection(client_id))
+
+    def learning_rate(self) -> float:
+        """The clients' learning rate in this round (the run's schedule at this round, else ``client_lr``)."""
+        cfg = self.config
+        if cfg.lr_schedule == "constant":
+            return float(cfg.client_lr)
+        return float(recipe.Schedule(cfg.lr_schedule, cfg.client_lr, cfg.final_lr, cfg.rounds)(self.index))
+
+
+__all__ = ["RoundReplay", "weights_digest"]
