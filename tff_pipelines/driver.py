@@ -16,6 +16,7 @@ import tensorflow as tf
 import prism_tf
 from prism_tf import evaluation
 from tff_pipelines import data as data_lib
+from tff_pipelines import methods as tff_methods
 from tff_pipelines import recipe
 from tff_pipelines.config import (
     AUGMENTS,
@@ -86,9 +87,7 @@ class Simulation:
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Raw test/training pixels -> model inputs, as the clients see them."""
-        if self.input_mean is None:
-            return data_lib.to_float(x)
-        return recipe.normalize(x, self.input_mean, self.input_std).numpy()
+        return recipe.preprocess(x, self.input_mean, self.input_std)
 
     def input_stats(self) -> dict | None:
         if self.input_mean is None:
@@ -105,23 +104,8 @@ class Simulation:
         return self._calibration
 
     def deployed_models(self, state) -> dict[str, tf.keras.Model]:
-        """The models a user of this method would deploy (docs/algorithm.md, "Evaluation").
-
-        ``deployed`` is the server model for PriSM, FedHM, FedAvg, ``small``, Federated Dropout and FedRolex;
-        for HeteroFL and FjORD it is the widest model their clients trained (the server's other channels are
-        never trained), and the full server model is reported beside it as ``server``.
-        """
-        server = self.process.assign_to(state)
-        method = self.process.method
-        if method.name not in ("heterofl", "fjord"):
-            return {"deployed": server}
-        widest = max(method.fjord_widths) if method.name == "fjord" else 1.0
-        fraction = method.channel_fraction(method.keep_ratio * widest)
-        plan = self.process.plan
-        channels = {g: np.arange(prism_tf.sampling.num_kept(fraction, plan.groups[g].size), dtype=np.int32)
-                    for g in plan.free_channel_groups()}
-        widest = prism_tf.extract(server, prism_tf.Selection({}, fraction, method.name, channels=channels))
-        return {"deployed": widest, "server": server}
+        """The models a user of this method would deploy (`tff_pipelines.methods.deployed_models`)."""
+        return tff_methods.deployed_models(self.process.method, self.process.assign_to(state))
 
     def client_cost(self) -> dict:
         """`prism_tf.cost` of a client's (default-size) sub-model."""
@@ -249,7 +233,8 @@ class Simulation:
             activation_ratio=last.get("client_activation_bytes_per_example", math.nan)
             / self.reference_cost["activation_bytes"],
             eval_norm=self.config.eval_norm, budget=self.budget,
-            mean_round_seconds=float(np.mean([r["round_seconds"] for r in rows])) if rows else None,
+            mean_round_seconds=float(np.mean(timed)) if (timed := [r["round_seconds"] for r in rows
+                                                                  if r.get("round_seconds") is not None]) else None,
             run_dir=str(self.run.path))
 
 

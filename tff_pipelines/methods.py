@@ -252,3 +252,21 @@ def round_selections(
     return [method.select(plan, singular_values, (seed, round_num, c), keep_ratio=keep, round_num=round_num,
                           clients_per_round=collective_clients or sharing[keep])
             for c, keep in zip(ids, keeps, strict=True)]
+
+
+def deployed_models(method: Method, server_model: tf.keras.Model) -> dict[str, tf.keras.Model]:
+    """The models a user of ``method`` would deploy (docs/algorithm.md §6), from the trained ``server_model``.
+
+    ``deployed`` is the server model for PriSM, FedHM, FedAvg, ``small``, Federated Dropout and FedRolex; for
+    HeteroFL and FjORD it is the widest model their clients trained (the server's other channels are never
+    trained), and the full server model is returned beside it as ``server``.
+    """
+    if method.name not in ("heterofl", "fjord"):
+        return {"deployed": server_model}
+    widest = max(method.fjord_widths) if method.name == "fjord" else 1.0
+    fraction = method.channel_fraction(method.keep_ratio * widest)
+    plan = SubmodelPlan.of(server_model)
+    channels = {g: np.arange(prism_tf.sampling.num_kept(fraction, plan.groups[g].size), dtype=np.int32)
+                for g in plan.free_channel_groups()}
+    sub = prism_tf.extract(server_model, Selection({}, fraction, method.name, channels=channels))
+    return {"deployed": sub, "server": server_model}

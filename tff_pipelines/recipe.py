@@ -144,3 +144,13 @@ def normalize(x: tf.Tensor, mean: np.ndarray, std: np.ndarray) -> tf.Tensor:
     x = tf.convert_to_tensor(x)
     x = tf.cast(x, tf.float32) / 255.0 if x.dtype == tf.uint8 else tf.cast(x, tf.float32)
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def preprocess(x: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -> np.ndarray:
+    """Raw pixels -> model inputs as a run's clients see them: `normalize` with the run's per-channel statistics,
+    or only the 1/255 scaling (``mean is None``, a run without ``--normalize channel``)."""
+    if mean is None:
+        from tff_pipelines.data import to_float
+
+        return to_float(x)
+    return normalize(x, mean, std).numpy()

@@ -20,7 +20,7 @@ import tensorflow as tf
 import prism_tf
 from tff_pipelines import recipe
 from tff_pipelines.config import TrainConfig, client_budget, model_builder, round_clients, stored_config
-from tff_pipelines.methods import Method, round_selections
+from tff_pipelines.methods import Method, deployed_models, round_selections
 from tff_pipelines.runs import RunDir, RunError
 
 # Runs from before data_spec.json existed: the built-in dataset's shapes.
@@ -123,6 +123,30 @@ class RoundReplay:
     def submodel(self, client_id: int) -> tf.keras.Model:
         """Client ``client_id``'s sub-model of this round, with the server's weights (`prism_tf.extract`)."""
         return prism_tf.extract(self.server_model, self.selection(client_id))
+
+    def input_stats(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The run's per-channel input mean and std (``None, None``: pixels / 255 only)."""
+        path = self.run.input_stats_path
+        if not path.exists():
+            return None, None
+        import json
+
+        stats = json.loads(path.read_text())
+        return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """Raw pixels -> model inputs, as the run's clients and evaluation saw them (`recipe.preprocess`)."""
+        return recipe.preprocess(x, *self.input_stats())
+
+    def calibration(self, x_train: np.ndarray) -> list[np.ndarray]:
+        """The training batches the run recalibrates BatchNorm statistics on (`--eval-norm recalibrate`)."""
+        return prism_tf.evaluation.calibration_batches(x_train, 100, self.config.calibration_examples,
+                                                       self.config.seed, self.preprocess)
+
+    def deployed_model(self) -> tf.keras.Model:
+        """The model a user of the run's method deploys, at this round's server weights
+        (`tff_pipelines.methods.deployed_models`)."""
+        return deployed_models(self.method, self.server_model)["deployed"]
 
     def learning_rate(self) -> float:
         """The clients' learning rate in this round (the run's schedule at this round, else ``client_lr``)."""

@@ -183,6 +183,37 @@ class RunDir:
             raise RunError(f"checkpoint {path} cannot be read: {type(e).__name__}: {str(e)[:300]}") from None
         return [np.asarray(v.read_value() if isinstance(v, tf.Variable) else v) for v in values], version
 
+    def write_checkpoint(self, flat: list[np.ndarray], version: int) -> None:
+        """Write checkpoint ``version`` without TFF, in the format `tff.program.FileProgramStateManager` reads (a
+        SavedModel whose call returns the flat values): a round finished outside TFF (device ingest) continues
+        with ``resume``. Atomic: written to a temporary directory, then renamed.
+
+        Raises:
+          RunError: checkpoint ``version`` exists already.
+        """
+        import tensorflow as tf
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"program_state_{int(version)}"
+        if path.exists():
+            raise RunError(f"{path} exists: round {version} is finished already")
+        module = _ValueModule([tf.Variable(np.asarray(v)) for v in flat])
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".program_state_{int(version)}.tmp"))
+        try:
+            tf.saved_model.save(module, str(tmp / "state"), signatures={})
+            os.replace(tmp / "state", path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def run_id(self) -> str:
+        """This run's identity (``run_id``, a random hex string made once): what exported manifests name."""
+        path = self.path / "run_id"
+        if not path.exists():
+            import secrets
+
+            _atomic_write_if_absent(path, secrets.token_hex(16))
+        return path.read_text().strip()
+
     def write_data_spec(self, input_shape: Any, num_classes: int) -> None:
         """What the model takes (``data_spec.json``): per-example input shape and number of classes."""
         _atomic_write(self.data_spec_path, json.dumps(
@@ -204,11 +235,13 @@ class RunDir:
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
         evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
         ax_acc.plot([r["round"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], "o-", label="test")
-        ax_acc.plot([r["round"] for r in rows], [r["train_accuracy"] for r in rows], alpha=0.6, label="train (clients)")
+        trained = [r for r in rows if r.get("train_loss") is not None]  # rows finished from device uploads have none
+        ax_acc.plot([r["round"] for r in trained], [r["train_accuracy"] for r in trained], alpha=0.6,
+                    label="train (clients)")
         ax_acc.set(xlabel="round", ylabel="accuracy", title=title)
         ax_acc.grid(alpha=0.3)
         ax_acc.legend()
-        ax_loss.plot([r["round"] for r in rows], [r["train_loss"] for r in rows], label="train loss")
+        ax_loss.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], label="train loss")
         if evaluated:
             ax_loss.plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="test loss")
         ax_loss.set(xlabel="round", ylabel="loss")
@@ -236,6 +269,34 @@ def _unflatten(structure: Any, flat) -> Any:
         return type(structure)(_unflatten(v, flat) for v in structure)
     value = next(flat)
     return np.asarray(value, dtype=np.asarray(structure).dtype)
+
+
+class _ValueModule:  # built lazily: tf.Module needs TensorFlow
+    def __new__(cls, value: list):
+        import tensorflow as tf
+
+        class ValueModule(tf.Module):
+            def __init__(self, value: list) -> None:
+                super().__init__()
+                self._value = value
+
+            @tf.function(input_signature=())
+            def __call__(self) -> list:
+                return self._value
+
+        return ValueModule(value)
+
+
+def _atomic_write_if_absent(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)  # fails if another process made it first: both then read the same id
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,0 +1,83 @@
+"""``python -m export {model,client,ingest,finish-round}``: models out of a run for devices, updates back in.
+
+docs/export.md. Needs no TFF: every command reads the run directory with TensorFlow and numpy only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# TensorFlow's C++ start-up notices (CUDA probing on a CPU machine) are not ours to show; a user's setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="the trained global model (Keras, SavedModel or TFLite)")
+    model.add_argument("--run", required=True, help="run directory")
+    model.add_argument("--round", type=int, help="server weights after this round (default: the latest)")
+    model.add_argument("--format", default="keras", choices=("keras", "savedmodel", "tflite"))
+    model.add_argument("--out", required=True, help="file (.keras, .tflite) or directory (savedmodel)")
+    model.add_argument("--factorized", action="store_true", help="keep the principal-kernel layers")
+    model.add_argument("--int8", action="store_true", help="post-training int8 quantization (TFLite)")
+    model.add_argument("--representative", type=int, default=200, help="calibration images for --int8")
+    model.add_argument("--eval-examples", type=int, default=2000,
+                       help="test images to measure accuracy on (0: skip, -1: all)")
+
+    client = commands.add_parser("client", help="one client's TFLite training sub-model for one round")
+    client.add_argument("--run", required=True)
+    client.add_argument("--client", type=int, required=True, help="global client id")
+    client.add_argument("--round", type=int, help="1-based round (default: the run's next round)")
+    client.add_argument("--out", required=True, help="CLIENT_DIR to write model.tflite, weights.npz, manifest.json")
+    client.add_argument("--runtime", default="builtins", choices=("builtins", "flex"),
+                        help="builtins: LiteRT alone (default); flex: TFLite's standard recipe, needs Flex ops")
+
+    ingest = commands.add_parser("ingest", help="validate and store a device's trained weights")
+    ingest.add_argument("--run", required=True)
+    ingest.add_argument("--client-dir", required=True, help="the CLIENT_DIR the device was given")
+    ingest.add_argument("--weights", required=True, help=".npz of the device's get_weights outputs")
+    ingest.add_argument("--examples", type=float, help="examples the device trained on (its aggregation weight)")
+    ingest.add_argument("--replace", action="store_true", help="overwrite this client's stored update")
+
+    finish = commands.add_parser("finish-round", help="aggregate the stored device updates into the next checkpoint")
+    finish.add_argument("--run", required=True)
+    finish.add_argument("--round", type=int, help="the open round (default)")
+    finish.add_argument("--min-clients", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = _parser().parse_args(argv)
+    from tff_pipelines.runs import RunError
+
+    try:
+        if options.command == "model":
+            from export.model import export_model
+
+            n = None if options.eval_examples < 0 else options.eval_examples
+            result = export_model(options.run, options.out, fmt=options.format, round_num=options.round,
+                                  factorized=options.factorized, int8=options.int8,
+                                  representative=options.representative, eval_examples=n)
+        elif options.command == "client":
+            from export.client import export_client
+
+            result = export_client(options.run, options.client, options.out, round_num=options.round,
+                                   runtime=options.runtime)
+        elif options.command == "ingest":
+            from export.ingest import ingest
+
+            result = ingest(options.run, options.client_dir, options.weights, examples=options.examples,
+                            replace=options.replace)
+        else:
+            from export.ingest import finish_round
+
+            result = finish_round(options.run, options.round, min_clients=options.min_clients)
+    except (ValueError, RunError, OSError) as e:
+        print(f"python -m export {options.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(result.report())
+    return 0

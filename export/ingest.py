@@ -1,0 +1,218 @@
+"""A device's trained weights back into the round: validate, store, and finish the round on the server.
+
+docs/export.md, "The way back". `ingest` checks an upload against the manifest it was exported with and against
+the run as it is now (run, round, client, server weights, names, shapes, dtypes, finite values), adds it to the
+round's accumulator by the same pure path a simulated client's update takes (`prism_tf.server.Accumulator`) as a
+dry run, and only then stores it in ``RUN/device_updates/round_<N>/``; anything that fails is refused with one
+message and changes nothing. `finish_round` aggregates the stored uploads (`prism_tf.server.finish_round`) and
+writes the round's checkpoint and metrics row, so ``python -m tff_pipelines resume`` continues after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import prism_tf
+from export.client import read_manifest
+from export.files import npz_bytes, write_atomic
+from tff_pipelines.replay import RoundReplay
+from tff_pipelines.runs import RunDir, RunError
+
+
+class IngestError(ValueError):
+    """An upload that cannot be aggregated (the message names the reason); nothing was changed."""
+
+
+def updates_dir(run: RunDir, round_num: int) -> Path:
+    return run.path / "device_updates" / f"round_{int(round_num)}"
+
+
+def read_upload(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The arrays of a device's ``.npz`` upload (no pickles: object arrays are refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IngestError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise IngestError(f"{path} is not a readable .npz weights file ({type(e).__name__}: {e})") from None
+
+
+def check_upload(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The upload's arrays in the sub-model's weight order, after checking names, shapes, dtypes and values.
+
+    Raises:
+      IngestError: a missing or unexpected name, a wrong shape or dtype, or a non-finite value (named).
+    """
+    expected = {w["name"]: w for w in manifest["weights"]}
+    missing = [n for n in expected if n not in arrays]
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise IngestError("the upload's weights do not match the manifest: "
+                          + "; ".join(filter(None, [f"missing {', '.join(missing[:5])}" if missing else "",
+                                                    f"unexpected {', '.join(extra[:5])}" if extra else ""])))
+    values = []
+    for name, spec in expected.items():
+        value = arrays[name]
+        if tuple(value.shape) != tuple(spec["shape"]):
+            raise IngestError(f"weight '{name}' has shape {tuple(value.shape)}, the manifest says "
+                              f"{tuple(spec['shape'])}")
+        if str(value.dtype) != spec["dtype"]:
+            raise IngestError(f"weight '{name}' has dtype {value.dtype}, the manifest says {spec['dtype']}")
+        if not np.all(np.isfinite(value)):
+            raise IngestError(f"weight '{name}' has non-finite values (NaN or Inf): the device's training diverged")
+        values.append(value)
+    return values
+
+
+@dataclasses.dataclass
+class Ingested:
+    """One accepted upload."""
+
+    path: str
+    round: int
+    client: int
+    examples: float
+
+    def report(self) -> str:
+        return (f"accepted client {self.client}'s update for round {self.round} (weight {self.examples:g}): "
+                f"{self.path}")
+
+
+def ingest(
+    run_dir: str | os.PathLike[str],
+    client_dir: str | os.PathLike[str],
+    weights: str | os.PathLike[str],
+    *,
+    examples: float | None = None,
+    replace: bool = False,
+) -> Ingested:
+    """Validate a device's trained weights (``weights``, a ``.npz`` of ``get_weights`` outputs) against the
+    manifest in ``client_dir`` and the run, then store them for `finish_round`.
+
+    ``examples``: how many examples the device trained on (its aggregation weight under the run's default
+    ``--weighting examples``); required then, ignored under ``uniform``.
+
+    Raises:
+      IngestError: anything that does not match (named); nothing is stored then.
+    """
+    run = RunDir(run_dir)
+    try:
+        manifest = read_manifest(client_dir)
+    except ValueError as e:
+        raise IngestError(str(e)) from None
+    if not run.config_path.exists():
+        raise IngestError(f"no run in {run.path}")
+    run_id = (run.path / "run_id").read_text().strip() if (run.path / "run_id").exists() else None
+    if manifest["run_id"] != run_id:
+        raise IngestError(f"the manifest belongs to run {manifest['run_id']}, not to {run.path} (run {run_id})")
+    round_num, client = int(manifest["round"]), int(manifest["client"])
+    pending = (run.checkpoint_versions() or [0])[-1] + 1
+    if round_num != pending:
+        raise IngestError(f"the manifest is for round {round_num}, but the run's open round is {pending}: "
+                          + ("that round is finished" if round_num < pending else "that round has not started"))
+    try:
+        replay = RoundReplay(run.path, round_num)
+    except RunError as e:
+        raise IngestError(str(e)) from None
+    if manifest["server_weights_sha256"] != replay.server_digest:
+        raise IngestError(f"the manifest was exported from other server weights than round {round_num} starts from")
+    values = check_upload(manifest, read_upload(weights))
+    selection = prism_tf.Selection.from_dict(manifest["selection"])
+    if selection.to_dict() != replay.selection(client).to_dict():
+        raise IngestError(f"the manifest's selection is not client {client}'s selection of round {round_num}")
+    weighting = replay.config.weighting
+    if weighting == "examples":
+        if examples is None or not (np.isfinite(examples) and examples > 0):
+            raise IngestError("this run weights clients by examples: give --examples N (N > 0), the number of "
+                              "examples the device trained on")
+        weight = float(examples)
+    else:
+        weight = 1.0
+    try:  # the same arithmetic `finish_round` will run, so a stored upload always aggregates
+        prism_tf.server.Accumulator(replay.plan).add(values, selection, weight, name=f"client {client}")
+    except ValueError as e:
+        raise IngestError(str(e)) from None
+    target = updates_dir(run, round_num)
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"client_{client}.npz"
+    if path.exists() and not replace:
+        raise IngestError(f"client {client}'s update for round {round_num} is stored already ({path}); "
+                          "pass --replace to overwrite it")
+    names = [w["name"] for w in manifest["weights"]]
+    write_atomic(path, npz_bytes(dict(zip(names, values, strict=True))))
+    write_atomic(path.with_suffix(".json"), json.dumps(
+        {"client": client, "round": round_num, "examples": examples, "weight": weight,
+         "selection": manifest["selection"]}).encode())
+    return Ingested(str(path), round_num, client, weight)
+
+
+def stored_updates(run: RunDir, round_num: int) -> list[tuple[int, list[np.ndarray], prism_tf.Selection, float]]:
+    """The uploads `ingest` stored for ``round_num``: ``(client, values, selection, weight)``, by client."""
+    out = []
+    directory = updates_dir(run, round_num)
+    for meta_path in sorted(directory.glob("client_*.json")) if directory.is_dir() else []:
+        meta = json.loads(meta_path.read_text())
+        with np.load(meta_path.with_suffix(".npz"), allow_pickle=False) as data:
+            values = [data[name] for name in data.files]
+        out.append((int(meta["client"]), values, prism_tf.Selection.from_dict(meta["selection"]),
+                    float(meta["weight"])))
+    return out
+
+
+@dataclasses.dataclass
+class FinishedRound:
+    round: int
+    clients: list[int]
+    kernel_coverage: float
+
+    def report(self) -> str:
+        return (f"finished round {self.round} with {len(self.clients)} device update(s) (clients "
+                f"{', '.join(map(str, self.clients))}); kernel coverage {self.kernel_coverage:.3f}. Continue with "
+                "`python -m tff_pipelines resume --out RUN`")
+
+
+def finish_round(
+    run_dir: str | os.PathLike[str], round_num: int | None = None, *, min_clients: int = 1
+) -> FinishedRound:
+    """Aggregate the stored device updates of the open round and write its checkpoint and metrics row.
+
+    The server step is `prism_tf.server.finish_round` (per-entry averages, re-factorization, ω reset), the one the
+    TFF round runs. Raises `IngestError` if fewer than ``min_clients`` updates are stored (nothing changes).
+    """
+    run = RunDir(run_dir)
+    pending = (run.checkpoint_versions() or [0])[-1] + 1
+    round_num = pending if round_num is None else int(round_num)
+    if round_num != pending:
+        raise IngestError(f"round {round_num} is not the run's open round ({pending})")
+    replay = RoundReplay(run.path, round_num)
+    if replay.config.server_lr is not None:
+        raise IngestError("this run uses a server optimizer; finishing its rounds outside TFF is not supported")
+    updates = stored_updates(run, round_num)
+    if len(updates) < max(1, int(min_clients)):
+        raise IngestError(f"round {round_num} has {len(updates)} stored device update(s); at least "
+                          f"{max(1, int(min_clients))} needed")
+    accumulator = prism_tf.server.Accumulator(replay.plan)
+    for client, values, selection, weight in updates:
+        accumulator.add(values, selection, weight, name=f"client {client}")
+    refactorize_every = replay.config.refactorize_every if replay.method.spectral else 0
+    new, coverage = prism_tf.server.finish_round(replay.plan, replay.weights, accumulator.sums, accumulator.counts,
+                                                 replay.index, refactorize_every)
+    flat = [np.asarray(w, np.float32) for w in new] + [np.asarray(round_num, np.int64)]
+    run.write_checkpoint(flat, round_num)
+    # No training loss or timing: a device reports only its weights (the table and plot skip what a row lacks).
+    run.append_metrics({"round": round_num, "clients": len(updates), "device_clients": [u[0] for u in updates],
+                        "kernel_coverage": float(coverage), "finished_by": "export finish-round"})
+    return FinishedRound(round_num, [u[0] for u in updates], float(coverage))
+
+
+__all__ = ["FinishedRound", "IngestError", "Ingested", "check_upload", "finish_round", "ingest", "read_upload",
+           "stored_updates"]

@@ -1,0 +1,195 @@
+"""The trained global model as a user takes it away: Keras, SavedModel or TFLite (float or int8).
+
+docs/export.md, "The global model". The model is the run's deployed model (`tff_pipelines.methods.deployed_models`)
+at a kept checkpoint, un-factorized back to plain Conv2D/Dense (`prism_tf.unfactorize`) unless ``factorized``,
+with the BatchNorm statistics the run evaluated with (recalibrated on the run's calibration batches for
+``--eval-norm recalibrate``), and the run's input preprocessing built in: the exported model takes raw pixels
+(0..255, float32) and normalizes them itself, so an app feeds it camera pixels as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+import prism_tf
+from export.files import write_atomic
+from prism_tf import evaluation
+from tff_pipelines.data import load_dataset
+from tff_pipelines.replay import RoundReplay
+
+FORMATS = ("keras", "savedmodel", "tflite")
+
+
+@dataclasses.dataclass
+class ModelExport:
+    """What `export_model` wrote and measured."""
+
+    path: str
+    format: str
+    bytes: int
+    round: int
+    int8: bool
+    keras_accuracy: float | None = None
+    exported_accuracy: float | None = None
+    float_tflite_bytes: int | None = None
+    float_tflite_accuracy: float | None = None
+    test_examples: int = 0
+
+    def report(self) -> str:
+        lines = [f"wrote {self.path} ({self.format}{', int8' if self.int8 else ''}, {self.bytes:,} bytes) from "
+                 f"the server model after round {self.round}"]
+        if self.keras_accuracy is not None:
+            lines.append(f"test accuracy on {self.test_examples} images: Keras {self.keras_accuracy:.4f}")
+        if self.float_tflite_accuracy is not None:
+            lines.append(f"  TFLite float32 ({self.float_tflite_bytes:,} bytes): {self.float_tflite_accuracy:.4f}")
+        if self.exported_accuracy is not None and self.format == "tflite":
+            drop = 100 * (self.keras_accuracy - self.exported_accuracy)
+            lines.append(f"  this file in a TFLite interpreter: {self.exported_accuracy:.4f} ({drop:+.2f} pp below "
+                         "Keras)" if drop >= 0 else f"  this file: {self.exported_accuracy:.4f}")
+        return "\n".join(lines)
+
+
+def deployable_model(replay: RoundReplay, *, factorized: bool = False, x_train: np.ndarray | None = None,
+                     preprocessing: bool = True) -> tf.keras.Model:
+    """The run's deployed model at ``replay``'s server weights, ready to save (see the module docstring).
+
+    ``x_train``: the training images the run recalibrates BatchNorm on (needed for ``--eval-norm recalibrate``).
+    """
+    model = replay.deployed_model()
+    model = model if factorized else prism_tf.unfactorize(model)
+    if replay.config.eval_norm == "recalibrate" and evaluation.batch_norm_layers(model):
+        if x_train is None:
+            raise ValueError("this run recalibrates BatchNorm before evaluation: pass its training images")
+        evaluation.recalibrate_batchnorm(model, replay.calibration(x_train))
+    if not preprocessing:
+        return model
+    mean, std = replay.input_stats()
+    raw = tf.keras.Input(shape=model.inputs[0].shape[1:], name="pixels")
+    x = tf.keras.layers.Rescaling(1.0 / 255.0, name="scale_pixels")(raw)
+    if mean is not None:
+        x = tf.keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize_channels")(x)
+    return tf.keras.Model(raw, model(x), name=f"{model.name}_deployed")
+
+
+def to_tflite(model: tf.keras.Model, *, int8: bool = False, representative: np.ndarray | None = None) -> bytes:
+    """Convert an inference model to TFLite (builtin ops only); ``int8``: post-training full-integer quantization
+    of weights and activations, calibrated on ``representative`` raw images (inputs and outputs stay float32)."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if int8:
+        if representative is None or len(representative) == 0:
+            raise ValueError("int8 quantization needs representative images (--representative N, N >= 1)")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        images = np.asarray(representative, np.float32)
+        converter.representative_dataset = lambda: ([images[i:i + 1]] for i in range(len(images)))
+    return converter.convert()
+
+
+def tflite_accuracy(flatbuffer: bytes, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> float:
+    """Top-1 accuracy of a TFLite classifier on raw images ``x`` in LiteRT's interpreter (as a phone runs it)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    detail = interpreter.get_input_details()[0]
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        batch = np.asarray(x[start:start + batch_size], np.float32)
+        interpreter.resize_tensor_input(detail["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(detail["index"], batch)
+        interpreter.invoke()
+        logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        correct += int(np.sum(np.argmax(logits, axis=-1) == y[start:start + batch_size]))
+    return correct / len(x)
+
+
+def export_model(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    fmt: str = "keras",
+    round_num: int | None = None,
+    factorized: bool = False,
+    int8: bool = False,
+    representative: int = 200,
+    eval_examples: int | None = 2000,
+    seed: int = 0,
+) -> ModelExport:
+    """Write the run's deployed model after round ``round_num`` (default: the latest checkpoint) to ``out``.
+
+    Measures test accuracy of the Keras model and, for TFLite, of the written file in LiteRT's interpreter (and of
+    the float32 conversion beside an int8 one), on ``eval_examples`` test images in a seeded random order
+    (``None``: all; 0: skip).
+
+    Raises:
+      ValueError: an unknown format, ``int8`` without TFLite, ``factorized`` with TFLite int8.
+      tff_pipelines.runs.RunError: no such run or checkpoint.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if int8 and fmt != "tflite":
+        raise ValueError("--int8 applies to --format tflite only")
+    if fmt == "keras" and not str(out).endswith(".keras"):
+        raise ValueError(f"--format keras writes a .keras file: --out must end in .keras, got {str(out)!r}")
+    replay = RoundReplay(run_dir, None if round_num is None else int(round_num) + 1)
+    dataset = load_dataset(replay.config.dataset, data=replay.config.data, progress=False)
+    model = deployable_model(replay, factorized=factorized, x_train=dataset.x_train)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = ModelExport(str(out), fmt, 0, replay.round_num - 1, int8)
+    n = len(dataset.x_test) if eval_examples is None else min(int(eval_examples), len(dataset.x_test))
+    order = np.random.default_rng([seed, 11]).permutation(len(dataset.x_test))[:n]
+    x_test, y_test = dataset.x_test[order].astype(np.float32), dataset.y_test[order]
+    if n:
+        report.keras_accuracy = float(np.mean(np.argmax(model.predict(x_test, batch_size=250, verbose=0), -1)
+                                              == y_test))
+        report.test_examples = n
+    if fmt == "tflite":
+        rng = np.random.default_rng([seed, 13])
+        reps = dataset.x_train[rng.permutation(len(dataset.x_train))[:representative]].astype(np.float32)
+        flatbuffer = to_tflite(model, int8=int8, representative=reps)
+        write_atomic(out, flatbuffer)
+        if n:
+            report.exported_accuracy = tflite_accuracy(flatbuffer, x_test, y_test)
+            if int8:
+                plain = to_tflite(model)
+                report.float_tflite_bytes = len(plain)
+                report.float_tflite_accuracy = tflite_accuracy(plain, x_test, y_test)
+    else:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            target = tmp / (out.name if fmt == "keras" else "model")
+            if fmt == "keras":
+                model.save(target)
+            else:
+                tf.saved_model.save(model, str(target))
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(target, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if n and fmt == "keras":
+            reloaded = tf.keras.models.load_model(out, custom_objects=prism_tf.CUSTOM_OBJECTS)
+            report.exported_accuracy = float(np.mean(
+                np.argmax(reloaded.predict(x_test, batch_size=250, verbose=0), -1) == y_test))
+    report.bytes = _size(out)
+    (out.parent / f"{out.name}.export.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+    return report
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+__all__ = ["FORMATS", "ModelExport", "deployable_model", "export_model", "tflite_accuracy", "to_tflite"]

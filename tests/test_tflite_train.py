@@ -1,0 +1,268 @@
+"""On-device training export (export/tflite_train.py; docs/export.md, "On-device training").
+
+Real conversions and real interpreters: the builtins-only models run in ``ai_edge_litert`` (no Flex) and are compared
+with a plain TensorFlow reference step — `tf.GradientTape` on the Keras sub-model, `prism_tf.local_step.step_gradients`,
+TFF's SGD-with-momentum formula and Keras's own BatchNorm moving-statistics update. Each model is converted once per
+module (a conversion takes seconds). TensorFlow only ever sees batches of 8: TF 2.14's oneDNN kernels corrupt memory
+when the batch size varies or is odd (docs/pitfalls.md), so partial batches are exercised in TFLite only.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from tensorflow.lite.python import schema_py_generated as schema
+
+import prism_tf
+from export import tflite_train as tt
+from prism_tf.local_step import StepOptions, step_gradients
+
+BATCH = 8
+CLASSES = 10
+SHAPE = (32, 32, 3)
+BUILTIN_OPS = {name for name in vars(schema.BuiltinOperator) if not name.startswith("_")} - {"CUSTOM"}
+# Frobenius decay, weight decay and a clip that binds (the loss gradients' global norm is ~2-10 here).
+OPTIONS = StepOptions(clip_norm=1.0, clip_lr_tau=10.0, frobenius_decay=1e-2, weight_decay=1e-2)
+STEP = tt.TrainStep(learning_rate=0.05, momentum=0.9, options=OPTIONS)
+# With the "unbiased" strategy ω is 2-7, so τ = 3 makes ClipLR bind too.
+STEP_CLIP_LR = tt.TrainStep(learning_rate=0.05, momentum=0.9,
+                            options=StepOptions(clip_norm=1.0, clip_lr_tau=3.0, frobenius_decay=1e-2,
+                                                weight_decay=1e-2))
+# Without normalization the loss gradients are small (global norm ~0.5): clip at 0.2.
+STEP_SMALL_CLIP = tt.TrainStep(learning_rate=0.05, momentum=0.9,
+                               options=StepOptions(clip_norm=0.2, clip_lr_tau=10.0, frobenius_decay=1e-2,
+                                                   weight_decay=1e-2))
+
+
+def make_submodel(name: str, norm: str, strategy: str = "prism", seed: int = 0) -> tf.keras.Model:
+    """A width-4 client sub-model (keep ratio 0.2) with randomized normalization parameters and statistics."""
+    tf.keras.utils.set_random_seed(seed)
+    full = prism_tf.models.build_model(name, width=4, num_classes=CLASSES, input_shape=SHAPE, norm=norm)
+    factorized = prism_tf.factorize(full)
+    sub = prism_tf.extract(factorized, prism_tf.sample(factorized, keep_ratio=0.2, seed=(0, 0, 3), strategy=strategy))
+    rng = np.random.default_rng(seed)
+    for layer in prism_tf.walk_layers(sub):
+        if isinstance(layer, tf.keras.layers.BatchNormalization | tf.keras.layers.GroupNormalization):
+            layer.gamma.assign(rng.uniform(0.8, 1.2, layer.gamma.shape))
+            layer.beta.assign(rng.normal(0.0, 0.1, layer.beta.shape))
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0.0, 0.1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+    return sub
+
+
+def synthetic_batches(count: int, seed: int = 1, batch: int = BATCH) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A learnable CIFAR-sized task: a fixed random pattern per class plus uniform noise, images in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    patterns = np.random.default_rng(1234).uniform(0, 1, (CLASSES, *SHAPE))
+    batches = []
+    for _ in range(count):
+        y = rng.integers(0, CLASSES, batch).astype(np.int32)
+        x = (0.5 * patterns[y] + 0.5 * rng.uniform(0, 1, (batch, *SHAPE))).astype(np.float32)
+        batches.append((x, y))
+    return batches
+
+
+class Exported:
+    """A sub-model, its initial flat weights and its builtins-only flatbuffer."""
+
+    def __init__(self, sub: tf.keras.Model, step: tt.TrainStep, **kwargs) -> None:
+        self.sub, self.step = sub, step
+        self.weights = [w.numpy() for w in prism_tf.flat_weights(sub)]
+        self.names = tt.weight_names(sub)
+        self.module = tt.build_training_module(sub, step, "builtins", **kwargs)
+        self.flatbuffer = tt.convert(self.module, "builtins")
+
+    def interpreter(self) -> dict:
+        interpreter = Interpreter(model_content=self.flatbuffer)
+        return {name: interpreter.get_signature_runner(name) for name in tt.SIGNATURES}
+
+
+@pytest.fixture(scope="module")
+def resnet_bn() -> Exported:
+    return Exported(make_submodel("resnet18", "batch"), STEP)
+
+
+@pytest.fixture(scope="module")
+def cnn_gn() -> Exported:
+    return Exported(make_submodel("small_cnn", "group", strategy="unbiased"), STEP_CLIP_LR)
+
+
+@pytest.fixture(scope="module")
+def cnn_none_chunked() -> Exported:
+    # A 300 KB patch budget makes conv1's filter gradient (110 KB of patches per example) a WHILE loop of 2-example
+    # chunks; conv2 and conv3 (36 KB and 18 KB per example) fit in one shot.
+    return Exported(make_submodel("small_cnn", "none"), STEP_SMALL_CLIP, max_patch_bytes=300_000)
+
+
+class Reference:
+    """The plain TensorFlow step on a clone of the sub-model: GradientTape + step_gradients + TFF's sgdm."""
+
+    def __init__(self, exported: Exported) -> None:
+        self.model = tf.keras.models.clone_model(exported.sub)
+        prism_tf.set_flat_weights(self.model, exported.weights)
+        trainable = {id(v) for v in self.model.trainable_weights}
+        variables = [v for v in prism_tf.flat_weights(self.model) if id(v) in trainable]
+        accumulators = [tf.Variable(tf.zeros_like(v)) for v in variables]
+        loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        step, model = exported.step, self.model
+
+        @tf.function
+        def train(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))  # Keras updates the BatchNorm moving statistics
+            loss_grads = tape.gradient(loss, variables)
+            grads = step_gradients(model, variables, loss_grads, step.options)
+            for variable, accumulator, grad in zip(variables, accumulators, grads, strict=True):
+                accumulator.assign(step.momentum * accumulator + grad)
+                variable.assign(variable - step.learning_rate * accumulator)
+            return loss, tf.linalg.global_norm(loss_grads)
+
+        self.train = train
+
+    def weights(self) -> list[np.ndarray]:
+        return [w.numpy() for w in prism_tf.flat_weights(self.model)]
+
+
+def max_errors(names: list[str], got: dict, want: list[np.ndarray]) -> dict[str, float]:
+    return {name: float(np.max(np.abs(got[name] - value))) for name, value in zip(names, want, strict=True)}
+
+
+def test_weight_names_are_stable_valid_signature_names(cnn_gn):
+    names = cnn_gn.names
+    assert len(names) == len(prism_tf.flat_weights(cnn_gn.sub)) == len(set(names))
+    assert names == sorted(names)  # get_weights outputs come back in flat order
+    assert all(re.fullmatch(r"w\d{3}_[A-Za-z0-9_]+", name) for name in names)
+    assert names[1] == "w001_conv1_norm_gamma"
+    assert tt.weight_names(tf.keras.models.clone_model(cnn_gn.sub)) == names
+
+
+def test_builtins_model_uses_builtin_ops_only_and_trains_without_flex(resnet_bn):
+    ops = tt.model_ops(resnet_bn.flatbuffer)
+    assert set(ops) <= BUILTIN_OPS, f"non-builtin ops: {sorted(set(ops) - BUILTIN_OPS)}"
+    assert {"TRANSPOSE_CONV", "CONV_2D", "ASSIGN_VARIABLE", "CONCATENATION"} <= set(ops)
+    interpreter = Interpreter(model_content=resnet_bn.flatbuffer)
+    signatures = interpreter.get_signature_list()
+    assert signatures["train"] == {"inputs": ["x", "y"], "outputs": ["loss"]}
+    assert signatures["infer"] == {"inputs": ["x"], "outputs": ["logits"]}
+    assert signatures["get_weights"]["outputs"] == resnet_bn.names
+    assert sorted(signatures["set_weights"]["inputs"]) == resnet_bn.names
+    train = interpreter.get_signature_runner("train")
+    get_weights = interpreter.get_signature_runner("get_weights")
+    (x, y), = synthetic_batches(1)
+    loss = float(train(x=x, y=y)["loss"])
+    assert np.isfinite(loss) and loss > 0
+    # A partial last batch (dynamic batch dimension) trains too, and the full batch size still works afterwards.
+    before = get_weights()
+    assert np.isfinite(train(x=x[:5], y=y[:5])["loss"])
+    after = get_weights()
+    assert all(np.all(np.isfinite(v)) for v in after.values())
+    assert max(max_errors(resnet_bn.names, after, [before[n] for n in resnet_bn.names]).values()) > 1e-4
+    assert np.isfinite(train(x=x, y=y)["loss"])
+
+
+def test_partial_batch_loss_is_the_mean_over_its_examples(cnn_gn):
+    # GroupNorm has no batch coupling, so train's loss on 5 examples is the cross-entropy of infer's logits on them.
+    runners = cnn_gn.interpreter()
+    (x, y), = synthetic_batches(1, seed=7)
+    logits = runners["infer"](x=x[:5])["logits"].astype(np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    want = -log_probs[np.arange(5), y[:5]].mean()
+    assert float(runners["train"](x=x[:5], y=y[:5])["loss"]) == pytest.approx(want, abs=2e-6)
+
+
+def test_flex_variant_needs_flex():
+    sub = make_submodel("small_cnn", "batch")
+    module = tt.build_training_module(sub, STEP, "flex")
+    with pytest.raises(ValueError, match="SELECT_TF_OPS"):
+        tt.convert(module, "builtins")
+    flatbuffer = tt.convert(module, "flex")
+    flex_ops = [op for op in tt.model_ops(flatbuffer) if op.startswith("Flex")]
+    assert "FlexConv2DBackpropFilter" in flex_ops and "FlexReluGrad" in flex_ops
+    with pytest.raises(RuntimeError, match="Select TensorFlow op"):
+        Interpreter(model_content=flatbuffer).allocate_tensors()
+
+
+@pytest.mark.parametrize("fixture", ["resnet_bn", "cnn_gn", "cnn_none_chunked"])
+def test_infer_matches_keras(fixture, request):
+    exported = request.getfixturevalue(fixture)
+    (x, _), = synthetic_batches(1, seed=3)
+    got = exported.interpreter()["infer"](x=x)["logits"]
+    want = exported.sub(x, training=False).numpy()
+    assert np.max(np.abs(got - want)) < 1e-4
+
+
+@pytest.mark.parametrize("fixture", ["resnet_bn", "cnn_gn", "cnn_none_chunked"])
+def test_one_train_step_matches_the_tensorflow_reference(fixture, request):
+    exported = request.getfixturevalue(fixture)
+    reference = Reference(exported)
+    runners = exported.interpreter()
+    (x, y), = synthetic_batches(1, seed=5)
+    want_loss, grad_norm = reference.train(x, y)
+    assert float(grad_norm) > 2 * exported.step.options.clip_norm  # the clip binds
+    got_loss = float(runners["train"](x=x, y=y)["loss"])
+    assert got_loss == pytest.approx(float(want_loss), abs=1e-5)
+    errors = max_errors(exported.names, runners["get_weights"](), reference.weights())
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-5, f"{worst}: {errors[worst]:.2e}"
+    changed = max_errors(exported.names, runners["get_weights"](), exported.weights)
+    assert changed[exported.names[0]] > 1e-4  # the step moved the weights
+    if fixture == "resnet_bn":
+        assert changed["w003_stem_norm_moving_mean"] > 1e-3  # and the BatchNorm statistics
+
+
+def test_twenty_steps_lower_the_loss_and_track_the_reference(resnet_bn):
+    reference = Reference(resnet_bn)
+    runners = resnet_bn.interpreter()
+    batches = synthetic_batches(5, seed=11) * 4  # 5 batches, 4 epochs
+    got = np.array([float(runners["train"](x=x, y=y)["loss"]) for x, y in batches])
+    want = np.array([float(reference.train(x, y)[0]) for x, y in batches])
+    # Float differences grow along the trajectory (ReLU masks flip where activations are ~0); the losses stay within
+    # 1e-3 here (measured ~1e-5).
+    assert np.max(np.abs(got - want)) < 1e-3
+    assert got[-5:].mean() < got[:5].mean() - 0.3
+    errors = max_errors(resnet_bn.names, runners["get_weights"](), reference.weights())
+    assert max(errors.values()) < 1e-2
+
+
+def test_weights_round_trip_through_npz(resnet_bn, tmp_path):
+    first = resnet_bn.interpreter()
+    batches = synthetic_batches(3, seed=13)
+    for x, y in batches[:2]:
+        first["train"](x=x, y=y)
+    path = tmp_path / "client.npz"
+    np.savez(path, **first["get_weights"]())
+    with np.load(path) as saved:
+        values = {name: saved[name] for name in saved.files}
+    assert sorted(values) == resnet_bn.names
+    second = resnet_bn.interpreter()
+    second["set_weights"](**values)
+    first["set_weights"](**values)  # also zeroes the first interpreter's momentum: a fresh round in both
+    x, y = batches[2]
+    assert np.array_equal(first["infer"](x=x)["logits"], second["infer"](x=x)["logits"])
+    for name, value in second["get_weights"]().items():
+        assert np.array_equal(value, values[name]), name
+    assert first["train"](x=x, y=y)["loss"] == second["train"](x=x, y=y)["loss"]
+    after_first, after_second = first["get_weights"](), second["get_weights"]()
+    for name in resnet_bn.names:
+        assert np.array_equal(after_first[name], after_second[name]), name
+
+
+def test_unsupported_layers_raise_naming_the_layer():
+    vgg = prism_tf.models.build_model("vgg11", width=1, num_classes=CLASSES, input_shape=SHAPE, norm="batch")
+    with pytest.raises(ValueError, match=r"'pool1' of type MaxPooling2D"):
+        tt.build_training_module(vgg, STEP)
+    inputs = tf.keras.Input((8, 8, 3))
+    hidden = tf.keras.layers.GlobalAveragePooling2D()(inputs)
+    outputs = tf.keras.layers.Dense(CLASSES, activation="tanh", name="head")(hidden)
+    with pytest.raises(ValueError, match=r"'head' of type Dense.*tanh"):
+        tt.build_training_module(tf.keras.Model(inputs, outputs), STEP)
+    with pytest.raises(ValueError, match="runtime"):
+        tt.build_training_module(tf.keras.Model(inputs, outputs), STEP, runtime="gpu")
+    with pytest.raises(ValueError, match="learning_rate"):
+        tt.TrainStep(learning_rate=0.0)
