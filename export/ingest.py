@@ -30,10 +30,6 @@ class IngestError(ValueError):
     """An upload that cannot be aggregated (the message names the reason); nothing was changed."""
 
 
-def updates_dir(run: RunDir, round_num: int) -> Path:
-    return run.path / "device_updates" / f"round_{int(round_num)}"
-
-
 def read_upload(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The arrays of a device's ``.npz`` upload (no pickles: object arrays are refused)."""
     path = Path(path)
@@ -141,7 +137,7 @@ def ingest(
         prism_tf.server.Accumulator(replay.plan).add(values, selection, weight, name=f"client {client}")
     except ValueError as e:
         raise IngestError(str(e)) from None
-    target = updates_dir(run, round_num)
+    target = run.device_updates_dir(round_num)
     target.mkdir(parents=True, exist_ok=True)
     path = target / f"client_{client}.npz"
     if path.exists() and not replace:
@@ -157,15 +153,8 @@ def ingest(
 
 def stored_updates(run: RunDir, round_num: int) -> list[tuple[int, list[np.ndarray], prism_tf.Selection, float]]:
     """The uploads `ingest` stored for ``round_num``: ``(client, values, selection, weight)``, by client."""
-    out = []
-    directory = updates_dir(run, round_num)
-    for meta_path in sorted(directory.glob("client_*.json")) if directory.is_dir() else []:
-        meta = json.loads(meta_path.read_text())
-        with np.load(meta_path.with_suffix(".npz"), allow_pickle=False) as data:
-            values = [data[name] for name in data.files]
-        out.append((int(meta["client"]), values, prism_tf.Selection.from_dict(meta["selection"]),
-                    float(meta["weight"])))
-    return out
+    return [(c, values, prism_tf.Selection.from_dict(selection), weight)
+            for c, values, selection, weight in run.read_device_updates(round_num)]
 
 
 @dataclasses.dataclass

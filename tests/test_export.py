@@ -188,3 +188,28 @@ def test_an_update_changes_only_the_entries_its_selection_holds(device_round):
         covered = prism_tf.slicing.coverage(replay.plan.slices(tensor, indices), tensor.shape).numpy() > 0
         changed = averaged[position] != replay.weights[position]
         assert not np.any(changed & ~covered), (tensor.layer, tensor.weight)
+
+
+def test_a_round_mixing_phones_and_simulated_clients_equals_the_tff_round(device_round, tmp_path):
+    """`resume` finishes an open round whose first client trained on a phone and whose others TFF simulates."""
+    mixed = _copy_run(device_round["tff_run"], tmp_path / "mixed", ROUND)
+    shutil.rmtree(mixed / "checkpoints" / f"program_state_{ROUND}")
+    RunDir(mixed).truncate_metrics(ROUND - 1)
+    (mixed / "run_id").write_text((device_round["device_run"] / "run_id").read_text())
+    phone = device_round["clients"][0]
+    ingest_lib.ingest(mixed, device_round["exports"][phone].directory, device_round["base"] / f"trained_{phone}.npz",
+                      examples=device_round["reports"][phone]["examples"])
+    driver.resume(str(mixed), rounds=ROUND)
+    replay = device_round["replay"]
+    n = len(replay.plan.tensors)
+    ours = RunDir(mixed).read_checkpoint(ROUND)[0][:n]
+    tff = RunDir(device_round["tff_run"]).read_checkpoint(ROUND)[0][:n]
+    positions = prism_tf.server.principal_positions(replay.plan)
+    worst = 0.0
+    for pos in positions.values():
+        rank = ours[pos["singular_values"]].shape[0]
+        kernel = [np.reshape(w[pos["principal_kernels"]], (-1, rank)) @ w[pos["combination"]] for w in (ours, tff)]
+        worst = max(worst, float(np.max(np.abs(kernel[0] - kernel[1]))))
+    assert worst < 1e-3, worst
+    row = RunDir(mixed).read_metrics()[-1]
+    assert row["round"] == ROUND and row["clients"] == len(device_round["clients"])

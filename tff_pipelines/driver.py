@@ -152,6 +152,19 @@ class Simulation:
             out.append(ds.batch(cfg.batch_size, drop_remainder=True))
         return out
 
+    def device_updates(self, round_num: int) -> tuple[prism_tf.server.Accumulator | None, list[int]]:
+        """The updates devices uploaded for round ``round_num`` (`python -m export ingest`), accumulated, and their
+        clients; ``(None, [])`` when there are none. Those clients are not simulated in that round."""
+        stored = self.run.read_device_updates(round_num)
+        if not stored:
+            return None, []
+        accumulator = prism_tf.server.Accumulator(self.process.plan)
+        for client, values, selection, weight in stored:
+            accumulator.add(values, prism_tf.Selection.from_dict(selection), weight, name=f"device client {client}")
+        self.log(f"round {round_num}: {len(stored)} device update(s) (clients {', '.join(str(c) for c, *_ in stored)})"
+                 " join the simulated clients")
+        return accumulator, [c for c, *_ in stored]
+
     def train(self, *, resume: bool = False) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -177,7 +190,10 @@ class Simulation:
         for round_num in bar:
             began = time.perf_counter()
             clients = self.round_clients(round_num - 1)
-            state, metrics = process.next(state, self.client_datasets(round_num - 1, clients), client_ids=clients)
+            uploaded, devices = self.device_updates(round_num)
+            simulated = [c for c in clients if c not in devices]
+            state, metrics = process.next(state, self.client_datasets(round_num - 1, simulated),
+                                          client_ids=simulated, uploaded=uploaded, uploaded_ids=devices)
             row = self._row(round_num, metrics, time.perf_counter() - began)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
                 row.update(self.evaluate(state))

@@ -254,27 +254,40 @@ class PrismProcess:
             inputs.append(collections.OrderedDict(data=dataset, indices=indices, scale=scale, **extra))
         return inputs
 
-    def next(self, state, client_datasets: Sequence[tf.data.Dataset], client_ids: Sequence[int] | None = None):
+    def next(self, state, client_datasets: Sequence[tf.data.Dataset], client_ids: Sequence[int] | None = None, *,
+             uploaded: prism_tf.server.Accumulator | None = None, uploaded_ids: Sequence[int] = ()):
         """One round over ``client_datasets`` (batched, fixed batch size); returns ``(state, metrics)``.
 
         ``client_ids``: the clients' global ids (default ``0..n-1``), which fix each device's capacity and seed
         its sampling (`selections`).
 
+        ``uploaded``: updates of this round's clients ``uploaded_ids`` that trained elsewhere (phones, through
+        `export.ingest`), accumulated by `prism_tf.server.Accumulator`; they join the simulated clients' sums
+        before the one server step. Selections are drawn over all of the round's clients, simulated and uploaded
+        (``collective``'s ``C`` counts both); ``client_datasets`` may then be empty.
+
         Metrics: ``loss``, ``accuracy``, ``num_examples`` (client training), ``kernel_coverage`` (share of all
         principal kernels trained by some client), and the per-client traffic and cost of this round's sub-models.
         """
-        if not client_datasets:
+        if not client_datasets and uploaded is None:
             raise ValueError("next: no client datasets")
         for i, dataset in enumerate(client_datasets):
             self._check_dataset(i, dataset)
         if client_ids is not None and len(client_ids) != len(client_datasets):
             raise ValueError(f"next: {len(client_ids)} client ids for {len(client_datasets)} client datasets")
-        selections = self.selections(state, len(client_datasets) if client_ids is None else client_ids)
-        tiers: dict[tuple, list[int]] = {}
-        sliced = self._default_sizes()
-        for i, selection in enumerate(selections):
-            sizes = self.plan.sizes(selection.indices())
-            tiers.setdefault(_key({g: sizes[g] for g in sliced}), []).append(i)
+        ids = list(range(len(client_datasets))) if client_ids is None else [int(c) for c in client_ids]
+        if uploaded is not None:
+            everyone = self.selections(state, ids + [int(c) for c in uploaded_ids])
+            selections = everyone[:len(ids)]
+            state, metrics = self._next_in_tiers(state, client_datasets, selections, self._tiers(selections),
+                                                 uploaded)
+            if not selections:  # only devices: no training loss reached the server
+                metrics.update(loss=float("nan"), accuracy=float("nan"))
+            metrics.update(dataclasses.asdict(self._report(everyone, self._tiers(everyone))))
+            metrics["uploaded_clients"] = len(uploaded_ids)
+            return state, {k: _py(v) for k, v in metrics.items()}
+        selections = self.selections(state, ids)
+        tiers = self._tiers(selections)
         if list(tiers) == [self.layout.sizes_key]:
             inputs = self.client_inputs(self.layout, client_datasets, selections, self.round_num(state))
             output = self.learning_process.next(state, inputs)
@@ -284,6 +297,15 @@ class PrismProcess:
         report = self._report(selections, tiers)
         metrics.update(dataclasses.asdict(report))
         return state, {k: _py(v) for k, v in metrics.items()}
+
+    def _tiers(self, selections: Sequence[prism_tf.Selection]) -> dict[tuple, list[int]]:
+        """Clients grouped by sub-model size (one traced client computation per size)."""
+        tiers: dict[tuple, list[int]] = {}
+        sliced = self._default_sizes()
+        for i, selection in enumerate(selections):
+            sizes = self.plan.sizes(selection.indices())
+            tiers.setdefault(_key({g: sizes[g] for g in sliced}), []).append(i)
+        return tiers
 
     def _check_dataset(self, i: int, dataset: tf.data.Dataset) -> None:
         expected = {k: tuple(self.element_type[k].shape) for k in ("x", "y")}
@@ -297,14 +319,20 @@ class PrismProcess:
                 raise ValueError(f"client dataset {i}: '{key}' batches have shape {got}, this process expects "
                                  f"{shape}{hint}")
 
-    def _next_in_tiers(self, state, datasets, selections, tiers):
+    def _next_in_tiers(self, state, datasets, selections, tiers, uploaded=None):
         acc = metrics = None
+        if uploaded is not None:  # devices' updates: their sums join the round's (metrics are the simulated ones)
+            acc = _accumulator(uploaded.sums, uploaded.counts)
+            metrics = collections.OrderedDict((k, np.float32(0)) for k in ("num_examples", "loss_sum", "correct"))
         weights = state["weights"]
         for key, members in tiers.items():
             layout = self._layout(key)
             inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members],
                                         self.round_num(state))
             tier_acc, tier_metrics = self._phase(key)(weights, inputs)
+            tier_acc = _accumulator(tier_acc["sums"], tier_acc["counts"])
+            tier_metrics = collections.OrderedDict((k, np.float32(tier_metrics[k])) for k in
+                                                   ("num_examples", "loss_sum", "correct"))
             add = lambda a, b: tf.nest.map_structure(np.add, a, b)  # noqa: E731
             acc = tier_acc if acc is None else add(acc, tier_acc)
             metrics = tier_metrics if metrics is None else add(metrics, tier_metrics)
@@ -323,6 +351,11 @@ class PrismProcess:
             act += n * cost["activation_bytes"]
         n = len(selections)
         return RoundReport(down / n, up / n, flops / n, act / n, n)
+
+
+def _accumulator(sums, counts) -> collections.OrderedDict:
+    return collections.OrderedDict(sums=[np.asarray(v, np.float32) for v in sums],
+                                   counts=[np.asarray(v, np.float32) for v in counts])
 
 
 def _key(sizes: dict[str, int]) -> tuple:

@@ -8,6 +8,7 @@
     DIR/budget.json        the client budget: PriSM's cost at the keep ratio, the matched sizes, cost ratios
     DIR/input_stats.json   per-channel mean/std of the inputs (when the run normalizes them)
     DIR/data_spec.json     per-example input shape and number of classes (what replay and export rebuild from)
+    DIR/device_updates/    devices' trained weights per round (`python -m export ingest`)
     DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
 
 Nothing is lost on failure: metrics and a checkpoint are written at the end of every round, and `resume` drops the
@@ -213,6 +214,22 @@ class RunDir:
 
             _atomic_write_if_absent(path, secrets.token_hex(16))
         return path.read_text().strip()
+
+    def device_updates_dir(self, round_num: int) -> Path:
+        """Where `export ingest` stores the devices' updates of round ``round_num`` (``device_updates/round_<N>``)."""
+        return self.path / "device_updates" / f"round_{int(round_num)}"
+
+    def read_device_updates(self, round_num: int) -> list[tuple[int, list[np.ndarray], dict, float]]:
+        """The stored device updates of round ``round_num``: ``(client, values, selection_dict, weight)`` by client
+        (values in the sub-model's weight order)."""
+        out = []
+        directory = self.device_updates_dir(round_num)
+        for meta_path in sorted(directory.glob("client_*.json")) if directory.is_dir() else []:
+            meta = json.loads(meta_path.read_text())
+            with np.load(meta_path.with_suffix(".npz"), allow_pickle=False) as data:
+                values = [data[name] for name in data.files]
+            out.append((int(meta["client"]), values, meta["selection"], float(meta["weight"])))
+        return out
 
     def write_data_spec(self, input_shape: Any, num_classes: int) -> None:
         """What the model takes (``data_spec.json``): per-example input shape and number of classes."""
