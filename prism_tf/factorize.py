@@ -137,9 +137,15 @@ def factorize(
         skip_classifier=skip_classifier, min_rank=min_rank, only=only,
     )
     if not report.factorized:
+        hints = []
+        if skip_pointwise and any(k.reason == "1x1 conv" for k in report.kept):
+            hints.append("its 1x1 convs (where a MobileNet-style model keeps nearly all its weights) are kept whole "
+                         "by skip_pointwise=True: pass skip_pointwise=False to factorize them")
+        if skip_first_conv and any("first conv" in k.reason for k in report.kept):
+            hints.append("skip_first_conv=False factorizes the first conv too")
         raise ValueError(
             f"factorize: model '{model.name}' has no factorizable layer (Conv2D with k>1 or hidden Dense of rank "
-            f">= {min_rank}).\n{report}"
+            f">= {min_rank})" + "".join(f"; {h}" for h in hints) + f".\n{report}"
         )
     ranks = {f.name: f.rank for f in report.factorized}
     clone = clone_with_ranks(model, ranks)

@@ -133,3 +133,16 @@ def test_unfactorize_gives_plain_keras_layers_with_the_same_function():
     np.testing.assert_allclose(plain(x).numpy(), fm(x).numpy(), rtol=1e-4, atol=1e-5)
     reloaded = tf.keras.models.model_from_json(plain.to_json())  # no custom objects needed
     assert reloaded.count_params() == plain.count_params()
+
+
+def test_a_pointwise_only_model_is_told_how_to_factorize_its_1x1_convs():
+    inputs = tf.keras.Input((16, 16, 3))
+    x = tf.keras.layers.Conv2D(8, 3, name="stem")(inputs)
+    x = tf.keras.layers.DepthwiseConv2D(3, name="dw")(x)
+    x = tf.keras.layers.Conv2D(32, 1, name="pw")(x)
+    outputs = tf.keras.layers.Dense(10, name="classifier")(tf.keras.layers.GlobalAveragePooling2D()(x))
+    model = tf.keras.Model(inputs, outputs, name="mobile")
+    with pytest.raises(ValueError, match="skip_pointwise=False"):
+        prism_tf.factorize(model)
+    factorized = prism_tf.factorize(model, skip_pointwise=False)
+    assert [layer.name for layer in prism_tf.principal_layers(factorized)] == ["pw"]
