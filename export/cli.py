@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(argv)
+    import prism_tf  # noqa: F401  (first: it imports TensorFlow without its CPU-only start-up noise)
     from tff_pipelines.runs import RunError
 
     try:

@@ -30,7 +30,9 @@ Two runtimes (`RUNTIMES`):
   a TRANSPOSE_CONV. The batch dimension stays dynamic, so a partial last batch trains too.
 ``"flex"``
   TFLite's standard on-device-training recipe: a plain `tf.GradientTape` over the Keras model, the same step,
-  converted with ``[TFLITE_BUILTINS, SELECT_TF_OPS]``. It needs an interpreter linked with the Flex delegate.
+  converted with ``[TFLITE_BUILTINS, SELECT_TF_OPS]``. It needs an interpreter linked with the Flex delegate, and
+  refuses GroupNormalization (Keras's dynamic-batch GroupNorm graph converts but fails in the interpreter). It
+  accepts any other Keras layer.
 
 Supported layers: ``InputLayer``, ``Conv2D`` and `prism_tf.PrincipalConv2D` (``channels_last``, no dilation, one
 group, ``same``/``valid``), ``Dense`` and `prism_tf.PrincipalDense`, ``BatchNormalization``,
@@ -100,8 +102,6 @@ def weight_names(submodel: tf.keras.Model) -> list[str]:
         for weight in layer.weights:
             short = weight.name.split("/")[-1].split(":")[0]
             names.append(re.sub(r"[^A-Za-z0-9_]", "_", f"w{len(names):03d}_{layer.name}_{short}"))
-    if len(names) != len(prism_tf.flat_weights(submodel)):
-        raise ValueError(f"weight_names: model '{submodel.name}' has weights outside its layers")
     return names
 
 
@@ -221,7 +221,7 @@ def build_training_module(
       A `TrainingModule` whose functions train ``submodel``'s own variables; pass it to `convert`.
 
     Raises:
-      ValueError: unknown runtime, or a layer (named in the message) the builtins runtime cannot train.
+      ValueError: unknown runtime, or a layer (named in the message) the runtime cannot train.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -229,6 +229,12 @@ def build_training_module(
         raise ValueError("batch_size and max_patch_bytes must be positive")
     if runtime == "flex":
         _check_model(submodel)
+        for layer in prism_tf.walk_layers(submodel):
+            if isinstance(layer, tf.keras.layers.GroupNormalization):
+                # Measured: Keras GroupNormalization's dynamic-shape graph converts, but its BROADCAST_TO fails to
+                # prepare in every interpreter ("Output shape must be broadcastable from input shape").
+                raise ValueError(f"runtime='flex' cannot train GroupNormalization layer '{layer.name}' with a dynamic "
+                                 "batch (the converted model fails at runtime): use runtime='builtins'")
         return TrainingModule(submodel, step, runtime, None)
     graph = _ModelGraph(submodel, int(batch_size), int(max_patch_bytes))  # validates every layer
     return TrainingModule(submodel, step, runtime, graph.forward)
@@ -251,7 +257,10 @@ def convert(module: TrainingModule, runtime: str = "builtins") -> bytes:
         ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
     with tempfile.TemporaryDirectory(prefix="prism_tflite_") as directory:
         path = str(Path(directory) / "saved_model")
-        tf.saved_model.save(module, path, signatures=module.signatures())
+        # The train signature already holds its backward pass: saving the custom gradients' functions is not needed
+        # (and takes longer than the conversion).
+        tf.saved_model.save(module, path, signatures=module.signatures(),
+                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
         converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(SIGNATURES))
         converter.target_spec.supported_ops = ops
         converter.experimental_enable_resource_variables = True

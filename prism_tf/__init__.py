@@ -7,9 +7,13 @@
     prism_tf.cost(sub)                                 # params, flops, activation bytes
 """
 
-from prism_tf import budget, evaluation, local_step, models, server, slicing, spectral, streams
-from prism_tf.cost import cost
-from prism_tf.factorize import (
+from prism_tf import _quiet
+
+_quiet.import_tensorflow()  # before anything imports TensorFlow: its CPU-only start-up noise never shows
+
+from prism_tf import budget, evaluation, local_step, models, server, slicing, spectral, streams  # noqa: E402
+from prism_tf.cost import cost  # noqa: E402
+from prism_tf.factorize import (  # noqa: E402
     FactorizationReport,
     factorize,
     plan_factorization,
@@ -18,10 +22,10 @@ from prism_tf.factorize import (
     unfactorize,
     walk_layers,
 )
-from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
-from prism_tf.plan import SubmodelPlan
-from prism_tf.sampling import STRATEGIES, LayerSelection, Selection, sample, sample_from_singular_values
-from prism_tf.submodel import (
+from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal  # noqa: E402
+from prism_tf.plan import SubmodelPlan  # noqa: E402
+from prism_tf.sampling import STRATEGIES, LayerSelection, Selection, sample, sample_from_singular_values  # noqa: E402
+from prism_tf.submodel import (  # noqa: E402
     aggregate,
     extract,
     flat_weights,

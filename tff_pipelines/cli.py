@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 
+import prism_tf  # noqa: F401  (first: it imports TensorFlow without its CPU-only start-up noise)
 from tff_pipelines.methods import METHODS
 
 _FIELD_HELP = {
@@ -57,7 +58,6 @@ _FIELD_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import prism_tf
     from prism_tf.evaluation import EVAL_NORMS
     from tff_pipelines import recipe
     from tff_pipelines.distributor import DISTRIBUTIONS
