@@ -299,6 +299,7 @@ class _ModelGraph:
         self.input_id = str(id(model.inputs[0]))
         self.output_id = str(id(model.outputs[0]))
         self.steps: list[tuple[Callable, list[str], str]] = []
+        # The traversal of Keras's own `Functional._run_internal_graph`: nodes by decreasing depth, tensors by id.
         for depth in sorted(model._nodes_by_depth, reverse=True):
             for node in model._nodes_by_depth[depth]:
                 if node.is_input:

@@ -10,6 +10,9 @@ when the batch size varies or is odd (docs/pitfalls.md), so partial batches are 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -89,14 +92,9 @@ def resnet_bn() -> Exported:
 
 @pytest.fixture(scope="module")
 def cnn_gn() -> Exported:
-    return Exported(make_submodel("small_cnn", "group", strategy="unbiased"), STEP_CLIP_LR)
-
-
-@pytest.fixture(scope="module")
-def cnn_none_chunked() -> Exported:
-    # A 300 KB patch budget makes conv1's filter gradient (110 KB of patches per example) a WHILE loop of 2-example
-    # chunks; conv2 and conv3 (36 KB and 18 KB per example) fit in one shot.
-    return Exported(make_submodel("small_cnn", "none"), STEP_SMALL_CLIP, max_patch_bytes=300_000)
+    # A 300 KB patch budget (sized for batch 32) makes every conv's filter gradient a WHILE loop over batch chunks
+    # (conv1: 110 KB of patches per example, chunks of 2 examples).
+    return Exported(make_submodel("small_cnn", "group", strategy="unbiased"), STEP_CLIP_LR, max_patch_bytes=300_000)
 
 
 class Reference:
@@ -141,28 +139,62 @@ def test_weight_names_are_stable_valid_signature_names(cnn_gn):
     assert tt.weight_names(tf.keras.models.clone_model(cnn_gn.sub)) == names
 
 
-def test_builtins_model_uses_builtin_ops_only_and_trains_without_flex(resnet_bn):
+# Runs a .tflite file in a fresh Python that imports ai_edge_litert and numpy only: no TensorFlow in the process, so
+# no Flex delegate can be found (with TensorFlow loaded, ai_edge_litert picks up TF's Flex delegate).
+LITERT_ONLY = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1])
+train = interpreter.get_signature_runner("train")
+rng = np.random.default_rng(0)
+for n in (8, 5, 8):
+    x = rng.uniform(0, 1, (n, 32, 32, 3)).astype(np.float32)
+    print(float(train(x=x, y=(np.arange(n) % 10).astype(np.int32))["loss"]))
+assert "tensorflow" not in sys.modules
+"""
+
+
+def run_without_tensorflow(flatbuffer: bytes, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "model.tflite"
+    path.write_bytes(flatbuffer)
+    return subprocess.run([sys.executable, "-c", LITERT_ONLY, str(path)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_builtins_model_uses_builtin_ops_only_and_trains_without_flex(resnet_bn, tmp_path):
     ops = tt.model_ops(resnet_bn.flatbuffer)
     assert set(ops) <= BUILTIN_OPS, f"non-builtin ops: {sorted(set(ops) - BUILTIN_OPS)}"
     assert {"TRANSPOSE_CONV", "CONV_2D", "ASSIGN_VARIABLE", "CONCATENATION"} <= set(ops)
-    interpreter = Interpreter(model_content=resnet_bn.flatbuffer)
-    signatures = interpreter.get_signature_list()
+    signatures = Interpreter(model_content=resnet_bn.flatbuffer).get_signature_list()
     assert signatures["train"] == {"inputs": ["x", "y"], "outputs": ["loss"]}
     assert signatures["infer"] == {"inputs": ["x"], "outputs": ["logits"]}
-    assert signatures["get_weights"]["outputs"] == resnet_bn.names
-    assert sorted(signatures["set_weights"]["inputs"]) == resnet_bn.names
-    train = interpreter.get_signature_runner("train")
-    get_weights = interpreter.get_signature_runner("get_weights")
-    (x, y), = synthetic_batches(1)
-    loss = float(train(x=x, y=y)["loss"])
-    assert np.isfinite(loss) and loss > 0
-    # A partial last batch (dynamic batch dimension) trains too, and the full batch size still works afterwards.
-    before = get_weights()
-    assert np.isfinite(train(x=x[:5], y=y[:5])["loss"])
-    after = get_weights()
-    assert all(np.all(np.isfinite(v)) for v in after.values())
-    assert max(max_errors(resnet_bn.names, after, [before[n] for n in resnet_bn.names]).values()) > 1e-4
-    assert np.isfinite(train(x=x, y=y)["loss"])
+    assert signatures["get_weights"] == {"inputs": [], "outputs": resnet_bn.names}
+    assert signatures["set_weights"] == {"inputs": resnet_bn.names, "outputs": ["assigned"]}
+    # ai_edge_litert without TensorFlow: batches of 8, then a partial batch of 5 (dynamic batch), then 8 again.
+    result = run_without_tensorflow(resnet_bn.flatbuffer, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(line) for line in result.stdout.split()]
+    assert len(losses) == 3 and all(np.isfinite(loss) and loss > 0 for loss in losses)
+
+
+def test_chunked_filter_gradients_convert_to_a_while_loop(cnn_gn):
+    ops = tt.model_ops(cnn_gn.flatbuffer)
+    assert "WHILE" in ops and set(ops) <= BUILTIN_OPS
+
+
+def test_flex_variant_needs_flex(tmp_path):
+    sub = make_submodel("small_cnn", "batch")
+    module = tt.build_training_module(sub, STEP, "flex")
+    with pytest.raises(ValueError, match="SELECT_TF_OPS"):
+        tt.convert(module, "builtins")
+    flatbuffer = tt.convert(module, "flex")
+    flex_ops = [op for op in tt.model_ops(flatbuffer) if op.startswith("Flex")]
+    assert "FlexConv2DBackpropFilter" in flex_ops and "FlexReluGrad" in flex_ops
+    result = run_without_tensorflow(flatbuffer, tmp_path)
+    assert result.returncode != 0 and "Select TensorFlow op" in result.stderr
+    with pytest.raises(ValueError, match="GroupNormalization layer 'conv1_norm'"):
+        tt.build_training_module(make_submodel("small_cnn", "group"), STEP, "flex")
 
 
 def test_partial_batch_loss_is_the_mean_over_its_examples(cnn_gn):
@@ -176,19 +208,7 @@ def test_partial_batch_loss_is_the_mean_over_its_examples(cnn_gn):
     assert float(runners["train"](x=x[:5], y=y[:5])["loss"]) == pytest.approx(want, abs=2e-6)
 
 
-def test_flex_variant_needs_flex():
-    sub = make_submodel("small_cnn", "batch")
-    module = tt.build_training_module(sub, STEP, "flex")
-    with pytest.raises(ValueError, match="SELECT_TF_OPS"):
-        tt.convert(module, "builtins")
-    flatbuffer = tt.convert(module, "flex")
-    flex_ops = [op for op in tt.model_ops(flatbuffer) if op.startswith("Flex")]
-    assert "FlexConv2DBackpropFilter" in flex_ops and "FlexReluGrad" in flex_ops
-    with pytest.raises(RuntimeError, match="Select TensorFlow op"):
-        Interpreter(model_content=flatbuffer).allocate_tensors()
-
-
-@pytest.mark.parametrize("fixture", ["resnet_bn", "cnn_gn", "cnn_none_chunked"])
+@pytest.mark.parametrize("fixture", ["resnet_bn", "cnn_gn"])
 def test_infer_matches_keras(fixture, request):
     exported = request.getfixturevalue(fixture)
     (x, _), = synthetic_batches(1, seed=3)
@@ -197,37 +217,58 @@ def test_infer_matches_keras(fixture, request):
     assert np.max(np.abs(got - want)) < 1e-4
 
 
-@pytest.mark.parametrize("fixture", ["resnet_bn", "cnn_gn", "cnn_none_chunked"])
-def test_one_train_step_matches_the_tensorflow_reference(fixture, request):
-    exported = request.getfixturevalue(fixture)
-    reference = Reference(exported)
-    runners = exported.interpreter()
+def check_step(exported: Exported, reference: Reference, train: Callable, get_weights: Callable) -> None:
+    """One step from the same weights and batch: loss and every weight (BatchNorm statistics included) agree."""
     (x, y), = synthetic_batches(1, seed=5)
     want_loss, grad_norm = reference.train(x, y)
     assert float(grad_norm) > 2 * exported.step.options.clip_norm  # the clip binds
-    got_loss = float(runners["train"](x=x, y=y)["loss"])
-    assert got_loss == pytest.approx(float(want_loss), abs=1e-5)
-    errors = max_errors(exported.names, runners["get_weights"](), reference.weights())
+    assert float(train(x=x, y=y)["loss"]) == pytest.approx(float(want_loss), abs=1e-5)
+    got = get_weights()
+    errors = max_errors(exported.names, got, reference.weights())
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-5, f"{worst}: {errors[worst]:.2e}"
-    changed = max_errors(exported.names, runners["get_weights"](), exported.weights)
+    changed = max_errors(exported.names, got, exported.weights)
     assert changed[exported.names[0]] > 1e-4  # the step moved the weights
-    if fixture == "resnet_bn":
-        assert changed["w003_stem_norm_moving_mean"] > 1e-3  # and the BatchNorm statistics
+    for name in exported.names:
+        if "moving" in name:
+            assert changed[name] > 1e-4, name  # and the BatchNorm statistics
 
 
-def test_twenty_steps_lower_the_loss_and_track_the_reference(resnet_bn):
-    reference = Reference(resnet_bn)
-    runners = resnet_bn.interpreter()
+@pytest.mark.parametrize("fixture", ["resnet_bn", "cnn_gn"])
+def test_one_train_step_matches_the_tensorflow_reference(fixture, request):
+    exported = request.getfixturevalue(fixture)
+    runners = exported.interpreter()
+    check_step(exported, Reference(exported), runners["train"], runners["get_weights"])
+
+
+def test_norm_none_step_in_tensorflow_matches_the_reference():
+    # The graph that `convert` would turn into TFLite, run in TensorFlow (no conversion: norm="none" and the plain
+    # Dense/PrincipalDense+ReLU head are covered without another slow conversion).
+    exported = Exported.__new__(Exported)
+    exported.sub, exported.step = make_submodel("small_cnn", "none"), STEP_SMALL_CLIP
+    exported.weights = [w.numpy() for w in prism_tf.flat_weights(exported.sub)]
+    exported.names = tt.weight_names(exported.sub)
+    reference = Reference(exported)
+    module = tt.build_training_module(exported.sub, exported.step, "builtins")
+    (x, _), = synthetic_batches(1, seed=3)
+    logits = module.infer(x)["logits"].numpy()
+    assert np.max(np.abs(logits - exported.sub(x, training=False).numpy())) < 1e-5
+    check_step(exported, reference, module.train, lambda: {k: v.numpy() for k, v in module.get_weights().items()})
+
+
+def test_twenty_steps_lower_the_loss_and_track_the_reference(cnn_gn):
+    # small_cnn/GroupNorm: its trajectory is stable (a 1e-6 relative perturbation of the initial weights moves the
+    # 20-step losses by ~3e-4). The width-4 ResNet-18/BatchNorm sub-model is chaotic at batch 8 (the same
+    # perturbation moves its losses by ~0.2 within 20 steps, Keras against Keras), so it is checked per step only.
+    reference = Reference(cnn_gn)
+    runners = cnn_gn.interpreter()
     batches = synthetic_batches(5, seed=11) * 4  # 5 batches, 4 epochs
     got = np.array([float(runners["train"](x=x, y=y)["loss"]) for x, y in batches])
     want = np.array([float(reference.train(x, y)[0]) for x, y in batches])
-    # Float differences grow along the trajectory (ReLU masks flip where activations are ~0); the losses stay within
-    # 1e-3 here (measured ~1e-5).
-    assert np.max(np.abs(got - want)) < 1e-3
-    assert got[-5:].mean() < got[:5].mean() - 0.3
-    errors = max_errors(resnet_bn.names, runners["get_weights"](), reference.weights())
-    assert max(errors.values()) < 1e-2
+    assert np.max(np.abs(got - want)) < 1e-4  # measured 4e-7
+    assert got[-5:].mean() < got[:5].mean() - 0.1
+    errors = max_errors(cnn_gn.names, runners["get_weights"](), reference.weights())
+    assert max(errors.values()) < 1e-4  # measured 5e-7
 
 
 def test_weights_round_trip_through_npz(resnet_bn, tmp_path):
