@@ -27,7 +27,13 @@ from tff_pipelines.runs import RunDir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_replay_needs_no_tff_and_draws_the_process_selections(tiny_run):
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    """The run rebuilt with its TFF process (traced once for this module)."""
+    return driver.load_run(str(tiny_run))[0]
+
+
+def test_replay_needs_no_tff_and_draws_the_process_selections(tiny_run, loaded):
     script = textwrap.dedent(f"""
         import json, sys
         from tff_pipelines.replay import RoundReplay
@@ -42,7 +48,7 @@ def test_replay_needs_no_tff_and_draws_the_process_selections(tiny_run):
     got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPLAY"))[6:])
     assert got["tff"] is False
 
-    simulation, _, _ = driver.load_run(str(tiny_run))
+    simulation = loaded
     flat, _ = RunDir(tiny_run).read_checkpoint(1)
     process = simulation.process
     state = process.set_model_weights(process.initialize(), flat[:len(process.layout.tensors)])
@@ -59,8 +65,8 @@ def test_replay_needs_no_tff_and_draws_the_process_selections(tiny_run):
     assert got["lr"] == pytest.approx(simulation.process.lr_schedule(1))
 
 
-def test_pure_server_path_equals_the_tff_round(tiny_run):
-    simulation, _, _ = driver.load_run(str(tiny_run))
+def test_pure_server_path_equals_the_tff_round(tiny_run, loaded):
+    simulation = loaded
     process = simulation.process
     replay = RoundReplay(tiny_run, 2)
     accumulator = prism_tf.server.Accumulator(replay.plan)
@@ -97,4 +103,5 @@ def test_pure_server_path_equals_the_tff_round(tiny_run):
         worst = max(worst, float(np.max(np.abs(kernels[0] - kernels[1]))))
     # float32 training in a TFF graph against the same ops run eagerly, sums in float32 (TFF) against float64:
     # differences of a few float32 ulps of the weights (|w| < 10).
+    print(f"pure server path vs TFF round: max abs difference {worst:.2e}")
     assert worst < 2e-5, worst

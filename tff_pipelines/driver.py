@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -64,18 +65,7 @@ class Simulation:
         self.model_width = width
         if method.name == "small":  # the small model is trained whole, like FedAvg
             method = dataclasses.replace(method, name="fedavg")
-        import tensorflow_federated as tff
-
-        self.process: PrismProcess = build_prism_process(
-            model_builder(config, shape, classes, width), method=method, batch_size=config.batch_size,
-            client_optimizer=tff.learning.optimizers.build_sgdm(config.client_lr, config.client_momentum),
-            server_optimizer=None if config.server_lr is None else tff.learning.optimizers.build_sgdm(
-                config.server_lr, config.server_momentum or None),
-            clip_norm=config.clip_norm, distribution=config.distribution,
-            refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed,
-            lr_schedule=None if config.lr_schedule == "constant" else recipe.Schedule(
-                config.lr_schedule, config.client_lr, config.final_lr, config.rounds),
-            frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay)
+        self._method = method
         reference = model_builder(config, shape, classes)()
         self.reference_cost = prism_tf.cost(reference)
         # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset (in
@@ -84,6 +74,24 @@ class Simulation:
         chosen = np.random.default_rng([config.seed, 2]).permutation(len(self.dataset.x_test))[:n_test]
         self.x_test, self.y_test = self.dataset.x_test[chosen], self.dataset.y_test[chosen]
         self._calibration: list[np.ndarray] | None = None
+
+    @functools.cached_property
+    def process(self) -> PrismProcess:
+        """The TFF process, built on first use (tracing its computations takes a while; data-only uses skip it)."""
+        import tensorflow_federated as tff
+
+        config, shape, classes = self.config, self.dataset.input_shape, self.dataset.num_classes
+        return build_prism_process(
+            model_builder(config, shape, classes, self.model_width), method=self._method,
+            batch_size=config.batch_size,
+            client_optimizer=tff.learning.optimizers.build_sgdm(config.client_lr, config.client_momentum),
+            server_optimizer=None if config.server_lr is None else tff.learning.optimizers.build_sgdm(
+                config.server_lr, config.server_momentum or None),
+            clip_norm=config.clip_norm, distribution=config.distribution,
+            refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed,
+            lr_schedule=None if config.lr_schedule == "constant" else recipe.Schedule(
+                config.lr_schedule, config.client_lr, config.final_lr, config.rounds),
+            frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay)
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Raw test/training pixels -> model inputs, as the clients see them."""
@@ -263,7 +271,8 @@ def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str
     config.validate()
     run = RunDir(out)
     run.check_writable(overwrite=overwrite)
-    simulation = Simulation(config, out)  # loads and partitions the data, builds the process: may fail
+    simulation = Simulation(config, out)  # loads and partitions the data: may fail
+    _ = simulation.process  # built before anything is written: a failure leaves the directory as it was
     run.write_config(dataclasses.asdict(config), overwrite=overwrite)
     run.clear_results()
     run.write_input_stats(simulation.input_stats())
