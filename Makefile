@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Re-runs only when the pins change: a second `make install` is a no-op.
-$(STAMP): requirements.txt overrides.txt
+$(STAMP): requirements.txt overrides.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip --version >/dev/null
 	@test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet uv
 	$(VENV)/bin/uv pip install --python $(PY) -r requirements.txt --override overrides.txt
-	@$(PY) -c "import tensorflow_federated, tensorflow as tf; print('prism-tf stack ready: tf', tf.__version__, 'tff', tensorflow_federated.__version__)"
+	$(VENV)/bin/uv pip install --python $(PY) --no-deps -e .
+	@cd / && $(abspath $(PY)) -c "import prism_tf, tff_pipelines, export, tensorflow_federated, tensorflow as tf; print('prism-tf installed; stack ready: tf', tf.__version__, 'tff', tensorflow_federated.__version__)"
 	@touch $(STAMP)
 
 test: install

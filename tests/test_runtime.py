@@ -31,7 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 180  # importing TF + TFF takes ~8 s here; a loaded 2-core CI machine may need more
 GRACE_S = 10.0  # time allowed for a worker to die after its parent is gone
 
-# Defines `add` (TF) and `fed_sum` (federated) and prints the worker PIDs as "WORKERS [..]".
+# Defines `add` (TF) and `fed_sum` (federated), prints the worker PIDs before any computation ran as "IDLE [..]"
+# and, after running `add` once, as "WORKERS [..]".
 CHILD_PRELUDE = """
 import numpy as np
 import tensorflow_federated as tff
@@ -46,6 +47,8 @@ def add(a, b):
 def fed_sum(x):
     return tff.federated_sum(x)
 
+print("IDLE", runtime.worker_pids(), flush=True)  # importing starts nothing: the first computation does
+assert add(1, 2) == 3
 print("WORKERS", runtime.worker_pids(), flush=True)
 """
 
@@ -197,7 +200,8 @@ def test_script_exits_and_pipes_close(child_factory):
     elapsed = child.wait_pipes_closed()
     assert child.proc.returncode == 0, child.stderr
     assert "RESULT 5 6" in child.out_lines, child.out_lines
-    assert len(workers) == 1  # ours, started at import; TFF did not start one of its own
+    assert child.wait_for_line("IDLE") == "IDLE []"  # importing and tracing started no worker
+    assert len(workers) == 1  # ours, started by the first computation; TFF did not start one of its own
     survivors, _ = _wait_gone(workers)
     assert not survivors
     assert elapsed < CHILD_TIMEOUT_S / 2
@@ -299,6 +303,7 @@ def test_tff_own_worker_is_stopped_too():
         print("TFF", tff.tensorflow.computation(lambda: np.int32(7))(), flush=True)
         import tff_pipelines
         from tff_pipelines import runtime
+        print("TFF", tff.tensorflow.computation(lambda: np.int32(8))(), flush=True)  # our worker starts here
         print("ALL", runtime.worker_pids(), flush=True)
         """
     proc = subprocess.Popen(
@@ -317,7 +322,7 @@ def test_tff_own_worker_is_stopped_too():
             os.kill(pid, signal.SIGKILL)
         raise
     lines = out.decode().splitlines()
-    assert "TFF 7" in lines, lines
+    assert "TFF 7" in lines and "TFF 8" in lines, lines
     pids = {int(p) for p in next(x for x in lines if x.startswith("ALL")).strip("AL []").split(",")}
     assert len(pids) == 2  # TFF's worker and ours
     assert proc.returncode == 0

@@ -577,6 +577,28 @@ def _stop_tff_managed_worker(ctx: Any) -> None:
         pass
 
 
-# Importing this module (as every module that builds TFF computations does, through `tff_pipelines.layout`)
-# installs our context: TFF's stock context must never start a worker of its own with our pipes.
-install_local_context(log_path=os.environ.get(LOG_ENV_VAR) or None)
+class _LazyContext(tff.framework.SyncContext):
+    """The default context until a computation runs: its first ``invoke`` starts our worker (`install_local_context`)
+    and hands the call to the real context, which is the thread's default from then on."""
+
+    def invoke(self, comp: Any, arg: Any) -> Any:
+        install_local_context(log_path=os.environ.get(LOG_ENV_VAR) or None)
+        return _rt.context.invoke(comp, arg)
+
+
+def install_lazy_context() -> None:
+    """Make the calling thread's default TFF context one that starts our worker when a computation first runs.
+
+    Importing this module does this (every module that builds TFF computations imports it, through
+    `tff_pipelines.layout`): TFF's stock context never gets to start a worker of its own with our pipes, and a
+    program that only builds computations, or never runs one, starts no worker at all.
+    """
+    with _lock:
+        if _rt.context is not None and _rt.owner_pid == os.getpid():
+            _set_thread_default_context(_rt.context)
+        else:
+            _set_thread_default_context(_LAZY)
+
+
+_LAZY = _LazyContext()
+install_lazy_context()
