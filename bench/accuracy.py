@@ -314,7 +314,6 @@ def main() -> int:
             print(" ".join(["python -m tff_pipelines train", *train_args(profile, p, extra), "--out",
                             str(run_dir(profile, p, name).relative_to(ROOT))]))
         return 0
-    sys.path.insert(0, str(ROOT))
     from tff_pipelines import data as data_lib
 
     dataset = data_lib.load_dataset("cifar10")

@@ -91,7 +91,6 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     options = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else []
     done = {(r["width"], r["model"], r["runtime"]) for r in results}

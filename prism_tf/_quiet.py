@@ -4,7 +4,8 @@ TensorFlow 2.14 logs, while it is imported, C++ notices that a CPU-only user rea
 cuDNN/cuFFT/cuBLAS factory" (at ERROR level, so ``TF_CPP_MIN_LOG_LEVEL=2`` does not hide them), "Could not find
 cuda drivers", the oneDNN and CPU-instruction notices and the TensorRT warning. They are written by C++ straight
 to file descriptor 2, so the only way to drop them is to read that descriptor during the import: every other line
-is passed on unchanged, so real warnings and errors still show.
+is passed on unchanged, so real warnings and errors still show. TensorFlow's notices that one of its functions
+used by Keras or TFF internally is deprecated are filtered from its logger too.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def import_tensorflow() -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
     try:
-        import tensorflow  # noqa: F401
+        import tensorflow as tf
+
+        # TensorFlow's own notices about its internals (Keras 2.14 calling deprecated TF functions while it builds
+        # BatchNorm in a graph, ...) say nothing a user of this project can act on.
+        tf.get_logger().addFilter(_drop_internal_deprecations)
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
@@ -50,6 +55,10 @@ def import_tensorflow() -> None:
         if kept:
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
+
+
+def _drop_internal_deprecations(record) -> bool:
+    return "is deprecated and will be removed" not in record.getMessage()
 
 
 def _drain(fd: int, chunks: list[bytes]) -> None:

@@ -1,15 +1,14 @@
 """Test-session setup shared by all tests.
 
-The repo root goes on sys.path so `tff_pipelines` and `prism_tf` import without installing the project.
-Importing `tff_pipelines` starts our own TFF worker and installs its context (see tff_pipelines/runtime.py);
-the session fixture below makes that explicit and stops the worker when the session ends, so a test run never
-leaves a worker_binary behind (an orphan would hold CI's stdout pipe open and hang the job).
+The project is installed into the venv (`make install`, editable). Importing `tff_pipelines.runtime` installs our
+TFF context (see tff_pipelines/runtime.py); the session fixture below starts the worker explicitly and stops it
+when the session ends, so a test run never leaves a worker_binary behind (an orphan would hold CI's stdout pipe
+open and hang the job).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import types
 from collections.abc import Iterator
@@ -18,8 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def _end_session_on_signal(signum: int, frame: types.FrameType | None) -> None:
