@@ -540,7 +540,8 @@ def _remember_tff_default_context() -> None:
     """Keeps the context TFF installed at import, so shutdown() can stop its worker if it started one."""
     with contextlib.suppress(Exception):
         ctx = tff.framework.get_context_stack().current
-        if ctx is not _rt.context and ctx not in _rt.replaced_tff_contexts and _tff_service_manager(ctx):
+        if (ctx is not _rt.context and not isinstance(ctx, _LazyContext) and ctx not in _rt.replaced_tff_contexts
+                and _tff_service_manager(ctx)):
             _rt.replaced_tff_contexts.append(ctx)
 
 
@@ -597,6 +598,10 @@ def install_lazy_context() -> None:
         if _rt.context is not None and _rt.owner_pid == os.getpid():
             _set_thread_default_context(_rt.context)
         else:
+            _remember_tff_default_context()  # a worker TFF's stock context started is still ours to stop
+            if _rt.replaced_tff_contexts:
+                _rt.owner_pid = _rt.owner_pid or os.getpid()
+                _register_exit_hooks()
             _set_thread_default_context(_LAZY)
 
 
