@@ -307,3 +307,24 @@ def test_unsupported_layers_raise_naming_the_layer():
         tt.build_training_module(tf.keras.Model(inputs, outputs), STEP, runtime="gpu")
     with pytest.raises(ValueError, match="learning_rate"):
         tt.TrainStep(learning_rate=0.0)
+
+
+def test_twenty_steps_on_real_cifar10_lower_the_loss_and_track_the_reference(cnn_gn):
+    """The same check on real CIFAR-10 images (the run's channel normalization), as a phone's data would be."""
+    from tff_pipelines import recipe
+    from tff_pipelines.data import load_dataset
+
+    dataset = load_dataset("cifar10", progress=False)  # decoded once per machine, then cached
+    order = np.random.default_rng(5).permutation(len(dataset.x_train))[:5 * BATCH]
+    mean, std = recipe.channel_stats(dataset.x_train[:5000])
+    x = recipe.preprocess(dataset.x_train[order], mean, std)
+    y = dataset.y_train[order].astype(np.int32)
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(x), BATCH)] * 4  # 5 batches, 4 epochs
+    reference = Reference(cnn_gn)
+    runners = cnn_gn.interpreter()
+    got = np.array([float(runners["train"](x=bx, y=by)["loss"]) for bx, by in batches])
+    want = np.array([float(reference.train(bx, by)[0]) for bx, by in batches])
+    assert np.max(np.abs(got - want)) < 1e-4
+    assert got[-5:].mean() < got[:5].mean()
+    errors = max_errors(cnn_gn.names, runners["get_weights"](), reference.weights())
+    assert max(errors.values()) < 1e-4
