@@ -385,15 +385,8 @@ def _compile_layer(
 
         def conv_layer(inputs, training, updates):
             (x,) = inputs
-            if principal:
-                y = conv(x, tf.convert_to_tensor(layer.principal_kernels))
-                y = _scale(y, tf.convert_to_tensor(layer.kernel_scale))
-                y = _matmul(y, tf.convert_to_tensor(layer.combination))
-            else:
-                y = conv(x, tf.convert_to_tensor(layer.kernel))
-            if layer.use_bias:
-                y = _bias_add(y, tf.convert_to_tensor(layer.bias))
-            return act(y)
+            return _finish_linear(layer, conv(x, tf.convert_to_tensor(
+                layer.principal_kernels if principal else layer.kernel)), principal, act)
 
         return conv_layer
 
@@ -405,15 +398,8 @@ def _compile_layer(
 
         def dense_layer(inputs, training, updates):
             (x,) = inputs
-            if principal:
-                y = _matmul(x, tf.convert_to_tensor(layer.principal_kernels))
-                y = _scale(y, tf.convert_to_tensor(layer.kernel_scale))
-                y = _matmul(y, tf.convert_to_tensor(layer.combination))
-            else:
-                y = _matmul(x, tf.convert_to_tensor(layer.kernel))
-            if layer.use_bias:
-                y = _bias_add(y, tf.convert_to_tensor(layer.bias))
-            return act(y)
+            return _finish_linear(layer, _matmul(x, tf.convert_to_tensor(
+                layer.principal_kernels if principal else layer.kernel)), principal, act)
 
         return dense_layer
 
@@ -457,6 +443,17 @@ def _compile_layer(
 
 
 # ---- primitives: forward and backward with builtin-kernel ops only -------------------------------------------
+
+
+def _finish_linear(layer: tf.keras.layers.Layer, y: _Tensor, principal: bool, act: Callable) -> _Tensor:
+    """After a conv's or dense layer's first product: a principal layer's ``·diag(ω) ⊛₁ₓ₁ B``, the bias, the
+    activation (the forward of `prism_tf.layers` with builtin-gradient primitives)."""
+    if principal:
+        y = _scale(y, tf.convert_to_tensor(layer.kernel_scale))
+        y = _matmul(y, tf.convert_to_tensor(layer.combination))
+    if layer.use_bias:
+        y = _bias_add(y, tf.convert_to_tensor(layer.bias))
+    return act(y)
 
 
 @tf.custom_gradient

@@ -81,3 +81,23 @@ def tiny_run(shapes_dataset, tmp_path_factory) -> Path:
                                 calibration_examples=16)
     driver.start(config, str(out))
     return out
+
+
+def max_weight_difference(plan, ours, theirs) -> float:
+    """Largest absolute difference between two flat server weights of one model: principal layers compared by the
+    kernel ``A·B`` they represent (an SVD's factors are only defined up to signs), every other tensor (singular
+    values and ω included) entry by entry."""
+    positions = {}
+    for i, tensor in enumerate(plan.tensors):
+        positions.setdefault(tensor.layer, {})[tensor.weight] = i
+    worst = 0.0
+    for i, tensor in enumerate(plan.tensors):
+        layer = positions[tensor.layer]
+        if tensor.weight == "principal_kernels":
+            rank = np.asarray(ours[i]).shape[-1]
+            kernels = [np.reshape(np.asarray(w[i]), (-1, rank)) @ np.asarray(w[layer["combination"]])
+                       for w in (ours, theirs)]
+            worst = max(worst, float(np.max(np.abs(kernels[0] - kernels[1]))))
+        elif tensor.weight != "combination" or "principal_kernels" not in layer:
+            worst = max(worst, float(np.max(np.abs(np.asarray(ours[i]) - np.asarray(theirs[i])))))
+    return worst

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import max_weight_difference
 
 import prism_tf
 from export import client as client_export
@@ -79,14 +80,7 @@ def test_a_round_with_phones_equals_the_same_round_in_tff(device_round):
     n = len(replay.plan.tensors)
     phones = RunDir(device_round["device_run"]).read_checkpoint(ROUND)[0][:n]
     tff = RunDir(device_round["tff_run"]).read_checkpoint(ROUND)[0][:n]
-    positions = prism_tf.server.principal_positions(replay.plan)
-    factor_positions = {p for pos in positions.values() for p in (pos["principal_kernels"], pos["combination"])}
-    worst = max(float(np.max(np.abs(a - b))) for i, (a, b) in enumerate(zip(phones, tff, strict=True))
-                if i not in factor_positions)
-    for pos in positions.values():
-        rank = phones[pos["singular_values"]].shape[0]
-        kernel = [np.reshape(w[pos["principal_kernels"]], (-1, rank)) @ w[pos["combination"]] for w in (phones, tff)]
-        worst = max(worst, float(np.max(np.abs(kernel[0] - kernel[1]))))
+    worst = max_weight_difference(replay.plan, phones, tff)
     # Both sides run the same float32 step (same data, order, lr, momentum, decays, clip); they differ in op order
     # (LiteRT's patch-matmul filter gradients against TensorFlow's conv backprop): round-off amplified over a few
     # momentum steps through BatchNorm stays around 1e-5 of weights of magnitude ~1.
@@ -209,13 +203,8 @@ def test_a_round_mixing_phones_and_simulated_clients_equals_the_tff_round(device
     n = len(replay.plan.tensors)
     ours = RunDir(mixed).read_checkpoint(ROUND)[0][:n]
     tff = RunDir(device_round["tff_run"]).read_checkpoint(ROUND)[0][:n]
-    positions = prism_tf.server.principal_positions(replay.plan)
-    worst = 0.0
-    for pos in positions.values():
-        rank = ours[pos["singular_values"]].shape[0]
-        kernel = [np.reshape(w[pos["principal_kernels"]], (-1, rank)) @ w[pos["combination"]] for w in (ours, tff)]
-        worst = max(worst, float(np.max(np.abs(kernel[0] - kernel[1]))))
-    print(f"mixed round vs TFF round: max abs difference of the kernels {worst:.2e}")
+    worst = max_weight_difference(replay.plan, ours, tff)
+    print(f"mixed round vs TFF round: max abs difference {worst:.2e}")
     assert worst < 1e-3, worst
     row = RunDir(mixed).read_metrics()[-1]
     assert row["round"] == ROUND and row["clients"] == len(device_round["clients"])

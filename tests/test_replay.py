@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import max_weight_difference
 
 import prism_tf
 from tff_pipelines import client_work, driver
@@ -89,18 +90,7 @@ def test_pure_server_path_equals_the_tff_round(tiny_run, loaded):
                                                  replay.index, process.refactorize_every)
     tff_round = RunDir(tiny_run).read_checkpoint(2)[0][:len(replay.plan.tensors)]
     assert 0 < float(coverage) <= 1
-    worst = 0.0
-    for ours, theirs, tensor in zip(new, tff_round, replay.plan.tensors, strict=True):
-        ours, theirs = np.asarray(ours), np.asarray(theirs)
-        # Factors come out of an SVD: compare the kernel they represent, not each singular vector's sign.
-        if tensor.weight in ("principal_kernels", "combination"):
-            continue
-        worst = max(worst, float(np.max(np.abs(ours - theirs))))
-    for layer in prism_tf.principal_layers(replay.server_model):
-        pos = prism_tf.server.principal_positions(replay.plan)[layer.name]
-        kernels = [np.reshape(np.asarray(w[pos["principal_kernels"]]), (-1, layer.rank)) @ np.asarray(
-            w[pos["combination"]]) for w in (new, tff_round)]
-        worst = max(worst, float(np.max(np.abs(kernels[0] - kernels[1]))))
+    worst = max_weight_difference(replay.plan, new, tff_round)
     # float32 training in a TFF graph against the same ops run eagerly, sums in float32 (TFF) against float64:
     # differences of a few float32 ulps of the weights (|w| < 10).
     print(f"pure server path vs TFF round: max abs difference {worst:.2e}")
