@@ -144,12 +144,14 @@ class Simulation:
     def client_datasets(self, round_num: int, clients: Sequence[int] | None = None) -> list[tf.data.Dataset]:
         cfg = self.config
         clients = self.round_clients(round_num) if clients is None else clients
-        rng = prism_tf.streams.rng((cfg.seed, round_num), "shuffle")
         out = []
         for client in clients:
             ds = self.client_data.create_tf_dataset_for_client(str(client))
             n = int(ds.cardinality())
-            ds = ds.shuffle(max(n, 1), seed=int(rng.integers(2**31))).repeat(cfg.local_epochs)
+            # A client's order depends on (seed, round, client) only, not on who else is in the round: a round whose
+            # other clients trained on phones feeds it the same batches.
+            order = prism_tf.streams.rng((cfg.seed, round_num, int(client)), "shuffle")
+            ds = ds.shuffle(max(n, 1), seed=int(order.integers(2**31))).repeat(cfg.local_epochs)
             if cfg.augment == "crop_flip":  # before normalizing: the crop pads with black pixels
                 ds = recipe.augment_dataset(ds, recipe.client_seed(cfg.seed, round_num, int(client)))
             if self.input_mean is not None:
