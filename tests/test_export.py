@@ -30,6 +30,9 @@ from tff_pipelines.runs import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND = 3
+# About 3 minutes on 2 cores (exports, LiteRT subprocesses, two TFF rounds): `make test-all` runs it, keeping the
+# default suite under 15 minutes; tests/test_replay.py keeps the pure path against a TFF round in the default.
+pytestmark = pytest.mark.slow
 
 
 def _copy_run(src: Path, dst: Path, rounds: int) -> Path:

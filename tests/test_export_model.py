@@ -42,6 +42,7 @@ def test_keras_export_is_the_evaluated_model_with_preprocessing_built_in(tiny_ru
     assert recorded["bytes"] == (tmp_path / "model.keras").stat().st_size
 
 
+@pytest.mark.slow  # two conversions and a quantization calibration: ~35 s
 def test_tflite_float_and_int8_are_scored_in_litert(tiny_run, tmp_path, test_images):
     _, dataset = test_images
     x, y = dataset.x_test.astype(np.float32), dataset.y_test
