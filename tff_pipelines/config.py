@@ -201,3 +201,10 @@ def stored_config(run: RunDir, **overrides: Any) -> TrainConfig:
     if unknown:
         raise RunError(f"{run.config_path} has unknown options {sorted(unknown)}")
     return TrainConfig(**{**LEGACY_DEFAULTS, **stored, **overrides})
+
+
+def calibration_batches(config: TrainConfig, x_train: np.ndarray, preprocess: Callable) -> list[np.ndarray]:
+    """The training batches a run recalibrates BatchNorm statistics on (``--eval-norm recalibrate``): a subset of
+    ``calibration_examples`` seeded by the run, in batches of 100 (`prism_tf.evaluation.calibration_batches`)."""
+    return prism_tf.evaluation.calibration_batches(x_train, 100, config.calibration_examples, config.seed,
+                                                   preprocess)

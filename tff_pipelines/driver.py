@@ -25,6 +25,7 @@ from tff_pipelines.config import (
     MATCHES,
     NORMALIZE,
     TrainConfig,
+    calibration_batches,
     client_budget,
     model_builder,
     parse_keep_mix,
@@ -107,8 +108,7 @@ class Simulation:
         if self.config.eval_norm != "recalibrate":
             return None
         if self._calibration is None:
-            self._calibration = evaluation.calibration_batches(
-                self.dataset.x_train, 100, self.config.calibration_examples, self.config.seed, self.preprocess)
+            self._calibration = calibration_batches(self.config, self.dataset.x_train, self.preprocess)
         return self._calibration
 
     def deployed_models(self, state) -> dict[str, tf.keras.Model]:

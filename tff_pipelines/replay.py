@@ -19,7 +19,14 @@ import tensorflow as tf
 
 import prism_tf
 from tff_pipelines import recipe
-from tff_pipelines.config import TrainConfig, client_budget, model_builder, round_clients, stored_config
+from tff_pipelines.config import (
+    TrainConfig,
+    calibration_batches,
+    client_budget,
+    model_builder,
+    round_clients,
+    stored_config,
+)
 from tff_pipelines.methods import Method, deployed_models, round_selections
 from tff_pipelines.runs import RunDir, RunError
 
@@ -140,8 +147,7 @@ class RoundReplay:
 
     def calibration(self, x_train: np.ndarray) -> list[np.ndarray]:
         """The training batches the run recalibrates BatchNorm statistics on (`--eval-norm recalibrate`)."""
-        return prism_tf.evaluation.calibration_batches(x_train, 100, self.config.calibration_examples,
-                                                       self.config.seed, self.preprocess)
+        return calibration_batches(self.config, x_train, self.preprocess)
 
     def deployed_model(self) -> tf.keras.Model:
         """The model a user of the run's method deploys, at this round's server weights
