@@ -10,6 +10,10 @@ A round's server work is the same wherever its clients trained:
    kernels and current singular values for the next round's sampling), resets ``ω`` to ones and reports the
    share of kernels some client trained.
 
+What counts as a usable update is decided once, by `is_finite`: `Accumulator.add` refuses a non-finite update
+(device ingest names the bad tensor), the TFF aggregator drops it from the round with `drop_if_not_finite`
+(docs/design.md, faulty clients).
+
 `prism_tf.aggregate` (Python), the TFF aggregator and finalizer (`tff_pipelines.aggregator`,
 `tff_pipelines.finalizer`) and device ingest (`export.ingest`) all run these functions, so a phone's update is
 aggregated by the same code as a simulated client's. Pure TensorFlow ops on tensors: eager or inside a TFF graph.
@@ -42,6 +46,30 @@ def principal_positions(plan: SubmodelPlan) -> dict[str, dict[str, int]]:
         if tensor.layer in layers:
             out.setdefault(tensor.layer, {})[tensor.weight] = position
     return out
+
+
+def is_finite(values: Sequence[tf.types.experimental.TensorLike]) -> tf.Tensor:
+    """A scalar bool: every entry of every tensor in ``values`` is finite (no NaN, no ±Inf)."""
+    checks = [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in values]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def drop_if_not_finite(
+    values: Sequence[tf.Tensor], weight: tf.Tensor, metrics: Sequence[tf.Tensor] = ()
+) -> tuple[list[tf.Tensor], tf.Tensor, list[tf.Tensor], tf.Tensor]:
+    """One client's contribution, made harmless when any of ``values``, ``weight`` or ``metrics`` is not finite.
+
+    Returns ``(values, weight, metrics, ok)``: unchanged when ``ok``, else all zeros — zero *values* as well as zero
+    weight, because ``0 · NaN`` is NaN and would poison every entry the client touched. Graph-safe (TFF).
+    """
+    weight = tf.convert_to_tensor(weight)
+    ok = is_finite([*values, weight, *metrics])
+
+    def keep(v):
+        v = tf.convert_to_tensor(v)
+        return tf.where(ok, v, tf.zeros_like(v))
+
+    return [keep(v) for v in values], keep(weight), [keep(m) for m in metrics], ok
 
 
 class Accumulator:
@@ -81,7 +109,7 @@ class Accumulator:
             if value.shape != expected:
                 raise ValueError(f"{name}: layer '{tensor.layer}' weight '{tensor.weight}' has shape {value.shape}, "
                                  f"the selection expects {expected}")
-            if not np.all(np.isfinite(value)):
+            if not bool(is_finite([value])):
                 raise ValueError(f"{name}: layer '{tensor.layer}' weight '{tensor.weight}' has non-finite values")
             s, c = slicing.weighted_sums(value, self.plan.slices(tensor, indices), tensor.shape, weight)
             staged.append((j, s.numpy(), c.numpy()))
@@ -149,4 +177,4 @@ def finish_round(
     return new, coverage
 
 
-__all__ = ["Accumulator", "finish_round", "principal_positions", "travelling"]
+__all__ = ["Accumulator", "drop_if_not_finite", "finish_round", "is_finite", "principal_positions", "travelling"]

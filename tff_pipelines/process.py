@@ -26,6 +26,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
+import grpc
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -36,6 +37,9 @@ from tff_pipelines import aggregator, client_work, distributor, finalizer
 from tff_pipelines.config import check_batch_size, onednn_enabled  # noqa: F401 (re-exported)
 from tff_pipelines.layout import RoundLayout
 from tff_pipelines.methods import Method, round_selections
+
+# The per-round sums of a client phase besides the updates (`aggregator.METRICS` + good/dropped client counts).
+PHASE_METRICS = (*aggregator.METRICS, "clients_trained", "clients_dropped")
 
 
 @dataclasses.dataclass
@@ -71,12 +75,16 @@ class PrismProcess:
         collective_clients: int | None = None,
         server_optimizer: tff.learning.optimizers.Optimizer | None = None,
         lr_schedule: Callable[[int], float] | None = None,
+        min_clients: int = 1,
     ) -> None:
         self.server_model = server_model
         self.method = method
         self.element_type = element_type
         # With a schedule, clients read the round's learning rate from their input struct (`client_inputs`).
         self.lr_schedule = lr_schedule
+        if not (isinstance(min_clients, int | np.integer) and min_clients >= 1):
+            raise ValueError(f"min_clients must be an integer >= 1, got {min_clients!r}")
+        self.min_clients = int(min_clients)  # fewer good clients in a round: the round is skipped
         self.training = dataclasses.replace(training, round_lr=lr_schedule is not None)
         self.distribution = distribution
         self.refactorize_every = refactorize_every if method.spectral else 0
@@ -118,16 +126,21 @@ class PrismProcess:
         client_type = tff.FederatedType(  # self.training: with a lr schedule, clients' inputs carry `lr`
             client_work.client_input_type(layout, self.element_type, self.training), tff.CLIENTS)
 
-        @tff.tensorflow.computation(work.type_signature.result)
-        def metrics_of(output):
-            return output["metrics"]
+        @tff.tensorflow.computation(aggregate.accumulator_type)
+        def sums_of(total):
+            return collections.OrderedDict(sums=total["sums"], counts=total["counts"])
+
+        @tff.tensorflow.computation(aggregate.accumulator_type)
+        def metrics_of(total):
+            return total["metrics"]
 
         @tff.federated_computation(tff.FederatedType(layout.weights_type(), tff.SERVER), client_type)
         def phase(weights, clients):
             received = distribute(weights, clients)
             outputs = tff.federated_map(
                 work, tff.federated_zip(collections.OrderedDict(received=received, client=clients)))
-            return aggregate(outputs), tff.federated_sum(tff.federated_map(metrics_of, outputs))
+            total = aggregate(outputs)  # updates and metrics in one aggregation: one rule drops a faulty client
+            return tff.federated_map(sums_of, total), tff.federated_map(metrics_of, total)
 
         return phase
 
@@ -193,9 +206,12 @@ class PrismProcess:
             result = update(state["weights"], acc, state["round_num"], state["optimizer_state"])
             count = metrics["num_examples"]
             safe = tf.maximum(count, 1.0)
+            nothing = tf.constant(float("nan"))  # no good client trained: no training loss to report
             round_metrics = collections.OrderedDict(
-                loss=metrics["loss_sum"] / safe, accuracy=metrics["correct"] / safe, num_examples=count,
-                kernel_coverage=result["coverage"])
+                loss=tf.where(count > 0, metrics["loss_sum"] / safe, nothing),
+                accuracy=tf.where(count > 0, metrics["correct"] / safe, nothing), num_examples=count,
+                kernel_coverage=result["coverage"], clients_trained=metrics["clients_trained"],
+                clients_dropped=metrics["clients_dropped"])
             state = collections.OrderedDict(weights=result["weights"], round_num=state["round_num"] + 1,
                                             optimizer_state=result["optimizer_state"])
             return state, round_metrics
@@ -266,8 +282,16 @@ class PrismProcess:
         before the one server step. Selections are drawn over all of the round's clients, simulated and uploaded
         (``collective``'s ``C`` counts both); ``client_datasets`` may then be empty.
 
-        Metrics: ``loss``, ``accuracy``, ``num_examples`` (client training), ``kernel_coverage`` (share of all
-        principal kernels trained by some client), and the per-client traffic and cost of this round's sub-models.
+        Faulty clients (docs/design.md, faulty clients): a client whose update or metrics hold NaN/Inf is dropped
+        inside the aggregation; a client whose training raises makes the round's computation fail, and the round
+        is then run one client at a time, leaving out the clients that fail alone. With fewer than
+        ``min_clients`` good clients (device uploads count) the round is skipped: the returned state is the
+        previous one with only its round counter advanced.
+
+        Metrics: ``loss``, ``accuracy``, ``num_examples`` (the good clients' training), ``kernel_coverage`` (share
+        of all principal kernels trained by some good client; 0 when skipped), the per-client traffic and cost of
+        this round's sub-models, ``clients_dropped``, ``failed_clients`` (ids whose training raised), ``skipped``
+        and ``skip_reason``.
         """
         if not client_datasets and uploaded is None:
             raise ValueError("next: no client datasets")
@@ -276,27 +300,44 @@ class PrismProcess:
         if client_ids is not None and len(client_ids) != len(client_datasets):
             raise ValueError(f"next: {len(client_ids)} client ids for {len(client_datasets)} client datasets")
         ids = list(range(len(client_datasets))) if client_ids is None else [int(c) for c in client_ids]
-        if uploaded is not None:
-            everyone = self.selections(state, ids + [int(c) for c in uploaded_ids])
-            selections = everyone[:len(ids)]
-            state, metrics = self._next_in_tiers(state, client_datasets, selections, self._tiers(selections),
-                                                 uploaded)
-            if not selections:  # only devices: no training loss reached the server
-                metrics.update(loss=float("nan"), accuracy=float("nan"))
-            metrics.update(dataclasses.asdict(self._report(everyone, self._tiers(everyone))))
-            metrics["uploaded_clients"] = len(uploaded_ids)
-            return state, {k: _py(v) for k, v in metrics.items()}
-        selections = self.selections(state, ids)
+        devices = [int(c) for c in uploaded_ids] if uploaded is not None else []
+        everyone = self.selections(state, ids + devices)
+        selections = everyone[:len(ids)]
         tiers = self._tiers(selections)
-        if list(tiers) == [self.layout.sizes_key]:
+        new_state = None
+        if uploaded is None and list(tiers) == [self.layout.sizes_key]:
             inputs = self.client_inputs(self.layout, client_datasets, selections, self.round_num(state))
-            output = self.learning_process.next(state, inputs)
-            state, metrics = output.state, dict(output.metrics)
-        else:
-            state, metrics = self._next_in_tiers(state, client_datasets, selections, tiers)
-        report = self._report(selections, tiers)
-        metrics.update(dataclasses.asdict(report))
-        return state, {k: _py(v) for k, v in metrics.items()}
+            try:
+                output = self.learning_process.next(state, inputs)
+                new_state, metrics = output.state, dict(output.metrics)
+            except Exception as error:  # only a client's failure is handled here, anything else re-raised
+                if not client_failure(error):
+                    raise
+        if new_state is None:  # mixed sizes, devices, or a client failed the fused round: phase by phase
+            new_state, metrics = self._next_in_tiers(state, client_datasets, selections, tiers, uploaded,
+                                                     isolate=uploaded is None and len(tiers) == 1)
+        failed = [ids[i] for i in metrics.pop("failed", [])]
+        good = int(round(float(metrics.pop("clients_trained")))) + len(devices)
+        metrics["clients_dropped"] = int(round(float(metrics["clients_dropped"]))) + len(failed)
+        metrics["failed_clients"] = failed
+        metrics["skipped"], metrics["skip_reason"] = False, None
+        if good < self.min_clients:
+            new_state = self.unchanged(state)
+            metrics.update(kernel_coverage=0.0, skipped=True, skip_reason=(
+                f"{good} of {len(everyone)} clients delivered a usable update, fewer than min_clients="
+                f"{self.min_clients}: the server state is unchanged"))
+        if uploaded is not None and not selections:  # only devices: no training loss reached the server
+            metrics.update(loss=float("nan"), accuracy=float("nan"))
+        metrics.update(dataclasses.asdict(self._report(everyone, self._tiers(everyone))))
+        if uploaded is not None:
+            metrics["uploaded_clients"] = len(devices)
+        return new_state, {k: _py(v) for k, v in metrics.items()}
+
+    def unchanged(self, state):
+        """``state`` after a skipped round: the same weights and server optimizer state, round counter + 1 (the
+        round's clients, seeds and learning-rate slot were spent; docs/design.md, faulty clients)."""
+        return collections.OrderedDict(weights=state["weights"], round_num=np.int64(self.round_num(state) + 1),
+                                       optimizer_state=state["optimizer_state"])
 
     def _tiers(self, selections: Sequence[prism_tf.Selection]) -> dict[tuple, list[int]]:
         """Clients grouped by sub-model size (one traced client computation per size)."""
@@ -319,25 +360,52 @@ class PrismProcess:
                 raise ValueError(f"client dataset {i}: '{key}' batches have shape {got}, this process expects "
                                  f"{shape}{hint}")
 
-    def _next_in_tiers(self, state, datasets, selections, tiers, uploaded=None):
-        acc = metrics = None
+    def _next_in_tiers(self, state, datasets, selections, tiers, uploaded=None, *, isolate: bool = False):
+        """Client phases per sub-model size, then the one server step of `next_fn`: ``(state, metrics)``.
+
+        A phase whose computation fails because of a client (`client_failure`) is re-run one client at a time
+        (at once with ``isolate``: the fused round already failed); the clients that fail alone are left out
+        and their positions in ``datasets`` listed in ``metrics["failed"]``.
+        """
+        zeros = [np.zeros(self.layout.tensors[p].shape, np.float32) for p in self.layout.travelling()]
+        acc = _accumulator(zeros, zeros)
+        metrics = collections.OrderedDict((k, np.float32(0)) for k in PHASE_METRICS)
         if uploaded is not None:  # devices' updates: their sums join the round's (metrics are the simulated ones)
             acc = _accumulator(uploaded.sums, uploaded.counts)
-            metrics = collections.OrderedDict((k, np.float32(0)) for k in ("num_examples", "loss_sum", "correct"))
-        weights = state["weights"]
+        weights, failed = state["weights"], []
         for key, members in tiers.items():
             layout = self._layout(key)
             inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members],
                                         self.round_num(state))
-            tier_acc, tier_metrics = self._phase(key)(weights, inputs)
-            tier_acc = _accumulator(tier_acc["sums"], tier_acc["counts"])
-            tier_metrics = collections.OrderedDict((k, np.float32(tier_metrics[k])) for k in
-                                                   ("num_examples", "loss_sum", "correct"))
-            add = lambda a, b: tf.nest.map_structure(np.add, a, b)  # noqa: E731
-            acc = tier_acc if acc is None else add(acc, tier_acc)
-            metrics = tier_metrics if metrics is None else add(metrics, tier_metrics)
+            for part, tier_acc, tier_metrics in self._run_phase(key, weights, inputs, isolate):
+                if tier_acc is None:
+                    failed.append(members[part])
+                    continue
+                acc = _add(acc, _accumulator(tier_acc["sums"], tier_acc["counts"]))
+                metrics = _add(metrics, collections.OrderedDict((k, np.float32(tier_metrics[k]))
+                                                                for k in PHASE_METRICS))
         state, round_metrics = self._finish(state, acc, metrics)  # the same server step as `next_fn`
-        return state, dict(round_metrics)
+        return state, {**round_metrics, "failed": sorted(failed)}
+
+    def _run_phase(self, key: tuple, weights, inputs: list, isolate: bool) -> list[tuple]:
+        """``[(position, accumulator, metrics)]`` of the phase over ``inputs``: one item for all of them (position
+        ``None``) or, when that fails because of a client, one per client, ``(i, None, None)`` for a failing one."""
+        phase = self._phase(key)
+        if not isolate:
+            try:
+                return [(None, *phase(weights, inputs))]
+            except Exception as error:  # only a client's failure is handled here, anything else re-raised
+                if not client_failure(error):
+                    raise
+        results = []
+        for i, one in enumerate(inputs):  # in client order: the same sums, in the same order, on every re-run
+            try:
+                results.append((i, *phase(weights, [one])))
+            except Exception as error:
+                if not client_failure(error):
+                    raise
+                results.append((i, None, None))
+        return results
 
     def _report(self, selections, tiers) -> RoundReport:
         down = up = flops = act = 0.0
@@ -351,6 +419,22 @@ class PrismProcess:
             act += n * cost["activation_bytes"]
         n = len(selections)
         return RoundReport(down / n, up / n, flops / n, act / n, n)
+
+
+def client_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a computation failing inside TensorFlow (a client's data or training raised), as
+    opposed to the TFF worker being gone (`tff_pipelines.runtime` raises `RuntimeError`) or a bug in Python.
+
+    The local worker reports a failed computation as a gRPC ``INTERNAL`` status; an in-process context raises the
+    TensorFlow error itself.
+    """
+    if isinstance(error, grpc.RpcError):
+        return error.code() == grpc.StatusCode.INTERNAL
+    return isinstance(error, tf.errors.OpError)
+
+
+def _add(a, b):
+    return tf.nest.map_structure(np.add, a, b)
 
 
 def _accumulator(sums, counts) -> collections.OrderedDict:
@@ -397,6 +481,7 @@ def build_prism_process(
     lr_schedule: Callable[[int], float] | None = None,
     frobenius_decay: float = 0.0,
     weight_decay: float = 0.0,
+    min_clients: int = 1,
 ) -> PrismProcess:
     """Build the federated process for PriSM (or a peer method, `tff_pipelines.methods`).
 
@@ -426,6 +511,8 @@ def build_prism_process(
         the authors' cosine from 0.1 to 1e-4); it travels in each client's input as ``lr`` and overrides the client
         optimizer's ``learning_rate``. ``None`` (default): the optimizer's own constant rate.
       frobenius_decay, weight_decay: see `client_work.ClientTraining` (the authors use λ = 2e-4…5e-4; default 0).
+      min_clients: a round with fewer good clients (finite update, training did not raise) keeps the server
+        state (`PrismProcess.next`; docs/design.md, faulty clients).
     """
     if not isinstance(method, Method):
         method = Method(method, keep_ratio=keep_ratio, strategy=strategy, gamma=gamma, output_keep=output_keep,
@@ -441,4 +528,4 @@ def build_prism_process(
     return PrismProcess(model, method, batch_spec(shape, batch_size), training, distribution=distribution,
                         refactorize_every=refactorize_every, weighting=weighting, seed=seed,
                         collective_clients=collective_clients, server_optimizer=server_optimizer,
-                        lr_schedule=lr_schedule)
+                        lr_schedule=lr_schedule, min_clients=min_clients)
