@@ -434,3 +434,148 @@ def test_new_thread_needs_install_then_works():
     assert "No default context" in str(results.get("error")), results
     assert results["sum"] == 6 and results["add"] == 4
     assert len(runtime.worker_pids()) == 1  # the thread reused the session's worker
+
+
+# --------------------------------------------------------------------------------------------- reachable from here only
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
+def _listening_sockets(pid: int) -> list[str]:
+    """Local addresses (hex as in /proc, decoded) of `pid`'s LISTEN-state TCP sockets: our own reading of the
+    kernel's socket table, independent of tff_pipelines.loopback."""
+    import ipaddress
+
+    inodes = _socket_inodes(pid)
+    found = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        for row in rows:
+            if row[3] != "0A" or row[9] not in inodes:
+                continue
+            host_hex = row[1].split(":")[0]
+            raw = bytes.fromhex(host_hex)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian 32-bit words
+            found.append(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def _loopback_only(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def test_worker_listens_on_loopback_only_during_a_computation():
+    """Issue 16: no socket of the worker may be bound to a wildcard or non-loopback address (read, not probed)."""
+    (pid,) = runtime.worker_pids()
+    stop = threading.Event()
+    done: list[int] = []
+
+    def compute() -> None:
+        runtime.install_in_current_thread()
+        while not stop.is_set():
+            done.append(_fed_sum([1, 2, 3]))
+
+    thread = threading.Thread(target=compute)
+    thread.start()
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and (len(done) < 3 or not seen):
+            seen += _listening_sockets(pid)
+            time.sleep(0.05)
+        ss = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True).stdout if os.path.exists(
+            "/usr/bin/ss") else ""
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert done and set(done) == {6}, done  # computations really ran while we looked
+    assert seen, "the worker has no listening socket?"
+    assert all(_loopback_only(a) for a in seen), f"worker {pid} listens on {sorted(set(seen))}"
+    for line in ss.splitlines():  # cross-check with ss where it exists: no wildcard for our pid
+        if f"pid={pid}," in line:
+            local = line.split()[3]
+            assert not local.startswith(("*:", "0.0.0.0:", "[::]:")), line
+
+
+_BIND_PROBE = """
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: binding an address this host lacks succeeds (no traffic is sent)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+try:
+    s.bind((sys.argv[1], 0))
+    print("BOUND", s.getsockname()[0])
+except OSError as e:
+    print("REFUSED", e.errno)
+"""
+
+
+def _bind_probe(address: str, env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-c", _BIND_PROBE, address], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_bind_shim_rewrites_wildcards_and_refuses_other_addresses():
+    import errno
+
+    from tff_pipelines import loopback
+
+    plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    confined = loopback.shim_environment()
+    # Without the shim the probe binds what it asks for (so the refusals below are the shim's doing).
+    assert _bind_probe("0.0.0.0", plain) == "BOUND 0.0.0.0"
+    assert _bind_probe("192.0.2.7", plain) == "BOUND 192.0.2.7"
+    assert _bind_probe("0.0.0.0", confined) == "BOUND 127.0.0.1"
+    assert _bind_probe("::", confined) == "BOUND ::1"
+    assert _bind_probe("127.0.0.5", confined) == "BOUND 127.0.0.5"
+    assert _bind_probe("192.0.2.7", confined) == f"REFUSED {errno.EADDRNOTAVAIL}"
+    assert _bind_probe("2001:db8::7", confined) == f"REFUSED {errno.EADDRNOTAVAIL}"
+    chosen = loopback.shim_environment("192.0.2.7")  # `worker --bind`: wildcards become the chosen address
+    assert _bind_probe("::", chosen) == "BOUND ::ffff:192.0.2.7"
+    assert _bind_probe("0.0.0.0", chosen) == "BOUND 192.0.2.7"
+    assert _bind_probe("192.0.2.8", chosen) == f"REFUSED {errno.EADDRNOTAVAIL}"
+    garbled = {**confined, loopback.BIND_ENV_VAR: "not-an-address"}  # never widen on a bad target
+    assert _bind_probe("0.0.0.0", garbled) == f"REFUSED {errno.EADDRNOTAVAIL}"
+
+
+def test_no_compiler_fails_closed(tmp_path, monkeypatch):
+    from tff_pipelines import loopback
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.delenv(loopback.OPT_OUT_ENV_VAR, raising=False)
+    with pytest.raises(loopback.WorkerExposureError, match="no C compiler") as err:
+        runtime._worker_environment(None)
+    assert loopback.OPT_OUT_ENV_VAR in str(err.value)  # the message names the documented opt-out
+    monkeypatch.setenv(loopback.OPT_OUT_ENV_VAR, "1")
+    assert runtime._worker_environment(None) is None  # opted out: the worker inherits our environment as is
+    assert list((tmp_path / "prism-tf").iterdir()) == []  # no half-built library left
+
+
+def test_shim_is_built_once_per_source_and_atomically(tmp_path, monkeypatch):
+    from tff_pipelines import loopback
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = loopback.shim_library()
+    mtime = first.stat().st_mtime_ns
+    assert loopback.shim_library() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary files left
+    assert (first.parent.stat().st_mode & 0o022) == 0

@@ -9,6 +9,9 @@ open, so `python script.py | cat` (and any CI that reads a pipe) hangs forever. 
 Here we start the worker ourselves, before the first computation:
 
 * its stdin is /dev/null and its stdout/stderr go to a log file, never to the caller's streams;
+* it listens on loopback only (TFF's binary binds every interface and has no authentication): an `LD_PRELOAD`
+  shim rewrites its wildcard bind, and we connect to the address it actually bound after checking that no socket
+  of it is wider (`tff_pipelines.loopback`; docs/pitfalls.md, "The TFF worker process");
 * it gets `prctl(PR_SET_PDEATHSIG, SIGTERM)`, so the kernel terminates it even if Python is SIGKILLed;
 * it runs in its own process group, so a terminal's Ctrl-C or Jupyter's "interrupt kernel" (SIGINT to the
   whole group) does not kill it while Python survives the KeyboardInterrupt;
@@ -39,6 +42,7 @@ import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import ipaddress
 import os
 import signal
 import socket
@@ -55,6 +59,8 @@ from typing import Any
 import grpc
 import portpicker
 import tensorflow_federated as tff
+
+from tff_pipelines import loopback
 
 __all__ = [
     "install_in_current_thread",
@@ -86,6 +92,13 @@ class _Worker:
     port: int
     log_path: str | None
     log_is_temp: bool
+    bind: str | None = None  # None: loopback (the shim's default); else the address asked for
+    host: str = "localhost"  # where to connect: the address the worker actually bound (`_wait_until_listening`)
+
+    @property
+    def target(self) -> str:
+        """gRPC target of the worker, e.g. ``[::1]:4321``."""
+        return f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -125,6 +138,7 @@ def install_local_context(*, max_concurrent_computation_calls: int = -1, log_pat
 
     Raises:
       RuntimeError: the worker binary is missing, or the worker did not accept connections in time.
+      loopback.WorkerExposureError: the worker cannot be confined to loopback (no C compiler for the shim).
     """
     with _lock:
         if _rt.context is None or _rt.owner_pid != os.getpid():
@@ -205,10 +219,17 @@ def _start(max_concurrent_computation_calls: int, log_path: str | None) -> None:
     _rt.owner_pid = os.getpid()
     _rt.shutting_down = False
     last_error = ""
+    env = _worker_environment(None)  # before any spawn: no compiler means no worker at all (fail closed)
     for _ in range(_START_ATTEMPTS):
-        worker = _spawn(binary, portpicker.pick_unused_port(), max_concurrent_computation_calls, log_path)
+        worker = _spawn(binary, portpicker.pick_unused_port(), max_concurrent_computation_calls, log_path, env)
         _rt.worker = worker  # visible to shutdown() at once, should a signal arrive while we wait
-        error = _wait_until_listening(worker)
+        try:
+            error = _wait_until_listening(worker)
+        except loopback.WorkerExposureError:
+            _rt.worker = None
+            _terminate(worker.proc)
+            _finish_log(worker, died_on_its_own=False)
+            raise
         if error is None:
             break
         last_error = error
@@ -217,7 +238,7 @@ def _start(max_concurrent_computation_calls: int, log_path: str | None) -> None:
         _finish_log(worker, died_on_its_own=True)
     else:
         raise RuntimeError(f"TFF worker_binary did not start after {_START_ATTEMPTS} attempts: {last_error}")
-    _rt.channel = grpc.insecure_channel(f"localhost:{worker.port}", _GRPC_CHANNEL_OPTIONS)
+    _rt.channel = grpc.insecure_channel(worker.target, _GRPC_CHANNEL_OPTIONS)
     _rt.context = _build_context(_WatchedStub(tff.framework.RemoteExecutorGrpcStub(_rt.channel), worker))
 
 
@@ -266,7 +287,16 @@ def _pdeathsig_setter() -> Callable[[], None] | None:
     return preexec
 
 
-def _spawn(binary: str, port: int, max_calls: int, log_path: str | None) -> _Worker:
+def _worker_environment(bind: str | None) -> dict[str, str] | None:
+    """The worker's environment: the bind shim confining it to ``bind`` (None: loopback), or None (inherit
+    ours unchanged) for a wildcard ``bind`` or with the documented opt-out (`loopback.OPT_OUT_ENV_VAR`)."""
+    if (bind is not None and loopback.is_wildcard(bind)) or (bind is None and loopback.opted_out()):
+        return None
+    return loopback.shim_environment(bind)
+
+
+def _spawn(binary: str, port: int, max_calls: int, log_path: str | None, env: dict[str, str] | None,
+           bind: str | None = None) -> _Worker:
     log_is_temp = log_path is None
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="tff_worker_", suffix=".log")
@@ -282,6 +312,7 @@ def _spawn(binary: str, port: int, max_calls: int, log_path: str | None) -> _Wor
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                env=env,
                 # Own process group: Ctrl-C in a terminal and Jupyter's "interrupt kernel" signal the whole
                 # foreground group with SIGINT, which would kill the worker (it exits on SIGINT) while Python
                 # survives the KeyboardInterrupt. Exit is still covered: atexit, signal handlers, PDEATHSIG.
@@ -294,7 +325,7 @@ def _spawn(binary: str, port: int, max_calls: int, log_path: str | None) -> _Wor
     else:
         proc = _spawn_from_long_lived_thread(popen)
     return _Worker(proc=proc, port=port, log_path=None if log_path == os.devnull else log_path,
-                   log_is_temp=log_is_temp)
+                   log_is_temp=log_is_temp, bind=bind)
 
 
 def _spawn_from_long_lived_thread(popen: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
@@ -322,17 +353,66 @@ def _spawn_from_long_lived_thread(popen: Callable[[], subprocess.Popen[bytes]]) 
 
 
 def _wait_until_listening(worker: _Worker) -> str | None:
-    """Waits (bounded) until the worker accepts connections; returns an error message, or None if it does."""
+    """Waits (bounded) until the worker listens and accepts connections; returns an error message, or None.
+
+    The address to connect to is read from the worker's own listening sockets (`loopback.listening_addresses`):
+    with the bind shim it is ``::1`` (or ``127.0.0.1`` where the host has no IPv6 loopback), not whatever
+    ``localhost`` resolves to first.
+
+    Raises:
+      loopback.WorkerExposureError: the worker listens more widely than asked (never left running).
+    """
     deadline = time.monotonic() + _STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if worker.proc.poll() is not None:
             return f"worker exited with code {worker.proc.returncode}; log:\n{_log_tail(worker)}"
         try:
-            with socket.create_connection(("localhost", worker.port), timeout=0.5):
-                return None
+            bound = [a for a in loopback.listening_addresses(worker.proc.pid) if a[1] == worker.port]
         except OSError:
-            time.sleep(0.05)
+            bound = []
+        if bound:
+            _check_exposure(worker, bound)
+            worker.host = _connect_host(bound[0][0])
+            try:
+                with socket.create_connection((worker.host.strip("[]"), worker.port), timeout=0.5):
+                    return None
+            except OSError:
+                pass
+        time.sleep(0.05)
     return f"worker did not accept connections on port {worker.port} within {_STARTUP_TIMEOUT_S:.0f} s"
+
+
+def _check_exposure(worker: _Worker, bound: list[tuple[str, int]]) -> None:
+    if worker.bind is not None and loopback.is_wildcard(worker.bind):
+        return  # every interface was asked for
+    if worker.bind is None and loopback.opted_out():
+        return
+    allowed = {worker.bind} if worker.bind is not None else set()
+    wide = [a for a, _ in bound if not loopback.is_loopback(a) and not _same_address(a, allowed)]
+    if wide:
+        raise loopback.WorkerExposureError(
+            f"the TFF worker (pid {worker.proc.pid}) listens on {', '.join(wide)} port {worker.port}, wider than "
+            f"{worker.bind or 'loopback'}; it was stopped")
+
+
+def _same_address(address: str, allowed: set[str]) -> bool:
+    return any(_plain(address) == _plain(a) for a in allowed)
+
+
+def _plain(address: str) -> str:
+    """An address with IPv4-mapped IPv6 (``::ffff:a.b.c.d``) written as IPv4, normalized."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _connect_host(bound: str) -> str:
+    """Host part of a gRPC target reaching a socket bound to ``bound`` (brackets for IPv6)."""
+    if loopback.is_wildcard(bound):
+        bound = "::1" if ":" in bound else "127.0.0.1"
+    plain = _plain(bound)
+    return f"[{plain}]" if ":" in plain else plain
 
 
 # --------------------------------------------------------------------------------------------- stopping
