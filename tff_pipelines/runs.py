@@ -18,6 +18,7 @@ metrics of rounds newer than the checkpoint it continues from.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -30,6 +31,17 @@ from typing import Any
 import numpy as np
 
 _CHECKPOINT = re.compile(r"program_state_(\d+)")
+
+
+def _run_sync(coroutine: Any) -> Any:
+    """Run one of TFF's program-state coroutines to completion. `asyncio.run` refuses inside a running event loop
+    (a Jupyter kernel has one), so there the coroutine runs in a helper thread with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 class RunError(ValueError):
@@ -135,12 +147,12 @@ class RunDir:
     def save_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
                    state: Any, version: int) -> None:
         # A flat list of arrays: nested dict/list structures trip SavedModel's tracking wrappers here.
-        asyncio.run(manager.save([np.asarray(x) for x in _flatten(state)], version))
+        _run_sync(manager.save([np.asarray(x) for x in _flatten(state)], version))
 
     def load_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
                    structure: Any) -> tuple[Any, int]:
         template = [np.asarray(x) for x in _flatten(structure)]
-        flat, version = asyncio.run(manager.load_latest(template))
+        flat, version = _run_sync(manager.load_latest(template))
         if flat is None:
             raise RunError(f"no checkpoint in {self.checkpoint_dir}")
         if len(flat) != len(template):
