@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ def measure(width: int, which: str, runtime: str, steps: int, batch: int) -> dic
 
     import prism_tf
     from export import tflite_train
+    from export.files import npz_bytes
 
     tf.keras.utils.set_random_seed(0)
     full = prism_tf.models.build_model("resnet18", width=width, num_classes=10, input_shape=(32, 32, 3))
@@ -59,7 +61,11 @@ def measure(width: int, which: str, runtime: str, steps: int, batch: int) -> dic
         if i >= 3:
             times.append(time.perf_counter() - t)
     cost = prism_tf.cost(model)
-    return dict(width=width, model=which, runtime=runtime, bytes=len(flatbuffer), interpreter=where,
+    # What a phone that already has the graph downloads each round (export client's weights.npz).
+    weights = npz_bytes(dict(zip(tflite_train.weight_names(model), [w.numpy() for w in prism_tf.flat_weights(model)],
+                                 strict=True)))
+    return dict(width=width, model=which, runtime=runtime, bytes=len(flatbuffer), weights_npz_bytes=len(weights),
+                interpreter=where, load_average_1min=os.getloadavg()[0],
                 train_step_ms=1000 * float(np.median(times)), steps=steps, batch=batch, convert_seconds=convert_s,
                 params=int(cost["params"]), flops_per_example=float(cost["flops"]))
 
@@ -73,14 +79,20 @@ def write(results: list[dict]) -> None:
              "SGD-with-momentum step with Frobenius and weight decay on a batch of 32. Builtins run in ai-edge-litert,",
              "flex in `tf.lite.Interpreter` (the light runtimes cannot load it). Command:",
              "`.venv/bin/python bench/export_sizes.py`.", "",
-             "| width | model | runtime | bytes | bytes vs full | train step (ms) | step vs full | flops vs full |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`weights.npz` is what a phone that already has the graph downloads in a later round. Times are",
+             "wall-clock medians on this machine's CPU; the 1-minute load average at each measurement is in",
+             "results.json (other work on the machine slows all rows, not only one).", "",
+             "| width | model | runtime | model.tflite bytes | vs full | weights.npz bytes | vs full | "
+             "train step (ms) | step vs full | flops vs full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (width, model, runtime), r in sorted(rows.items()):
         full = rows.get((width, "full", runtime))
         ratio = f"{r['bytes'] / full['bytes']:.3f}" if full else "-"
+        npz_ratio = f"{r['weights_npz_bytes'] / full['weights_npz_bytes']:.3f}" if full else "-"
         speed = f"{r['train_step_ms'] / full['train_step_ms']:.3f}" if full else "-"
         flops = f"{r['flops_per_example'] / full['flops_per_example']:.3f}" if full else "-"
-        lines.append(f"| {width} | {model} | {runtime} | {r['bytes']:,} | {ratio} | {r['train_step_ms']:.1f} | "
+        lines.append(f"| {width} | {model} | {runtime} | {r['bytes']:,} | {ratio} | {r['weights_npz_bytes']:,} | "
+                     f"{npz_ratio} | {r['train_step_ms']:.1f} | "
                      f"{speed} | {flops} |")
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
 
