@@ -84,22 +84,44 @@ def export_client(
       ValueError: an unknown client or runtime, or a layer the runtime cannot train (named).
     """
     replay = RoundReplay(run_dir, round_num)
+    round_export = client_round(replay, int(client), runtime)
+    module = tflite_train.build_training_module(round_export.submodel, round_export.step, runtime,
+                                                batch_size=replay.config.batch_size)
+    flatbuffer = tflite_train.convert(module, runtime)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "model.tflite", flatbuffer)
+    weights_file = npz_bytes(round_export.weights)
+    write_atomic(out / "weights.npz", weights_file)
+    manifest = {**round_export.manifest,
+                "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                          for name, data in (("model.tflite", flatbuffer), ("weights.npz", weights_file))}}
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return ClientExport(str(out), manifest, len(flatbuffer), len(weights_file))
+
+
+@dataclasses.dataclass
+class ClientRound:
+    """What a client is sent for a round, before its TFLite model is built: the sub-model, the local step, the
+    weights by exchange name, and the manifest (its ``files`` still empty)."""
+
+    submodel: tf.keras.Model
+    step: tflite_train.TrainStep
+    weights: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def client_round(replay: RoundReplay, client: int, runtime: str = "builtins") -> ClientRound:
+    """Client ``client``'s sub-model, step, weights and manifest in the round ``replay`` rebuilds (no TFLite)."""
     selection = replay.selection(int(client))
     submodel = prism_tf.extract(replay.server_model, selection)
     step = train_step(replay)
-    module = tflite_train.build_training_module(submodel, step, runtime, batch_size=replay.config.batch_size)
-    flatbuffer = tflite_train.convert(module, runtime)
     names = tflite_train.weight_names(submodel)
     values = [w.numpy() for w in prism_tf.flat_weights(submodel)]
     trainable = {v.ref() for v in submodel.trainable_weights}
     plan = prism_tf.SubmodelPlan.of(replay.server_model)
     travels = [t.travels for t in plan.tensors]
     mean, std = replay.input_stats()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "model.tflite", flatbuffer)
-    weights_file = npz_bytes(dict(zip(names, values, strict=True)))
-    write_atomic(out / "weights.npz", weights_file)
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "run_id": replay.run.run_id(),
         "round": replay.round_num, "client": int(client), "size_key": size_key(submodel),
@@ -116,11 +138,9 @@ def export_client(
                      "uploaded": bool(t)}
                     for n, v, w, t in zip(names, values, prism_tf.flat_weights(submodel), travels, strict=True)],
         "server_weights_sha256": replay.server_digest,
-        "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                  for name, data in (("model.tflite", flatbuffer), ("weights.npz", weights_file))},
+        "files": {},
     }
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
-    return ClientExport(str(out), manifest, len(flatbuffer), len(weights_file))
+    return ClientRound(submodel, step, dict(zip(names, values, strict=True)), manifest)
 
 
 def read_manifest(client_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -147,4 +167,5 @@ def read_manifest(client_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["ClientExport", "MANIFEST_FIELDS", "export_client", "read_manifest", "size_key", "train_step"]
+__all__ = ["ClientExport", "ClientRound", "MANIFEST_FIELDS", "client_round", "export_client", "read_manifest",
+           "size_key", "train_step"]

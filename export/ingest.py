@@ -22,6 +22,7 @@ import numpy as np
 import prism_tf
 from export.client import read_manifest
 from export.files import npz_bytes, write_atomic
+from tff_pipelines.config import stored_config
 from tff_pipelines.replay import RoundReplay
 from tff_pipelines.runs import RunDir, RunError
 
@@ -115,21 +116,22 @@ def ingest(
     if round_num != pending:
         raise IngestError(f"the manifest is for round {round_num}, but the run's open round is {pending}: "
                           + ("that round is finished" if round_num < pending else "that round has not started"))
+    # The upload against its manifest first: a broken file is refused before the round's model is rebuilt.
+    values = check_upload(manifest, read_upload(weights))
+    weighting = stored_config(run).weighting
+    if weighting == "examples" and (examples is None or not (np.isfinite(examples) and examples > 0)):
+        raise IngestError("this run weights clients by examples: give --examples N (N > 0), the number of "
+                          "examples the device trained on")
     try:
         replay = RoundReplay(run.path, round_num)
     except RunError as e:
         raise IngestError(str(e)) from None
     if manifest["server_weights_sha256"] != replay.server_digest:
         raise IngestError(f"the manifest was exported from other server weights than round {round_num} starts from")
-    values = check_upload(manifest, read_upload(weights))
     selection = prism_tf.Selection.from_dict(manifest["selection"])
     if selection.to_dict() != replay.selection(client).to_dict():
         raise IngestError(f"the manifest's selection is not client {client}'s selection of round {round_num}")
-    weighting = replay.config.weighting
     if weighting == "examples":
-        if examples is None or not (np.isfinite(examples) and examples > 0):
-            raise IngestError("this run weights clients by examples: give --examples N (N > 0), the number of "
-                              "examples the device trained on")
         weight = float(examples)
     else:
         weight = 1.0

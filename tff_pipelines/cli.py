@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk mid-run: the rounds finished before it stay checkpointed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished round is checkpointed; continue with "
               f"`python -m tff_pipelines resume --out {args.out}`", file=sys.stderr)

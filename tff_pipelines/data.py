@@ -323,6 +323,8 @@ def _check_layout(files: _Files, where: str) -> None:
         if test - train:
             parts.append(f"only in test/: {', '.join(sorted(test - train))}")
         raise DataError(f"train/ and test/ class folders differ in {where}: {'; '.join(parts)}")
+    if len(train) < 2:
+        raise DataError(f"only one class folder ({', '.join(train)}) in {where}: a classifier needs at least 2")
 
 
 def _decode_one(name: str, payload: str | bytes) -> np.ndarray:

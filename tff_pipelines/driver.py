@@ -33,6 +33,7 @@ from tff_pipelines.config import (
     stored_config,
 )
 from tff_pipelines.process import PrismProcess, build_prism_process
+from tff_pipelines.replay import RoundReplay
 from tff_pipelines.runs import RunDir, RunError
 
 # The run's options and budget live in `tff_pipelines.config` (no TFF); they stay importable from here.
@@ -295,9 +296,16 @@ def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
     """Continue the run in ``out`` from its latest checkpoint (optionally to a new total of ``rounds``)."""
     run = RunDir(out)
     config = stored_config(run)
+    config.validate()  # a stored value this version no longer accepts: named before anything is loaded
+    finished = run.latest_checkpoint(warn=None)  # none readable: refused here; `train` names the unreadable ones
     if rounds is not None:
         config.rounds = rounds
         config.validate()
+        if rounds < finished:
+            raise ValueError(f"--rounds {rounds} is below the {finished} rounds {out} has finished")
+    if run.read_data_spec() is not None:
+        # Without TFF, before data and tracing: config.json still describes the model the checkpoint holds.
+        RoundReplay(out, finished + 1)
     simulation = Simulation(config, out)
     if rounds is not None:
         run.write_config(dataclasses.asdict(config), overwrite=True)

@@ -77,7 +77,12 @@ class RoundReplay:
             n = len(self.plan.tensors)
             if len(flat) < n + 1:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match its config")
-            prism_tf.set_flat_weights(self.server_model, flat[:n])
+            try:
+                prism_tf.set_flat_weights(self.server_model, flat[:n])
+            except ValueError as e:
+                raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match the model its "
+                               f"config.json describes ({e}): was config.json edited, or written by another "
+                               "version?") from None
             if int(flat[n]) != self.round_num - 1:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} holds round {int(flat[n])}")
         self.weights = [w.numpy() for w in prism_tf.flat_weights(self.server_model)]

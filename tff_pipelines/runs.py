@@ -13,6 +13,12 @@
 
 Nothing is lost on failure: metrics and a checkpoint are written at the end of every round, and `resume` drops the
 metrics of rounds newer than the checkpoint it continues from.
+
+Checkpoints are written to a temporary directory and renamed (a ``program_state_<round>`` that exists is complete).
+A latest checkpoint that cannot be read (truncated, corrupt) is passed over with a warning naming it, for the newest
+one that reads; saving that round again sets the bad one aside as ``program_state_<round>.corrupt``. Temporary
+directories an interrupted save leaves behind (TFF's ``program_state_<round>_temp<n>``, ours
+``.program_state_<round>.tmp*``) are removed before the next save.
 """
 
 from __future__ import annotations
@@ -23,14 +29,23 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 _CHECKPOINT = re.compile(r"program_state_(\d+)")
+# What an interrupted save leaves: TFF's `file_utils.write_saved_model` temp directory, and `write_checkpoint`'s.
+_TEMPORARY = re.compile(r"program_state_\d+_temp\d+|\.program_state_\d+\.tmp.*")
+_PROBE_BYTES = 64 * 1024  # what `check_writable` writes (and removes) to find a read-only or full file system
+
+
+def warn_stderr(message: str) -> None:
+    """The default warning channel of run-directory readers: one ``warning: ...`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _run_sync(coroutine: Any) -> Any:
@@ -72,6 +87,7 @@ class RunDir:
         if self.config_path.exists() and not overwrite:
             raise RunError(f"{self.path} already holds a run; use `resume --out {self.path}`, --overwrite or "
                            "another --out")
+        _probe_writable(self.path)
 
     def write_config(self, config: dict[str, Any], *, overwrite: bool) -> None:
         self.check_writable(overwrite=overwrite)
@@ -146,18 +162,101 @@ class RunDir:
 
     def save_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
                    state: Any, version: int) -> None:
+        """Checkpoint ``state`` as round ``version`` (atomic: TFF writes a temporary directory and renames it)."""
+        self.remove_temporaries()
+        self._set_aside_unreadable(int(version))
         # A flat list of arrays: nested dict/list structures trip SavedModel's tracking wrappers here.
         _run_sync(manager.save([np.asarray(x) for x in _flatten(state)], version))
 
     def load_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
-                   structure: Any) -> tuple[Any, int]:
+                   structure: Any, *, warn: Callable[[str], None] = warn_stderr) -> tuple[Any, int]:
+        """The newest checkpoint that reads, as ``structure``, and its round.
+
+        A newer checkpoint that cannot be read (truncated, corrupt) is passed over and named through ``warn``.
+
+        Raises:
+          RunError: no checkpoint, none readable (naming them), or one that does not match ``structure`` (the
+            run's config no longer describes the model it trained).
+        """
         template = [np.asarray(x) for x in _flatten(structure)]
-        flat, version = _run_sync(manager.load_latest(template))
-        if flat is None:
-            raise RunError(f"no checkpoint in {self.checkpoint_dir}")
+        versions = _run_sync(manager.get_versions()) or []
+        bad: list[str] = []
+        for version in reversed(versions):
+            try:
+                flat = _run_sync(manager.load(int(version), template))
+            except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
+                bad.append(self._unreadable(version, e))
+                continue
+            self._check_matches(flat, template, version)
+            self._report_fallback(bad, version, warn)
+            return _unflatten(structure, iter(flat)), int(version)
+        raise self._none_readable(bad)
+
+    def latest_checkpoint(self, *, warn: Callable[[str], None] | None = warn_stderr) -> int:
+        """The round of the newest checkpoint that reads with plain TensorFlow (no TFF); unreadable newer ones are
+        named through ``warn``.
+
+        Raises:
+          RunError: no checkpoint, or none readable.
+        """
+        return self.read_checkpoint(warn=warn)[1]
+
+    def checkpoint_path(self, version: int) -> Path:
+        return self.checkpoint_dir / f"program_state_{int(version)}"
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove what interrupted checkpoint saves left behind (TFF ignores its temporary directories but never
+        removes them); returns their names. Call only where no save is running (the run's own process)."""
+        removed = []
+        if self.checkpoint_dir.is_dir():
+            for entry in self.checkpoint_dir.iterdir():
+                if _TEMPORARY.fullmatch(entry.name):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed.append(entry.name)
+        return sorted(removed)
+
+    def _set_aside_unreadable(self, version: int) -> None:
+        """Round ``version`` is about to be saved again: its old checkpoint was passed over because it could not
+        be read. Keep it for inspection under another name (TFF would refuse to save over it)."""
+        path = self.checkpoint_path(version)
+        if not path.exists():
+            return
+        try:
+            self._read_values(path)
+        except Exception:  # unreadable: the reason `load_state` fell back past it
+            aside = path.with_name(path.name + ".corrupt")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            return
+        raise RunError(f"{path} exists and is readable: round {version} is finished already")
+
+    def _unreadable(self, version: int, error: Exception) -> str:
+        # TensorFlow prefixes kernel errors with the graph function's name: not the user's concern.
+        detail = " ".join(re.sub(r"\{\{function_node [^}]*\}\}", "", str(error)).split())[:200]
+        return f"{self.checkpoint_path(version)} cannot be read ({type(error).__name__}: {detail})"
+
+    def _report_fallback(self, bad: list[str], version: int, warn: Callable[[str], None] | None) -> None:
+        if bad and warn is not None:
+            warn(f"checkpoint {'; '.join(bad)}: truncated or corrupt, passed over; continuing from the previous "
+                 f"one, round {version} ({self.checkpoint_path(version)})")
+
+    def _none_readable(self, bad: list[str]) -> RunError:
+        if bad:
+            return RunError(f"no readable checkpoint in {self.checkpoint_dir}: {'; '.join(bad)}")
+        return RunError(f"no checkpoint in {self.checkpoint_dir}")
+
+    def _check_matches(self, flat: list, template: list[np.ndarray], version: int) -> None:
+        path = self.checkpoint_path(version)
         if len(flat) != len(template):
-            raise RunError(f"checkpoint {version} in {self.checkpoint_dir} does not match this run's model")
-        return _unflatten(structure, iter(flat)), int(version)
+            raise RunError(f"checkpoint {path} holds {len(flat)} arrays, this run's model has {len(template)}: "
+                           f"{self.config_path} no longer describes the model it trained")
+        for i, (value, expected) in enumerate(zip(flat, template, strict=True)):
+            if np.shape(value) != expected.shape:
+                raise RunError(f"checkpoint {path} holds array {i} of shape {np.shape(value)}, this run's model "
+                               f"has {expected.shape}: {self.config_path} no longer describes the model it trained")
 
     def checkpoint_versions(self) -> list[int]:
         """The rounds with a complete checkpoint, oldest first (``program_state_<round>``; TFF's temporary
@@ -171,8 +270,10 @@ class RunDir:
                 versions.append(int(match.group(1)))
         return sorted(versions)
 
-    def read_checkpoint(self, version: int | None = None) -> tuple[list[np.ndarray], int]:
-        """The flat arrays of checkpoint ``version`` (default: the latest), read with plain TensorFlow: no TFF.
+    def read_checkpoint(self, version: int | None = None, *,
+                        warn: Callable[[str], None] | None = warn_stderr) -> tuple[list[np.ndarray], int]:
+        """The flat arrays of checkpoint ``version`` (default: the newest that reads; unreadable newer ones are
+        named through ``warn``), read with plain TensorFlow: no TFF.
 
         A checkpoint is what `save_state` wrote: the flattened process state (server weights, then the round
         counter, then any server-optimizer state).
@@ -181,20 +282,35 @@ class RunDir:
           RunError: no such checkpoint (naming the ones there are), or it cannot be read.
         """
         versions = self.checkpoint_versions()
-        if not versions:
-            raise RunError(f"no checkpoint in {self.checkpoint_dir}")
-        version = versions[-1] if version is None else int(version)
+        if version is None:
+            bad: list[str] = []
+            for latest in reversed(versions):
+                try:
+                    values = self._read_values(self.checkpoint_path(latest))
+                except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
+                    bad.append(self._unreadable(latest, e))
+                    continue
+                self._report_fallback(bad, latest, warn)
+                return values, latest
+            raise self._none_readable(bad)
+        version = int(version)
         if version not in versions:
+            if not versions:
+                raise RunError(f"no checkpoint in {self.checkpoint_dir}")
             raise RunError(f"{self.path} has no checkpoint of round {version}; it has rounds "
                            f"{', '.join(map(str, versions))} (a run keeps its last few)")
+        path = self.checkpoint_path(version)
+        try:
+            return self._read_values(path), version
+        except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
+            raise RunError(f"checkpoint {self._unreadable(version, e)}: truncated or corrupt") from None
+
+    @staticmethod
+    def _read_values(path: Path) -> list[np.ndarray]:
         import tensorflow as tf
 
-        path = self.checkpoint_dir / f"program_state_{version}"
-        try:
-            values = tf.saved_model.load(str(path))()
-        except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
-            raise RunError(f"checkpoint {path} cannot be read: {type(e).__name__}: {str(e)[:300]}") from None
-        return [np.asarray(v.read_value() if isinstance(v, tf.Variable) else v) for v in values], version
+        values = tf.saved_model.load(str(path))()
+        return [np.asarray(v.read_value() if isinstance(v, tf.Variable) else v) for v in values]
 
     def write_checkpoint(self, flat: list[np.ndarray], version: int) -> None:
         """Write checkpoint ``version`` without TFF, in the format `tff.program.FileProgramStateManager` reads (a
@@ -207,7 +323,8 @@ class RunDir:
         import tensorflow as tf
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / f"program_state_{int(version)}"
+        self.remove_temporaries()
+        path = self.checkpoint_path(version)
         if path.exists():
             raise RunError(f"{path} exists: round {version} is finished already")
         module = _ValueModule([tf.Variable(np.asarray(v)) for v in flat])
@@ -314,6 +431,30 @@ class _ValueModule:  # built lazily: tf.Module needs TensorFlow
                 return self._value
 
         return ValueModule(value)
+
+
+def _probe_writable(path: Path) -> None:
+    """Write (and remove) a small file where ``path`` is or will be made: a read-only, unwritable or full file
+    system is refused before a run spends minutes on data and tracing. Root ignores permission bits, so only a
+    real write tells."""
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise RunError(f"--out {path}: {base} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".prism-write-probe.")
+    except OSError as e:
+        raise RunError(f"--out {path} cannot be written: {e.strerror} ({base})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * _PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise RunError(f"--out {path} cannot be written: {e.strerror} ({base})") from None
+    finally:
+        os.unlink(probe)
 
 
 def _atomic_write_if_absent(path: Path, text: str) -> None:

@@ -1,0 +1,250 @@
+"""Interrupted runs, checkpoint integrity and determinism (real TFF rounds, real files, a real SIGKILL).
+
+The reference is `tiny_run` (conftest: a finished 2-round PriSM run, ResNet-18 width 4). Against it:
+- determinism: a second run with the same config and seed gives bit-identical checkpoints and metrics;
+- kill -9: the same run started by the CLI in a subprocess, SIGKILLed during round 2, then resumed, ends with
+  bit-identical checkpoints and the same metrics history (no round twice, none missing);
+- checkpoint integrity: a truncated or corrupt latest checkpoint is passed over with a warning naming it, a resume
+  redoes that round to the same weights, and the temporary directories of interrupted saves are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tff_pipelines import driver
+from tff_pipelines.runs import RunDir, RunError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("round_seconds",)  # wall-clock time: the only metric allowed to differ between equal runs
+DATA = "variables/variables.data-00000-of-00001"
+
+
+def _rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in RunDir(run).read_metrics()]
+
+
+def _assert_same_checkpoints(ours: Path, reference: Path, rounds: list[int]) -> None:
+    for version in rounds:
+        a, _ = RunDir(ours).read_checkpoint(version)
+        b, _ = RunDir(reference).read_checkpoint(version)
+        assert len(a) == len(b)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert x.dtype == y.dtype and x.shape == y.shape, (version, i)
+            assert np.array_equal(x, y), f"checkpoint {version}, array {i}: max |diff| {np.max(np.abs(x - y))}"
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if "temp" in p.name or ".tmp" in p.name)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _plant_interrupted_saves(run: Path, version: int) -> list[str]:
+    """What saves killed half-way leave: TFF's temp directory (a partial SavedModel) and ours."""
+    names = [f"program_state_{version}_temp4321", f".program_state_{version}.tmpq1w2e3"]
+    for name in names:
+        target = run / "checkpoints" / name
+        shutil.copytree(run / "checkpoints" / "program_state_1", target)
+        _truncate(target / DATA)
+    return names
+
+
+# ------------------------------------------------------------------------------------------------- 5. determinism
+
+
+def test_same_seed_gives_bit_identical_weights_and_metrics(tiny_run, tmp_path):
+    config = driver.stored_config(RunDir(tiny_run))
+    again = tmp_path / "again"
+    driver.start(config, str(again))
+    _assert_same_checkpoints(again, tiny_run, [1, 2])
+    assert _rows(again) == _rows(tiny_run)
+    assert [r["round"] for r in _rows(again)] == [1, 2]
+    # The deployed model too (its BatchNorm statistics are recalibrated after the last round).
+    import tensorflow as tf
+
+    for a, b in zip(tf.keras.models.load_model(again / "model.keras").get_weights(),
+                    tf.keras.models.load_model(tiny_run / "model.keras").get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------- 4. integrity
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "flipped byte", "truncated saved_model.pb", "empty directory"])
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning_naming_it(tiny_run, tmp_path, capfd, damage):
+    run = RunDir(_copy(tiny_run, tmp_path / "run"))
+    bad = run.checkpoint_path(2)
+    if damage == "truncated data":
+        _truncate(bad / DATA)
+    elif damage == "flipped byte":  # TensorFlow's per-tensor checksums catch it
+        data = bytearray((bad / DATA).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bad / DATA).write_bytes(bytes(data))
+    elif damage == "truncated saved_model.pb":
+        _truncate(bad / "saved_model.pb")
+    else:  # a directory without its files (a copy or a file system that lost them)
+        shutil.rmtree(bad)
+        bad.mkdir()
+    expected, _ = RunDir(tiny_run).read_checkpoint(1)
+    template = [np.zeros_like(x) for x in expected]
+    capfd.readouterr()
+
+    # TFF's manager (what `resume` uses) ...
+    state, version = run.load_state(run.state_manager(), template)
+    warning = capfd.readouterr().err
+    assert version == 1
+    assert all(np.array_equal(a, b) for a, b in zip(state, expected, strict=True))
+    assert warning.count("warning: ") == 1 and str(bad) in warning and "round 1" in warning, warning
+
+    # ... and the TF-only reader (export, replay) agree.
+    flat, version = run.read_checkpoint()
+    warning = capfd.readouterr().err
+    assert version == 1 and all(np.array_equal(a, b) for a, b in zip(flat, expected, strict=True))
+    if damage != "empty directory":  # not a checkpoint at all for the TF-only reader: nothing to warn about
+        assert warning.count("warning: ") == 1 and str(bad) in warning, warning
+
+    # Asked for by number, the damaged one is an error naming it, not a silent substitute.
+    if damage != "empty directory":
+        with pytest.raises(RunError, match=f"{bad} cannot be read.*truncated or corrupt"):
+            run.read_checkpoint(2)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(tiny_run, tmp_path):
+    run = RunDir(_copy(tiny_run, tmp_path / "run"))
+    for version in (1, 2):
+        _truncate(run.checkpoint_path(version) / DATA)
+    template = [np.zeros_like(x) for x in RunDir(tiny_run).read_checkpoint(1)[0]]
+    for call in (lambda: run.load_state(run.state_manager(), template), run.read_checkpoint):
+        with pytest.raises(RunError, match="no readable checkpoint") as error:
+            call()
+        assert str(run.checkpoint_path(1)) in str(error.value) and str(run.checkpoint_path(2)) in str(error.value)
+
+
+def test_saving_again_sets_the_bad_checkpoint_aside_and_removes_leftover_temporaries(tiny_run, tmp_path):
+    run = RunDir(_copy(tiny_run, tmp_path / "run"))
+    _truncate(run.checkpoint_path(2) / DATA)
+    damaged = (run.checkpoint_path(2) / DATA).read_bytes()
+    planted = _plant_interrupted_saves(run.path, 2)
+    assert _leftovers(run.path) == sorted(planted)
+    # TFF ignores its own leftovers: they are no version, for it and for us.
+    manager = run.state_manager()
+    import asyncio
+
+    assert asyncio.run(manager.get_versions()) == [1, 2] and run.checkpoint_versions() == [1, 2]
+
+    state, version = run.load_state(manager, [np.zeros_like(x) for x in RunDir(tiny_run).read_checkpoint(1)[0]],
+                                     warn=lambda _: None)
+    run.save_state(manager, state, version + 1)  # round 2 again (here: round 1's state, saved as round 2)
+    assert _leftovers(run.path) == []
+    assert (run.checkpoint_dir / "program_state_2.corrupt" / DATA).read_bytes() == damaged
+    assert run.checkpoint_versions() == [1, 2]
+    flat, _ = run.read_checkpoint(2)
+    assert all(np.array_equal(a, b) for a, b in zip(flat, state, strict=True))
+
+    # A readable checkpoint is never overwritten.
+    with pytest.raises(RunError, match="exists and is readable"):
+        run.save_state(manager, state, 2)
+
+
+def test_interrupted_write_checkpoint_leaves_no_version_and_no_temporary(tiny_run, tmp_path, monkeypatch):
+    """`write_checkpoint` (device rounds) writes a temporary directory and renames it: interrupted just before the
+    rename (the last moment a kill could strike), round 3 does not exist, and nothing is left behind."""
+    run = RunDir(_copy(tiny_run, tmp_path / "run"))
+    flat, _ = run.read_checkpoint(2)
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run.write_checkpoint(flat, 3)
+    assert run.checkpoint_versions() == [1, 2] and _leftovers(run.path) == []
+    run.write_checkpoint(flat, 3)
+    assert run.checkpoint_versions() == [1, 2, 3]
+    assert all(np.array_equal(a, b) for a, b in zip(run.read_checkpoint(3)[0], flat, strict=True))
+
+
+@pytest.mark.slow  # a resume traces the process and trains a round: ~25 s
+def test_resume_redoes_a_round_whose_checkpoint_is_corrupt(tiny_run, tmp_path, capfd):
+    run = _copy(tiny_run, tmp_path / "run")
+    bad = RunDir(run).checkpoint_path(2)
+    _truncate(bad / DATA)
+    _plant_interrupted_saves(run, 2)
+    capfd.readouterr()
+    driver.resume(str(run))
+    out, err = capfd.readouterr()
+    assert f"resuming {run} after round 1 of 2" in out
+    assert [line for line in err.splitlines() if line.startswith("warning: ")] == [
+        line for line in err.splitlines() if str(bad) in line and line.startswith("warning: ")]
+    assert str(bad) in err
+    _assert_same_checkpoints(run, tiny_run, [1, 2])
+    assert _rows(run) == _rows(tiny_run)
+    assert _leftovers(run) == [] and (run / "checkpoints" / "program_state_2.corrupt").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------- 3. kill -9
+
+
+def _train_argv(config: driver.TrainConfig, out: Path) -> list[str]:
+    """The CLI invocation of ``config`` (flags for the options that differ from the defaults)."""
+    argv = [sys.executable, "-m", "tff_pipelines", "train", "--out", str(out)]
+    defaults = driver.TrainConfig()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value != getattr(defaults, field.name):
+            value = 0 if field.name == "clip_norm" and value is None else value
+            argv += ["--" + field.name.replace("_", "-"), str(value)]
+    return argv
+
+
+@pytest.mark.slow  # a CLI subprocess (TensorFlow import, tracing, one round) and an in-process resume: ~50 s
+def test_kill_9_mid_round_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path):
+    config = driver.stored_config(RunDir(tiny_run))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PRISM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(_train_argv(config, out), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    first = out / "checkpoints" / "program_state_1"
+    try:
+        deadline = time.monotonic() + 400
+        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first.is_dir(), f"round 1 never finished (exit {proc.poll()}): {proc.stderr.read()[-3000:]!r}"
+        time.sleep(0.5)  # into round 2 (its training and evaluation take seconds)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and everything in its session, no cleanup
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+    run = RunDir(out)
+    assert run.checkpoint_versions() == [1], "killed after round 2 finished, not in the middle of it"
+    assert [r["round"] for r in run.read_metrics()] == [1]
+
+    driver.resume(str(out))
+    assert [r["round"] for r in _rows(out)] == [1, 2]  # no round twice, none missing
+    assert _rows(out) == _rows(tiny_run)
+    _assert_same_checkpoints(out, tiny_run, [1, 2])
+    assert _leftovers(out) == []
