@@ -372,13 +372,12 @@ class RunDir:
 
     # --- plot ------------------------------------------------------------------------------------------------
     def plot(self, rows: Iterable[dict[str, Any]], title: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure, not pyplot: switching pyplot's backend here would stop a notebook's later plots showing.
+        from matplotlib.figure import Figure
 
         rows = list(rows)
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig = Figure(figsize=(10, 3.8))
+        ax_acc, ax_loss = fig.subplots(1, 2)
         evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
         ax_acc.plot([r["round"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], "o-", label="test")
         trained = [r for r in rows if r.get("train_loss") is not None]  # rows finished from device uploads have none
@@ -396,7 +395,6 @@ class RunDir:
         fig.tight_layout()
         tmp = self.plot_path.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=110)
-        plt.close(fig)
         os.replace(tmp, self.plot_path)
 
 
