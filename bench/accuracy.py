@@ -45,7 +45,7 @@ class Profile:
     why: str
 
 
-# One recipe for every method (the authors' local training, docs/algorithm.md "Training recipe").
+# One recipe for every method (the authors' local training, docs/algorithm.md §7).
 RECIPE = ("--client-lr", "0.1", "--lr-schedule", "cosine", "--local-epochs", "2", "--batch-size", "32",
           "--augment", "crop_flip", "--normalize", "channel", "--frobenius-decay", "2e-4", "--weight-decay", "5e-4")
 

@@ -1,6 +1,7 @@
 """``python -m export {model,client,ingest,finish-round}``: models out of a run for devices, updates back in.
 
-docs/export.md. Needs no TFF: every command reads the run directory with TensorFlow and numpy only.
+docs/export.md (its command table and "The way back"). Needs no TFF: every command reads the run directory with
+TensorFlow and numpy only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A phone's side of a round, in Python: what an app does with an exported ``CLIENT_DIR`` (docs/export.md).
+"""A phone's side of a round, in Python: what an app does with an exported ``CLIENT_DIR`` (docs/export.md,
+"On-device training").
 
 Imports only numpy and LiteRT (``ai-edge-litert``), never TensorFlow, so it runs where a phone's runtime runs and
 proves the exported model needs nothing else. The Kotlin equivalent is in ``export/ANDROID.md``.

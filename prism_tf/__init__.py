@@ -1,4 +1,4 @@
-"""prism-tf: PriSM principal sub-model training for Keras (docs/algorithm.md).
+"""prism-tf: PriSM principal sub-model training for Keras (docs/algorithm.md §1–§3).
 
     fm  = prism_tf.factorize(model)                    # principal-kernel model, exact at full rank
     sel = prism_tf.sample(fm, keep_ratio=0.2, seed=7)  # one client's kernels

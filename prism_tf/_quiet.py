@@ -1,4 +1,6 @@
-"""Import TensorFlow without the start-up lines that mean nothing on a CPU-only machine (docs/pitfalls.md).
+"""Import TensorFlow without the start-up lines that mean nothing on a CPU-only machine.
+
+See docs/pitfalls.md, "Start-up noise on a CPU-only machine".
 
 TensorFlow 2.14 logs, while it is imported, C++ notices that a CPU-only user reads as failures: "Unable to register
 cuDNN/cuFFT/cuBLAS factory" (at ERROR level, so ``TF_CPP_MIN_LOG_LEVEL=2`` does not hide them), "Could not find

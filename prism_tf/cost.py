@@ -1,4 +1,4 @@
-"""Cost of a (sub-)model per example: parameters, multiply-adds and activation memory (docs/algorithm.md §2, §4).
+"""Cost of a (sub-)model per example: parameters, multiply-adds and activation memory (docs/algorithm.md §2, §5).
 
 Counted from layer shapes, so the numbers are exact for the layers they cover and cheap to compute. A principal
 layer of rank ``k`` costs ``k·(kh·kw·Cin + Cout)`` multiply-adds per output pixel instead of ``kh·kw·Cin·Cout``.

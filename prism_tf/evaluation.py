@@ -119,7 +119,7 @@ def evaluate(
       model: a Keras classifier returning logits.
       x, y: inputs (uint8 pixels, or floats) and integer labels, in any order.
       batch_size: evaluation batch size (rounded down to even: odd batch sizes crash TF 2.14's oneDNN kernels
-        on these CPUs, docs/pitfalls.md). Every example counts once; nothing is padded.
+        on these CPUs, docs/pitfalls.md, "oneDNN and batch shapes"). Every example counts once; nothing is padded.
       norm: BatchNorm mode, one of `EVAL_NORMS` (module docstring).
       preprocess: maps a batch of ``x`` to model inputs (default: uint8 / 255).
       calibration: preprocessed training batches for ``norm="recalibrate"`` (`calibration_batches`).

@@ -1,9 +1,8 @@
 """Spectral math of principal kernels: reshapes, SVD, rebuild, slicing and per-kernel averaging.
 
 Pure functions in TensorFlow ops (they run eagerly on numpy input and inside TFF/`tf.function` graphs alike), so
-the Keras layers, the TFF computations and the device-ingest path all call this one implementation (docs/algorithm.md
-§1,
-§4). No Keras, no state.
+the Keras layers, the TFF computations and the device-ingest path all call this one implementation
+(docs/algorithm.md §1, §3). No Keras, no state.
 
 Conventions (docs/algorithm.md §1): a kernel of shape ``[kh, kw, Cin, Cout]`` (or ``[in, out]`` for Dense) is viewed
 as the

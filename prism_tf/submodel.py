@@ -1,6 +1,6 @@
 """Client sub-models: `extract` a genuinely smaller model, `merge` it back, and `aggregate` many per entry.
 
-docs/algorithm.md §2 (sub-models) and §4 (aggregation). A sub-model has the full model's graph; each principal layer
+docs/algorithm.md §2 (sub-models) and §3 (aggregation). A sub-model has the full model's graph; each principal layer
 keeps
 only the selected kernels (``A[..., idx]``, ``B[idx]``, ``ω`` from the strategy) and, in the memory-efficient
 variant or a width-sliced baseline, only the selected channels. Everything is driven by a `SubmodelPlan` (which

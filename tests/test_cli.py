@@ -586,7 +586,8 @@ def test_resume_drops_metrics_newer_than_checkpoint(jobs, prism_run):
 
 
 def test_partial_client_datasets_28x28_grayscale(jobs):
-    """Regression (docs/pitfalls.md): TF 2.14's oneDNN kernels corrupt memory when the batch size varies on 28x28x1.
+    """Regression (docs/pitfalls.md, "oneDNN and batch shapes"): TF 2.14's oneDNN kernels corrupt memory when the
+    batch size varies on 28x28x1.
 
     FedAvg on ResNet-18 width 4; 5 clients x 21 examples (24 each, capped), 2 local epochs: 42 examples = 5 full
     batches of 8 + 2 left over per client and round. The CLI must keep batch shapes fixed (it drops the partial

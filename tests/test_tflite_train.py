@@ -4,7 +4,8 @@ Real conversions and real interpreters: the builtins-only models run in ``ai_edg
 with a plain TensorFlow reference step — `tf.GradientTape` on the Keras sub-model, `prism_tf.local_step.step_gradients`,
 TFF's SGD-with-momentum formula and Keras's own BatchNorm moving-statistics update. Each model is converted once per
 module (a conversion takes seconds). TensorFlow only ever sees batches of 8: TF 2.14's oneDNN kernels corrupt memory
-when the batch size varies or is odd (docs/pitfalls.md), so partial batches are exercised in TFLite only.
+when the batch size varies or is odd (docs/pitfalls.md, "oneDNN and batch shapes"), so partial batches are exercised
+in TFLite only.
 """
 
 from __future__ import annotations

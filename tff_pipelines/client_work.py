@@ -3,7 +3,8 @@
 Runs inside a `tff.tensorflow.computation` placed at CLIENTS. The Keras sub-model is rebuilt from JSON inside the
 computation (TFF traces it once per sub-model shape), its weights are assigned from the received tensors, and it is
 trained with ``training=True`` in a `tf.function` loop so that BatchNorm's moving statistics update and travel
-back with the other tensors (docs/pitfalls.md: Keras, BatchNorm, optimizers).
+back with the other tensors (docs/pitfalls.md, "Keras inside TFF's graph" and
+"BatchNorm under sub-models").
 """
 
 from __future__ import annotations

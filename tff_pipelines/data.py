@@ -20,7 +20,7 @@ plain ``np.load``.
 :func:`partition` splits the training set over clients (``iid``, ``dirichlet:<alpha>`` label skew,
 ``shards:<k>``); :func:`make_client_data` wraps the result as a ``tff.simulation.datasets.ClientData`` whose
 client datasets yield unbatched ``OrderedDict(x=float32[H, W, C] in [0, 1], y=int32[])`` (the caller batches;
-keep batch shapes fixed where training happens, see ``docs/pitfalls.md``).
+keep batch shapes fixed where training happens, see docs/pitfalls.md, "oneDNN and batch shapes").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Server → clients: each client receives only its own sub-model (docs/algorithm.md §2; docs/pitfalls.md
-federated_select).
+"""Server → clients: each client receives only its own sub-model (docs/algorithm.md §2;
+docs/pitfalls.md, "federated_select and per-key aggregation").
 
 ``select`` (default): for every principal layer the server keeps a table with one row per principal kernel (the
 kernel's column of ``A`` and row of ``B``, plus any other tensor that layer's kernel group slices) and

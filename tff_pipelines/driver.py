@@ -159,7 +159,7 @@ class Simulation:
                 ds = ds.map(lambda e, m=self.input_mean, s=self.input_std: collections.OrderedDict(
                     x=recipe.normalize(e["x"], m, s), y=e["y"]))
             # Fixed batch shapes: TF 2.14's oneDNN kernels corrupt memory with a varying batch size
-            # (docs/pitfalls.md).
+            # (docs/pitfalls.md, "oneDNN and batch shapes").
             out.append(ds.batch(cfg.batch_size, drop_remainder=True))
         return out
 

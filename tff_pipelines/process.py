@@ -495,7 +495,8 @@ def build_prism_process(
       output_keep: memory-efficient variant (docs/algorithm.md §2): share of owned output channels kept.
       input_shape: per-example input shape (default: the model's).
       batch_size: client batch size; client datasets must be batched with exactly this size
-        (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes, docs/pitfalls.md).
+        (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes,
+        docs/pitfalls.md, "oneDNN and batch shapes").
       client_optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
       server_optimizer: ``None`` (plain per-entry averaging, the default) or a `tff.learning.optimizers.Optimizer`
         acting on the rebuilt kernels (`finalizer`; requires ``refactorize_every=1``).

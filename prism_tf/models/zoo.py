@@ -1,4 +1,5 @@
-"""Width-scalable models for federated experiments (normalization: docs/algorithm.md §6 and docs/pitfalls.md).
+"""Width-scalable models for federated experiments (normalization: docs/algorithm.md §6 and
+docs/pitfalls.md, "BatchNorm under sub-models").
 
 All are functional Keras models (so `prism_tf.factorize` can clone them) with ``norm`` = ``"batch"`` (Keras
 BatchNorm; its moving statistics are averaged over clients like other weights), ``"group"`` (GroupNorm, as in the
