@@ -58,10 +58,11 @@ ROW_KEYS = (
     "bytes_down_per_client", "bytes_up_per_client", "full_model_bytes",
     "client_flops_per_example", "full_flops_per_example",
     "client_activation_bytes_per_example", "full_activation_bytes_per_example",
-    "clients", "round_seconds", "eval_loss", "eval_accuracy",
+    "clients", "clients_dropped", "round_seconds", "eval_loss", "eval_accuracy",
 )
-TABLE_HEADER = re.compile(r"^\s*round\s+loss\s+train acc\s+test acc\s+coverage\s+down/full\s+flops/full\s+sec\s*$")
-TABLE_ROW = re.compile(r"^\s*(\d+)" + r"\s+(-|[-+]?\d+\.\d+)" * 7 + r"\s*$")
+TABLE_HEADER = re.compile(
+    r"^\s*round\s+loss\s+train acc\s+test acc\s+coverage\s+down/full\s+flops/full\s+dropped\s+sec\s*$")
+TABLE_ROW = re.compile(r"^\s*(\d+)" + r"\s+(-|[-+]?\d+\.\d+)" * 6 + r"\s+(\d+)\s+(\d+\.\d+)\s*$")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -190,7 +191,8 @@ def _assert_table_matches(table: list[tuple[str, ...]], rows: list[dict]) -> Non
     """The printed table shows the same numbers as metrics.jsonl (3 decimals)."""
     assert [int(t[0]) for t in table] == [r["round"] for r in rows]
     for t, r in zip(table, rows, strict=True):
-        _, loss, train_acc, test_acc, coverage, down, flops, sec = t
+        _, loss, train_acc, test_acc, coverage, down, flops, dropped, sec = t
+        assert int(dropped) == r["clients_dropped"]
         assert float(loss) == pytest.approx(r["train_loss"], abs=6e-4)
         assert float(train_acc) == pytest.approx(r["train_accuracy"], abs=6e-4)
         assert float(test_acc) == pytest.approx(r["eval_accuracy"], abs=6e-4)

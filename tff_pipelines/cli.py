@@ -19,6 +19,8 @@ _FIELD_HELP = {
     "data": "where the local CIFAR-10 copy is (default: $PRISM_DATA or ../shared/data/cifar10-jpg.tar.gz)",
     "clients": "number of clients the training set is split over (default 20)",
     "clients_per_round": "clients sampled per round (default 5)",
+    "min_clients": "fewest good clients (finite update, training did not fail) a round needs; with fewer the server "
+                   "state is kept and the round is marked skipped (default 1)",
     "examples_per_client": "cap on each client's examples (default: all of its partition)",
     "rounds": "total federated rounds (default 10)",
     "local_epochs": "local epochs per round (default 2, the authors')",

@@ -35,6 +35,7 @@ class TrainConfig:
     data: str | None = None
     clients: int = 20
     clients_per_round: int = 5
+    min_clients: int = 1
     examples_per_client: int | None = None
     rounds: int = 10
     local_epochs: int = 2
@@ -73,12 +74,15 @@ class TrainConfig:
             raise ValueError(f"--model must be one of {', '.join(prism_tf.models.MODELS)}, got {self.model!r}")
         positive = dict(width=self.width, clients=self.clients, clients_per_round=self.clients_per_round,
                         rounds=self.rounds, local_epochs=self.local_epochs, batch_size=self.batch_size,
-                        eval_every=self.eval_every)
+                        eval_every=self.eval_every, min_clients=self.min_clients)
         for name, value in positive.items():
             if int(value) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.clients_per_round > self.clients:
             raise ValueError(f"--clients-per-round ({self.clients_per_round}) exceeds --clients ({self.clients})")
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(f"--min-clients ({self.min_clients}) exceeds --clients-per-round "
+                             f"({self.clients_per_round}): every round would be skipped")
         if self.examples_per_client is not None and self.examples_per_client < self.batch_size:
             raise ValueError(f"--examples-per-client ({self.examples_per_client}) is below --batch-size "
                              f"({self.batch_size}): clients would train on nothing")

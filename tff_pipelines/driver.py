@@ -93,7 +93,8 @@ class Simulation:
             refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed,
             lr_schedule=None if config.lr_schedule == "constant" else recipe.Schedule(
                 config.lr_schedule, config.client_lr, config.final_lr, config.rounds),
-            frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay)
+            frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay,
+            min_clients=config.min_clients)
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Raw test/training pixels -> model inputs, as the clients see them."""
@@ -206,12 +207,14 @@ class Simulation:
             state, metrics = process.next(state, self.client_datasets(round_num - 1, simulated),
                                           client_ids=simulated, uploaded=uploaded, uploaded_ids=devices)
             row = self._row(round_num, metrics, time.perf_counter() - began)
+            self._report_faults(row, bar)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
                 row.update(self.evaluate(state))
             run.append_metrics(row)
             run.save_state(manager, state, round_num)
             rows.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("eval_accuracy")))
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("eval_accuracy")),
+                            dropped=row["clients_dropped"])
             self._print_row(row, bar)
         bar.close()
         if rows:
@@ -231,18 +234,34 @@ class Simulation:
             client_flops_per_example=m["client_flops_per_example"], full_flops_per_example=ref["flops"],
             client_activation_bytes_per_example=m["client_activation_bytes_per_example"],
             full_activation_bytes_per_example=ref["activation_bytes"], clients=m["clients"],
-            round_seconds=seconds)
+            clients_dropped=m["clients_dropped"], failed_clients=m["failed_clients"], failure=m["failure"],
+            skipped=m["skipped"], skip_reason=m["skip_reason"], round_seconds=seconds)
+
+    def _report_faults(self, row: dict[str, Any], bar) -> None:
+        """Say on the console which clients a round dropped and whether it was skipped (docs/design.md)."""
+        failed, dropped = row["failed_clients"], row["clients_dropped"]
+        notes = []
+        if failed:
+            notes.append(f"client(s) {', '.join(str(c) for c in failed)} failed in training and were dropped "
+                         f"(first error: {row['failure']})")
+        if dropped > len(failed):
+            notes.append(f"{dropped - len(failed)} client(s) sent a non-finite (NaN/Inf) update and were dropped")
+        if row["skipped"]:
+            notes.append(f"round skipped: {row['skip_reason']}")
+        for note in notes:
+            line = f"round {row['round']}: {note}"
+            bar.write(line, file=sys.stdout) if self.log is print else self.log(line)
 
     def _print_header(self) -> None:
         self.log(f"{'round':>5} {'loss':>7} {'train acc':>9} {'test acc':>8} {'coverage':>8} "
-                 f"{'down/full':>9} {'flops/full':>10} {'sec':>6}")
+                 f"{'down/full':>9} {'flops/full':>10} {'dropped':>7} {'sec':>6}")
 
     def _print_row(self, row: dict[str, Any], bar) -> None:
         line = (f"{row['round']:>5} {row['train_loss']:>7.3f} {row['train_accuracy']:>9.3f} "
                 f"{_fmt(row.get('eval_accuracy')):>8} {row['kernel_coverage']:>8.3f} "
                 f"{row['bytes_down_per_client'] / row['full_model_bytes']:>9.3f} "
                 f"{row['client_flops_per_example'] / row['full_flops_per_example']:>10.3f} "
-                f"{row['round_seconds']:>6.1f}")
+                f"{row['clients_dropped']:>7d} {row['round_seconds']:>6.1f}")
         bar.write(line, file=sys.stdout) if self.log is print else self.log(line)
 
     def _summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -260,6 +279,8 @@ class Simulation:
             activation_ratio=last.get("client_activation_bytes_per_example", math.nan)
             / self.reference_cost["activation_bytes"],
             eval_norm=self.config.eval_norm, budget=self.budget,
+            clients_dropped=sum(r.get("clients_dropped", 0) for r in rows),
+            rounds_skipped=sum(bool(r.get("skipped")) for r in rows),
             mean_round_seconds=float(np.mean(timed)) if (timed := [r["round_seconds"] for r in rows
                                                                   if r.get("round_seconds") is not None]) else None,
             run_dir=str(self.run.path))

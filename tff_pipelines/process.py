@@ -58,7 +58,7 @@ class PrismProcess:
 
     ``learning_process`` is the underlying `tff.learning.templates.LearningProcess` for clients whose inputs are
     ``<data, indices, scale>`` structs; `next` takes plain client datasets, samples each client's sub-model and
-    calls it.
+    calls it. ``min_clients``: the fewest good clients a round of `next` needs (fewer: the round is skipped).
     """
 
     def __init__(
@@ -290,8 +290,8 @@ class PrismProcess:
 
         Metrics: ``loss``, ``accuracy``, ``num_examples`` (the good clients' training), ``kernel_coverage`` (share
         of all principal kernels trained by some good client; 0 when skipped), the per-client traffic and cost of
-        this round's sub-models, ``clients_dropped``, ``failed_clients`` (ids whose training raised), ``skipped``
-        and ``skip_reason``.
+        this round's sub-models, ``clients_dropped``, ``failed_clients`` (ids whose training raised), ``failure``
+        (the first one's error), ``skipped`` and ``skip_reason``.
         """
         if not client_datasets and uploaded is None:
             raise ValueError("next: no client datasets")
@@ -316,10 +316,11 @@ class PrismProcess:
         if new_state is None:  # mixed sizes, devices, or a client failed the fused round: phase by phase
             new_state, metrics = self._next_in_tiers(state, client_datasets, selections, tiers, uploaded,
                                                      isolate=uploaded is None and len(tiers) == 1)
-        failed = [ids[i] for i in metrics.pop("failed", [])]
+        failed = metrics.pop("failed", [])
         good = int(round(float(metrics.pop("clients_trained")))) + len(devices)
         metrics["clients_dropped"] = int(round(float(metrics["clients_dropped"]))) + len(failed)
-        metrics["failed_clients"] = failed
+        metrics["failed_clients"] = [ids[i] for i, _ in failed]
+        metrics["failure"] = failed[0][1] if failed else None
         metrics["skipped"], metrics["skip_reason"] = False, None
         if good < self.min_clients:
             new_state = self.unchanged(state)
@@ -365,7 +366,7 @@ class PrismProcess:
 
         A phase whose computation fails because of a client (`client_failure`) is re-run one client at a time
         (at once with ``isolate``: the fused round already failed); the clients that fail alone are left out
-        and their positions in ``datasets`` listed in ``metrics["failed"]``.
+        and ``metrics["failed"]`` lists ``(position in datasets, error)`` of each.
         """
         zeros = [np.zeros(self.layout.tensors[p].shape, np.float32) for p in self.layout.travelling()]
         acc = _accumulator(zeros, zeros)
@@ -378,8 +379,8 @@ class PrismProcess:
             inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members],
                                         self.round_num(state))
             for part, tier_acc, tier_metrics in self._run_phase(key, weights, inputs, isolate):
-                if tier_acc is None:
-                    failed.append(members[part])
+                if tier_acc is None:  # tier_metrics: the error
+                    failed.append((members[part], tier_metrics))
                     continue
                 acc = _add(acc, _accumulator(tier_acc["sums"], tier_acc["counts"]))
                 metrics = _add(metrics, collections.OrderedDict((k, np.float32(tier_metrics[k]))
@@ -389,7 +390,8 @@ class PrismProcess:
 
     def _run_phase(self, key: tuple, weights, inputs: list, isolate: bool) -> list[tuple]:
         """``[(position, accumulator, metrics)]`` of the phase over ``inputs``: one item for all of them (position
-        ``None``) or, when that fails because of a client, one per client, ``(i, None, None)`` for a failing one."""
+        ``None``) or, when that fails because of a client, one per client, ``(i, None, error)`` for a failing one
+        (``error``: the first line of its message)."""
         phase = self._phase(key)
         if not isolate:
             try:
@@ -404,7 +406,7 @@ class PrismProcess:
             except Exception as error:
                 if not client_failure(error):
                     raise
-                results.append((i, None, None))
+                results.append((i, None, _first_line(error)))
         return results
 
     def _report(self, selections, tiers) -> RoundReport:
@@ -431,6 +433,12 @@ def client_failure(error: BaseException) -> bool:
     if isinstance(error, grpc.RpcError):
         return error.code() == grpc.StatusCode.INTERNAL
     return isinstance(error, tf.errors.OpError)
+
+
+def _first_line(error: BaseException) -> str:
+    text = error.details() if isinstance(error, grpc.RpcError) else getattr(error, "message", str(error))
+    line = (text or type(error).__name__).strip().splitlines()[0]
+    return line.removeprefix("Failed to run computation: ").strip()
 
 
 def _add(a, b):
