@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo lint bench bench-quick bench-export clean
+.PHONY: install test test-all demo lint bench bench-quick bench-export bench-speed clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: install
 # Exported TFLite training models: bytes and LiteRT train-step time, sub-model vs full (bench/export_sizes.py).
 bench-export: install
 	$(PY) bench/export_sizes.py
+
+# Speed and memory against their floors, every figure a ratio measured in the same run (bench/speed.py, <= 20 min;
+# `--profile quick` about 3 minutes on an idle machine): results in bench/results/speed/.
+bench-speed: install
+	$(PY) bench/speed.py --profile full
 
 lint: install
 	$(VENV)/bin/ruff check .

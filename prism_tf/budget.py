@@ -26,13 +26,28 @@ from prism_tf.submodel import submodel_architecture
 METRICS = ("flops", "activation_bytes", "params")
 
 
-def spectral_sizes(plan: SubmodelPlan, keep_ratio: float, output_keep: float | None = None) -> dict[str, int]:
+def spectral_sizes(
+    plan: SubmodelPlan, keep_ratio: float, output_keep: float | None = None, *, multiple_of: int = 1
+) -> dict[str, int]:
     """A PriSM sub-model's group sizes: ``ceil(keep·r)`` kernels per principal layer (Niu et al. 2023) and, with
-    ``output_keep`` (the memory-efficient variant), ``ceil(output_keep·C)`` channels per owned output group."""
-    sizes = {g: num_kept(keep_ratio, plan.groups[g].size) for g in plan.kernel_groups()}
+    ``output_keep`` (the memory-efficient variant), ``ceil(output_keep·C)`` channels per owned output group.
+
+    ``multiple_of``: round each kernel count up to a multiple of this (capped at the layer's rank ``r``), sizes
+    that CPU kernels may vectorize better; `submodel_cost` of the result shows what the extra kernels cost.
+    bench/speed.py times it against the exact ``ceil`` (``prism_k0.2_align8``, bench/results/speed/README.md);
+    training and sampling use the exact ``ceil`` (``multiple_of=1``).
+    """
+    if int(multiple_of) < 1:
+        raise ValueError(f"spectral_sizes: multiple_of must be >= 1, got {multiple_of}")
+    sizes = {g: _round_up(num_kept(keep_ratio, plan.groups[g].size), int(multiple_of), plan.groups[g].size)
+             for g in plan.kernel_groups()}
     if output_keep is not None:
         sizes.update({g: num_kept(output_keep, plan.groups[g].size) for g in plan.owned_channel_groups().values()})
     return sizes
+
+
+def _round_up(count: int, multiple: int, cap: int) -> int:
+    return min(cap, -(-count // multiple) * multiple)
 
 
 def width_sizes(plan: SubmodelPlan, fraction: float) -> dict[str, int]:

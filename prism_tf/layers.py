@@ -57,8 +57,11 @@ class _PrincipalMixin:
         self.kernel_scale = self.add_weight(name=SCALE, shape=(self.rank,), initializer="ones", trainable=False)
 
     def _combine(self, responses: tf.Tensor) -> tf.Tensor:
-        responses = responses * tf.cast(self.kernel_scale, responses.dtype)
-        outputs = tf.tensordot(responses, tf.cast(self.combination, responses.dtype), axes=1)
+        # ω scales the [rank, out] combination, not the rank-wide response map: one small multiply instead of a
+        # pass over (and, for backprop, a stored copy of) every response (bench/speed.py, legacy form).
+        combination = tf.cast(self.kernel_scale, responses.dtype)[:, tf.newaxis] * tf.cast(
+            self.combination, responses.dtype)
+        outputs = tf.tensordot(responses, combination, axes=1)
         if self.use_bias:
             outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
         return self.activation(outputs)

@@ -32,7 +32,7 @@ def matrix_to_kernel(matrix: TensorLike, leading_shape: Sequence[int]) -> tf.Ten
     return tf.reshape(matrix, [*leading_shape, tf.shape(matrix)[-1]])
 
 
-def factorize_kernel(kernel: TensorLike) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def factorize_kernel(kernel: TensorLike, svd_dtype: tf.DType = tf.float64) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Split a kernel into principal kernels ``A``, combination ``B`` and singular values ``s`` (docs/algorithm.md §1).
 
     Args:
@@ -41,11 +41,12 @@ def factorize_kernel(kernel: TensorLike) -> tuple[tf.Tensor, tf.Tensor, tf.Tenso
     Returns:
       ``(A, B, s)`` with ``A`` of shape ``[kh, kw, Cin, r]`` (or ``[in, r]``), ``B`` of shape ``[r, Cout]`` and
       ``s`` of shape ``[r]`` sorted descending, ``r = min(rows, Cout)``; ``A @ B`` (as matrices) equals the kernel.
-      The SVD runs in float64 and the results are cast back to the kernel's dtype.
+      The SVD runs in ``svd_dtype`` (float64 by default; bench/speed.py measures float32's time and error) and
+      the results are cast back to the kernel's dtype.
     """
     kernel = tf.convert_to_tensor(kernel)
     leading = kernel.shape[:-1]
-    s, u, v = tf.linalg.svd(tf.cast(kernel_to_matrix(kernel), tf.float64), full_matrices=False)
+    s, u, v = tf.linalg.svd(tf.cast(kernel_to_matrix(kernel), svd_dtype), full_matrices=False)
     root = tf.sqrt(s)
     a = u * root[tf.newaxis, :]
     b = root[:, tf.newaxis] * tf.transpose(v)
@@ -61,7 +62,8 @@ def rebuild_kernel(principal: TensorLike, combination: TensorLike) -> tf.Tensor:
 
 
 def refactorize(
-    principal: TensorLike, combination: TensorLike, scale: TensorLike | None = None
+    principal: TensorLike, combination: TensorLike, scale: TensorLike | None = None,
+    svd_dtype: tf.DType = tf.float64,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Rebuild ``W = A diag(ω) B`` and re-run the SVD, re-splitting ``√s`` into both factors (docs/algorithm.md §1, §3).
 
@@ -74,7 +76,7 @@ def refactorize(
     if scale is not None:
         combination = tf.convert_to_tensor(scale, principal.dtype)[:, tf.newaxis] * combination
     rank = principal.shape[-1]
-    a, b, s = factorize_kernel(rebuild_kernel(principal, combination))
+    a, b, s = factorize_kernel(rebuild_kernel(principal, combination), svd_dtype)
     return a[..., :rank], b[:rank], s[:rank]
 
 

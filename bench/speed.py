@@ -1,0 +1,696 @@
+"""Speed and memory against their floors: a client's step, one client's memory, a TFF round, the server step.
+
+    .venv/bin/python bench/speed.py                   # make bench-speed, the full profile (<= 20 minutes, 2 cores)
+    .venv/bin/python bench/speed.py --profile quick   # about 3 minutes: width 16, keep 0.2, tiny rounds
+    .venv/bin/python bench/speed.py --only keras_step,memory
+
+Every figure is a ratio of two configurations measured in the same process (or, for memory, subprocesses started
+one after the other), interleaved: each repeat runs every configuration once, in a shuffled order, and a figure is
+the median over repeats. The machine is shared, so wall times are noisy; every timing is also recorded as the
+process's CPU time, which waiting for a core does not inflate (the README shows both).
+
+Sections (each resumable: a finished unit is kept in ``results.json`` and skipped on the next run):
+
+- ``keras_step``: one training step (SGD with momentum, batch 32) of the keep-0.1/0.2/0.4 sub-models, the
+  ``output_keep`` variant, the rank rounded up to a multiple of 8 and the equal-flops width baseline, against the
+  full model, plain Keras in a ``tf.function``;
+- ``tff_step``: the same steps inside the TFF client computation (`tff_pipelines.client_work.build_client_work`,
+  called with datasets of two lengths: the slope is the per-step time, the intercept what TFF adds per client);
+- ``memory``: one client's training in a subprocess: max RSS over what the process held before training, and
+  ``tf.config.experimental.get_memory_info`` where TensorFlow reports it;
+- ``rounds``: PriSM rounds (``select`` and ``broadcast``) and FedAvg rounds at the bench settings
+  (`bench/accuracy.py`, profile full: 5 clients of 400 examples, 2 local epochs, batch 32) against the same
+  clients' local training in plain Keras (one traced step per sub-model shape); rounds per hour;
+- ``server``: the server step (`prism_tf.server.finish_round`, aggregation finish + re-factorization) as a
+  ``tf.function``, its SVD in float64 against float32 (time and accuracy), as a share of a round.
+
+Writes ``bench/results/speed/`` (``--profile quick``: ``bench/results/speed/quick/``): ``results.json`` and
+``README.md`` (tables against the targets of the speed issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "speed"
+BATCH = 32
+INPUT = (32, 32, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    widths: tuple[int, ...]
+    keeps: tuple[float, ...]
+    step_repeats: int  # single steps per configuration, round-robin
+    tff_repeats: int
+    tff_batches: tuple[int, int]  # short and long client datasets (batches)
+    memory_widths: tuple[int, ...]
+    memory_repeats: int
+    memory_steps: int
+    round_clients: int
+    round_examples: int
+    round_epochs: int
+    round_repeats: int
+    server_widths: tuple[int, ...]
+    server_repeats: int
+
+
+PROFILES = {
+    "quick": Profile("quick", widths=(16,), keeps=(0.2,), step_repeats=12, tff_repeats=2, tff_batches=(1, 4),
+                     memory_widths=(16,), memory_repeats=1, memory_steps=3, round_clients=3, round_examples=96,
+                     round_epochs=1, round_repeats=2, server_widths=(16,), server_repeats=3),
+    "full": Profile("full", widths=(16, 64), keeps=(0.1, 0.2, 0.4), step_repeats=20, tff_repeats=3,
+                    tff_batches=(2, 8), memory_widths=(16, 64), memory_repeats=1, memory_steps=4, round_clients=5,
+                    round_examples=400, round_epochs=2, round_repeats=3, server_widths=(16, 64), server_repeats=5),
+}
+SECTIONS = ("keras_step", "tff_step", "memory", "rounds", "server")
+
+
+# --- models -------------------------------------------------------------------------------------------------
+def full_model(width: int):
+    import tensorflow as tf
+
+    import prism_tf
+
+    tf.keras.utils.set_random_seed(0)
+    return prism_tf.models.build_model("resnet18", width=width, num_classes=10, input_shape=INPUT)
+
+
+_VARIANTS: dict[int, Variants] = {}
+
+
+def variants_of(width: int) -> Variants:
+    """One `Variants` per width for the whole bench process (the width baseline's search builds many models)."""
+    if width not in _VARIANTS:
+        _VARIANTS[width] = Variants(width)
+    return _VARIANTS[width]
+
+
+class Variants:
+    """The compared client models of one width, by name (`names`); architectures with fresh weights (a step's
+    time and memory do not depend on the values)."""
+
+    def __init__(self, width: int) -> None:
+        import prism_tf
+
+        self.width = width
+        self.full = full_model(width)
+        self.factorized = prism_tf.factorize(self.full)
+        self.plan = prism_tf.SubmodelPlan.of(self.factorized)
+        self.full_plan = prism_tf.SubmodelPlan.of(self.full)
+        self._sizes: dict[str, tuple] = {}
+        self._ratios: dict[str, dict] = {}
+
+    @staticmethod
+    def names(keeps: tuple[float, ...]) -> list[str]:
+        names = ["full", *(f"prism_k{k}" for k in keeps), "prism_k0.2_align8", "prism_k0.2_ok0.2", "width_k0.2"]
+        return list(dict.fromkeys(names))
+
+    def sizes(self, name: str) -> tuple[object, dict]:
+        """``(the model sizes are taken from, the group sizes)`` of variant ``name``."""
+        if name not in self._sizes:
+            self._sizes[name] = self._find_sizes(name)
+        return self._sizes[name]
+
+    def _find_sizes(self, name: str) -> tuple[object, dict]:
+        from prism_tf import budget
+
+        if name == "full":
+            return self.full, {}
+        if name.startswith("prism_k"):
+            keep, *options = name[len("prism_k"):].split("_")
+            output_keep = next((float(o[2:]) for o in options if o.startswith("ok")), None)
+            multiple = next((int(o[5:]) for o in options if o.startswith("align")), 1)
+            return self.factorized, budget.spectral_sizes(self.plan, float(keep), output_keep, multiple_of=multiple)
+        if name.startswith("width_k"):
+            target = budget.submodel_cost(self.factorized, self.plan,
+                                          budget.spectral_sizes(self.plan, float(name[len("width_k"):])))
+            fraction, _ = budget.match_width_fraction(self.full, self.full_plan, target["flops"])
+            return self.full, budget.width_sizes(self.full_plan, fraction)
+        raise ValueError(f"unknown variant {name!r}")
+
+    def model(self, name: str):
+        import prism_tf
+
+        source, sizes = self.sizes(name)
+        if not sizes:
+            return source
+        plan = prism_tf.SubmodelPlan.of(source)
+        return prism_tf.submodel_architecture(source, plan, plan.sizes_with(sizes))
+
+    def cost_ratios(self, name: str) -> dict[str, float]:
+        import prism_tf
+
+        if name not in self._ratios:
+            self._ratios[name] = prism_tf.budget.cost_ratios(prism_tf.cost(self.model(name)), prism_tf.cost(self.full))
+        return self._ratios[name]
+
+
+@contextlib.contextmanager
+def legacy_combine() -> Iterator[None]:
+    """Principal layers in their form before this bench (ω applied to the rank-wide response map, not folded into
+    the ``[rank, out]`` combination): traced inside this context, for the before/after ratio."""
+    import tensorflow as tf
+
+    from prism_tf import layers
+
+    def combine(self, responses):
+        responses = responses * tf.cast(self.kernel_scale, responses.dtype)
+        outputs = tf.tensordot(responses, tf.cast(self.combination, responses.dtype), axes=1)
+        if self.use_bias:
+            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
+        return self.activation(outputs)
+
+    current = layers._PrincipalMixin._combine
+    layers._PrincipalMixin._combine = combine
+    try:
+        yield
+    finally:
+        layers._PrincipalMixin._combine = current
+
+
+def train_step(model) -> Callable[[], object]:
+    """A traced SGD-with-momentum step of ``model`` on one fixed batch (traced and run twice before returning)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(BATCH, *INPUT)).astype(np.float32))
+    y = tf.constant(rng.integers(0, 10, BATCH).astype(np.int32))
+    optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    step()
+    step()
+    return lambda: step().numpy()
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its live children: the TFF worker runs the computations in a child."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, seed: int = 0) -> dict[str, dict]:
+    """Run every call once per repeat, in a shuffled order; per name the wall and CPU seconds of each repeat."""
+    order = random.Random(seed)
+    names = list(calls)
+    out = {n: {"wall": [], "cpu": []} for n in names}
+    for _ in range(repeats):
+        order.shuffle(names)
+        for n in names:
+            wall, cpu = time.perf_counter(), cpu_seconds()
+            calls[n]()
+            out[n]["wall"].append(time.perf_counter() - wall)
+            out[n]["cpu"].append(cpu_seconds() - cpu)
+    return out
+
+
+def medians(times: dict) -> dict[str, float]:
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def load_average() -> float:
+    return float(os.getloadavg()[0])
+
+
+# --- sections -----------------------------------------------------------------------------------------------
+def keras_step(width: int, profile: Profile) -> dict:
+    """Plain-Keras training steps of every variant and of the pre-bench layer form, interleaved."""
+    variants = variants_of(width)
+    names = Variants.names(profile.keeps)
+    calls = {n: train_step(variants.model(n)) for n in names}
+    with legacy_combine():
+        calls["prism_k0.2_legacy_form"] = train_step(variants.model("prism_k0.2"))
+    load = load_average()
+    times = interleaved(calls, profile.step_repeats)
+    rows = {}
+    for n, t in times.items():
+        base = n.replace("_legacy_form", "")
+        rows[n] = {"ms": 1000 * float(np.median(t["wall"])), "cpu_ms": 1000 * float(np.median(t["cpu"])),
+                   **{f"{m}_ratio": v for m, v in variants.cost_ratios(base).items()}}
+    full = rows["full"]
+    for r in rows.values():
+        r["time_ratio"] = r["ms"] / full["ms"]
+        r["cpu_ratio"] = r["cpu_ms"] / full["cpu_ms"]
+    return {"width": width, "repeats": profile.step_repeats, "batch": BATCH, "load_before": load, "rows": rows}
+
+
+def _client_computation(variants: Variants, name: str):
+    """The TFF client computation (broadcast) of a variant and a function making its argument for a dataset."""
+    import prism_tf
+    from tff_pipelines import client_work
+    from tff_pipelines.layout import RoundLayout
+    from tff_pipelines.process import batch_spec
+
+    source, sizes = variants.sizes(name)
+    layout = RoundLayout.build(source, sizes)
+    training = client_work.ClientTraining()
+    work = client_work.build_client_work(layout, batch_spec(INPUT, BATCH), training, "broadcast")
+    server = [w.numpy() for w in prism_tf.flat_weights(source)]
+    whole = [server[p] for p in layout.travelling()]
+    indices, scale = [], []
+    if name != "full":  # a PriSM client: its index vectors and ω from one sampled selection
+        keep = float(name[len("prism_k"):].split("_")[0])
+        indices, scale = layout.client_inputs(prism_tf.sample(source, keep_ratio=keep, seed=(0, 0, 0)))
+
+    def argument(dataset):
+        return collections.OrderedDict(received=collections.OrderedDict(whole=whole), client=collections.OrderedDict(
+            data=dataset, indices=indices, scale=scale))
+
+    return work, argument
+
+
+def synthetic_dataset(examples: int, seed: int):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
+        x=rng.normal(size=(examples, *INPUT)).astype(np.float32),
+        y=rng.integers(0, 10, examples).astype(np.int32))).batch(BATCH, drop_remainder=True)
+
+
+def tff_step(width: int, profile: Profile) -> dict:
+    """Client training steps as TFF runs them: slope and intercept over two dataset lengths, interleaved."""
+    variants = variants_of(width)
+    names = ["full", *(f"prism_k{k}" for k in profile.keeps)]
+    short, long = profile.tff_batches
+    data = {n: synthetic_dataset(n * BATCH, n) for n in (short, long)}
+    calls = {}
+    for name in names:
+        work, argument = _client_computation(variants, name)
+        work(argument(data[short]))  # the first call starts the worker and loads the computation
+        for n in (short, long):
+            arg = argument(data[n])
+            calls[f"{name}@{n}"] = (lambda w=work, a=arg: w(a))
+    load = load_average()
+    times = interleaved(calls, profile.tff_repeats)
+    rows = {}
+    for name in names:
+        t_short, t_long = (float(np.median(times[f"{name}@{n}"]["wall"])) for n in (short, long))
+        step = (t_long - t_short) / (long - short)
+        rows[name] = {"step_ms": 1000 * step, "per_client_overhead_ms": 1000 * (t_short - short * step),
+                      "call_ms": {str(n): 1000 * float(np.median(times[f"{name}@{n}"]["wall"])) for n in (short, long)},
+                      "flops_ratio": variants.cost_ratios(name)["flops"]}
+    for r in rows.values():
+        r["time_ratio"] = r["step_ms"] / rows["full"]["step_ms"]
+    return {"width": width, "repeats": profile.tff_repeats, "batches": [short, long], "load_before": load,
+            "rows": rows}
+
+
+def memory_child(width: int, factorized: bool, sizes: dict[str, int], steps: int) -> dict:
+    """In a fresh process: peak RSS of ``steps`` training steps over the RSS held before the first one."""
+    import tensorflow as tf
+
+    import prism_tf
+
+    model = full_model(width)
+    if factorized:
+        model = prism_tf.factorize(model)
+    if sizes:
+        plan = prism_tf.SubmodelPlan.of(model)
+        model = prism_tf.submodel_architecture(model, plan, plan.sizes_with(sizes))
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(BATCH, *INPUT)).astype(np.float32))
+    y = tf.constant(rng.integers(0, 10, BATCH).astype(np.int32))
+    optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(model.trainable_variables)  # momentum slots allocated before the baseline
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    step.get_concrete_function()  # tracing is not training
+    try:  # TensorFlow's own CPU allocator counts (TF 2.14 reports them for CPU:0)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        allocated_before = int(tf.config.experimental.get_memory_info("CPU:0")["current"])
+    except (ValueError, RuntimeError):
+        allocated_before = 0
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampled = [before]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            sampled.append(_rss_bytes())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    for _ in range(steps):
+        step().numpy()
+    stop.set()
+    watcher.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        info = tf.config.experimental.get_memory_info("CPU:0")
+        allocator = {"peak_bytes": int(info["peak"]) - allocated_before, "before_bytes": allocated_before}
+    except (ValueError, RuntimeError) as error:
+        allocator = {"unavailable": str(error).splitlines()[0][:160]}
+    return {"width": width, "steps": steps, "rss_before": before, "max_rss_before": peak_before,
+            "max_rss": peak, "max_rss_delta": peak - before, "sampled_peak_delta": max(sampled) - before,
+            "allocator": allocator}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory(width: int, name: str, profile: Profile, repeat: int) -> dict:
+    variants = variants_of(width)
+    source, sizes = variants.sizes(name)
+    spec = {"width": width, "factorized": source is variants.factorized, "sizes": sizes, "steps": profile.memory_steps}
+    command = [sys.executable, str(Path(__file__).resolve()), "--child-memory", json.dumps(spec)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"memory child {width}/{name} failed:\n{done.stderr[-3000:]}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    record.update(variant=name, repeat=repeat, **{f"{m}_ratio": v for m, v in variants.cost_ratios(name).items()})
+    return record
+
+
+def _process(method: str, distribution: str, profile: Profile, width: int):
+    import tensorflow_federated as tff
+
+    import prism_tf
+    from tff_pipelines import process
+
+    # The bench recipe's client training (bench/accuracy.py RECIPE; augmentation is data-side and left out).
+    optimizer = tff.learning.optimizers.build_sgdm(learning_rate=0.1, momentum=0.9)
+    return process.build_prism_process(
+        lambda: prism_tf.models.build_model("resnet18", width=width, num_classes=10, input_shape=INPUT),
+        method=method, keep_ratio=0.2, batch_size=BATCH, distribution=distribution, client_optimizer=optimizer,
+        frobenius_decay=2e-4, weight_decay=5e-4)
+
+
+def _keras_local(proc, state, datasets, ids) -> Callable[[], None]:
+    """The round's clients trained one after another in plain Keras: one traced step per sub-model shape,
+    each client's sub-model weights assigned before its batches (the floor TFF's round is compared with)."""
+    import tensorflow as tf
+
+    import prism_tf
+
+    server = proc.server_model
+    proc.assign_to(state)
+    if proc.method.spectral or proc.method.width:
+        selections = proc.selections(state, ids)
+        plan = proc.plan
+        sub = prism_tf.submodel_architecture(server, plan, plan.sizes(selections[0].indices()))
+        starts = [prism_tf.submodel_weights(server, s, plan) for s in selections]
+    else:
+        sub = tf.keras.models.clone_model(server)
+        starts = [[w.numpy() for w in prism_tf.flat_weights(server)]] * len(datasets)
+    optimizer = tf.keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(sub.trainable_variables)
+    momenta = [v for v in optimizer.variables if "momentum" in v.name]
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, sub(x, training=True))
+        grads = tape.gradient(loss, sub.trainable_variables)
+        optimizer.apply_gradients(zip(grads, sub.trainable_variables, strict=True))
+        return loss
+
+    def run() -> None:
+        for start, dataset in zip(starts, datasets, strict=True):
+            prism_tf.set_flat_weights(sub, start)
+            for v in momenta:  # a fresh momentum per client, as in the TFF client
+                v.assign(tf.zeros_like(v))
+            for batch in dataset:
+                loss = step(batch["x"], batch["y"])
+            loss.numpy()
+
+    run()  # traces the step
+    return run
+
+
+def rounds(profile: Profile, width: int = 16) -> dict:
+    """PriSM (select, broadcast) and FedAvg rounds against the same clients' plain-Keras training, interleaved."""
+    datasets = [synthetic_dataset(profile.round_examples, 100 + c).repeat(profile.round_epochs)
+                for c in range(profile.round_clients)]
+    ids = list(range(profile.round_clients))
+    processes = {"prism_select": _process("prism", "select", profile, width),
+                 "prism_broadcast": _process("prism", "broadcast", profile, width),
+                 "fedavg": _process("fedavg", "broadcast", profile, width)}
+    states = {}
+    calls = {}
+    for name, proc in processes.items():
+        state = proc.initialize()
+        state, _ = proc.next(state, datasets, ids)  # warm-up: the worker loads the computation
+        states[name] = state
+
+        def call(name=name, proc=proc):
+            # Every repeat trains the same round from the same state: identical work each time.
+            proc.next(states[name], datasets, ids)
+        calls[name] = call
+    calls["keras_prism"] = _keras_local(processes["prism_broadcast"], states["prism_broadcast"], datasets, ids)
+    calls["keras_fedavg"] = _keras_local(processes["fedavg"], states["fedavg"], datasets, ids)
+    load = load_average()
+    times = interleaved(calls, profile.round_repeats)
+    wall = {n: float(np.median(t["wall"])) for n, t in times.items()}
+    cpu = {n: float(np.median(t["cpu"])) for n, t in times.items()}
+    steps = profile.round_epochs * (profile.round_examples // BATCH)
+    return {"width": width, "clients": profile.round_clients, "examples": profile.round_examples,
+            "epochs": profile.round_epochs, "steps_per_client": steps, "repeats": profile.round_repeats,
+            "load_before": load, "seconds": wall, "cpu_seconds": cpu,
+            "rounds_per_hour": {n: 3600.0 / wall[n] for n in ("prism_select", "prism_broadcast", "fedavg")},
+            "tff_overhead": {"select": wall["prism_select"] / wall["keras_prism"],
+                             "broadcast": wall["prism_broadcast"] / wall["keras_prism"],
+                             "fedavg": wall["fedavg"] / wall["keras_fedavg"]},
+            "prism_vs_fedavg": {"select": wall["prism_select"] / wall["fedavg"],
+                                "broadcast": wall["prism_broadcast"] / wall["fedavg"],
+                                "keras": wall["keras_prism"] / wall["keras_fedavg"]}}
+
+
+def server(width: int, profile: Profile) -> dict:
+    """The server step of a round of 5 keep-0.2 clients (`prism_tf.server.finish_round`) as a tf.function, beside
+    its parts: the averaging alone and the re-factorizing SVDs alone, in float64 (what it runs) and float32."""
+    import tensorflow as tf
+
+    import prism_tf
+    from prism_tf import server as server_lib
+    from prism_tf import spectral
+
+    model = prism_tf.factorize(full_model(width))
+    plan = prism_tf.SubmodelPlan.of(model)
+    acc = server_lib.Accumulator(plan)
+    for c in range(5):
+        selection = prism_tf.sample(model, keep_ratio=0.2, seed=(0, 0, c))
+        acc.add(prism_tf.submodel_weights(model, selection, plan), selection, 400.0)
+    weights = [tf.constant(w.numpy()) for w in prism_tf.flat_weights(model)]
+    sums = [tf.constant(s, tf.float32) for s in acc.sums]
+    counts = [tf.constant(c, tf.float32) for c in acc.counts]
+    positions = list(server_lib.principal_positions(plan).values())
+    averaged, _ = server_lib.finish_round(plan, weights, sums, counts, 0, refactorize_every=0)
+    factors = [(averaged[p["principal_kernels"]], averaged[p["combination"]]) for p in positions]
+
+    finish = tf.function(lambda: server_lib.finish_round(plan, weights, sums, counts, 0)[0])
+    average = tf.function(lambda: server_lib.finish_round(plan, weights, sums, counts, 0, refactorize_every=0)[0])
+    svds = {d: tf.function(lambda d=d: [spectral.refactorize(a, b, svd_dtype=d) for a, b in factors])
+            for d in (tf.float64, tf.float32)}
+    calls = {"finish_round": finish, "average_only": average, "svd_float64": svds[tf.float64],
+             "svd_float32": svds[tf.float32]}
+    outputs = {n: f() for n, f in calls.items()}  # traces
+    timed = {n: (lambda f=f: tf.nest.map_structure(lambda t: t.numpy(), f())) for n, f in calls.items()}
+    times = interleaved(timed, profile.server_repeats)
+    # float32 against float64: the kernels A·B they represent and the singular values sampling reads.
+    kernel_err, sv_err = 0.0, 0.0
+    for (a64, b64, s64), (a32, b32, s32) in zip(outputs["svd_float64"], outputs["svd_float32"], strict=True):
+        w64, w32 = spectral.rebuild_kernel(a64, b64).numpy(), spectral.rebuild_kernel(a32, b32).numpy()
+        kernel_err = max(kernel_err, float(np.max(np.abs(w64 - w32)) / np.max(np.abs(w64))))
+        sv_err = max(sv_err, float(np.max(np.abs(s64.numpy() - s32.numpy())) / float(s64[0])))
+    return {"width": width, "repeats": profile.server_repeats, "principal_layers": len(positions),
+            "ms": {n: 1000 * float(np.median(t["wall"])) for n, t in times.items()},
+            "cpu_ms": {n: 1000 * float(np.median(t["cpu"])) for n, t in times.items()},
+            "float32_max_kernel_rel_error": kernel_err, "float32_max_singular_value_rel_error": sv_err}
+
+
+# --- results ------------------------------------------------------------------------------------------------
+def write(out: Path, results: dict, profile: Profile) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out / "README.md").write_text(report(results, profile))
+
+
+def report(results: dict, profile: Profile) -> str:
+    command = "`.venv/bin/python bench/speed.py" + (" --profile quick`" if profile.name == "quick" else "`")
+    lines = [f"# Speed and memory against their floors ({profile.name} profile)", "",
+             f"Command: {command} (`make bench-speed` runs the full profile). ResNet-18 (CIFAR variant), batch "
+             f"{BATCH}, 2 shared CPU cores. Every ratio compares configurations measured in the same run, "
+             "interleaved, medians over repeats; `cpu` columns are process CPU time (not inflated by waiting for a "
+             "core). `load` is the 1-minute load average when the section started.", ""]
+    for key in sorted(k for k in results if k.startswith("keras_step/")):
+        r = results[key]
+        lines += [f"## Client training step, plain Keras, width {r['width']} ({r['repeats']} interleaved steps "
+                  f"each, load {r['load_before']:.1f})", "",
+                  "| model | ms | vs full | cpu vs full | flops floor | activations |", "|---|---|---|---|---|---|"]
+        for name, row in r["rows"].items():
+            lines.append(f"| {name} | {row['ms']:.1f} | {row['time_ratio']:.3f} | {row['cpu_ratio']:.3f} | "
+                         f"{row['flops_ratio']:.3f} | {row['activation_bytes_ratio']:.3f} |")
+        lines.append("")
+    for key in sorted(k for k in results if k.startswith("tff_step/")):
+        r = results[key]
+        lines += [f"## Client training step in the TFF client computation, width {r['width']} (datasets of "
+                  f"{r['batches'][0]} and {r['batches'][1]} batches, {r['repeats']} repeats, load "
+                  f"{r['load_before']:.1f})", "",
+                  "| model | ms per step | vs full | flops floor | TFF's fixed cost per client (ms) |",
+                  "|---|---|---|---|---|"]
+        for name, row in r["rows"].items():
+            lines.append(f"| {name} | {row['step_ms']:.1f} | {row['time_ratio']:.3f} | {row['flops_ratio']:.3f} | "
+                         f"{row['per_client_overhead_ms']:.0f} |")
+        lines.append("")
+    mem = [r for k, r in results.items() if k.startswith("memory/")]
+    for width in sorted({r["width"] for r in mem}):
+        rows = collections.defaultdict(list)
+        for r in mem:
+            if r["width"] == width:
+                rows[r["variant"]].append(r)
+        if "full" not in rows:
+            continue
+        full = float(np.median([r["max_rss_delta"] for r in rows["full"]]))
+        allocator = rows["full"][0]["allocator"]
+        lines += [f"## Peak memory of one client's training, width {width} (max RSS of a fresh process over its "
+                  f"RSS before the first step, {rows['full'][0]['steps']} steps)", "",
+                  "| model | max RSS delta (MB) | vs full | TF allocator peak over before (MB) | vs full | "
+                  "activations floor "
+                  "(`prism_tf.cost`) |", "|---|---|---|---|---|---|"]
+        full_alloc = float(np.median([r["allocator"].get("peak_bytes", np.nan) for r in rows["full"]]))
+        for name, rs in rows.items():
+            delta = float(np.median([r["max_rss_delta"] for r in rs]))
+            alloc = float(np.median([r["allocator"].get("peak_bytes", np.nan) for r in rs]))
+            lines.append(f"| {name} | {delta / 2**20:.1f} | {delta / full:.3f} | {alloc / 2**20:.1f} | "
+                         f"{alloc / full_alloc:.3f} | {rs[0]['activation_bytes_ratio']:.3f} |")
+        if "unavailable" in allocator:
+            lines += ["", "TensorFlow's allocator figures: unavailable (`get_memory_info`: "
+                      f"{allocator['unavailable']})"]
+        lines.append("")
+    if "rounds/w16" in results:
+        r = results["rounds/w16"]
+        lines += [f"## Rounds at width {r['width']}: {r['clients']} clients x {r['examples']} examples x "
+                  f"{r['epochs']} epochs ({r['steps_per_client']} steps each), {r['repeats']} repeats, load "
+                  f"{r['load_before']:.1f}", "",
+                  "| round | s | cpu s | rounds/hour |", "|---|---|---|---|"]
+        for name, s in r["seconds"].items():
+            rph = r["rounds_per_hour"].get(name)
+            lines.append(f"| {name} | {s:.2f} | {r['cpu_seconds'][name]:.2f} | {f'{rph:.0f}' if rph else '-'} |")
+        o, p = r["tff_overhead"], r["prism_vs_fedavg"]
+        lines += ["", f"TFF overhead (round / the same clients in plain Keras): select {o['select']:.2f}, broadcast "
+                  f"{o['broadcast']:.2f}, FedAvg {o['fedavg']:.2f}. PriSM round / FedAvg round: select "
+                  f"{p['select']:.2f}, broadcast {p['broadcast']:.2f}, plain Keras {p['keras']:.2f}.", ""]
+    for key in sorted(k for k in results if k.startswith("server/")):
+        r = results[key]
+        ms = r["ms"]
+        share = ""
+        if r["width"] == 16 and "rounds/w16" in results:
+            round_s = results["rounds/w16"]["seconds"]["prism_select"]
+            share = (f" The server step is {ms['finish_round'] / 1000 / round_s:.1%} of a PriSM select round "
+                     f"({round_s:.2f} s).")
+        lines += [f"## Server step, width {r['width']} ({r['repeats']} repeats)", "",
+                  "| server step | ms | cpu ms |", "|---|---|---|"]
+        lines += [f"| {n} | {v:.1f} | {r['cpu_ms'][n]:.1f} |" for n, v in ms.items()]
+        lines += ["", f"float32 SVD against float64: largest kernel difference {r['float32_max_kernel_rel_error']:.1e}"
+                  f" of the kernel's largest entry, largest singular-value difference "
+                  f"{r['float32_max_singular_value_rel_error']:.1e} of the largest singular value.{share}", ""]
+    return "\n".join(lines)
+
+
+def units(profile: Profile, only: set[str]) -> list[tuple[str, Callable[[], dict]]]:
+    """The resumable units of a profile, in the order they run."""
+    out = []
+    for width in profile.widths:
+        if "keras_step" in only:
+            out.append((f"keras_step/w{width}", lambda w=width: keras_step(w, profile)))
+    if "memory" in only:
+        for width in profile.memory_widths:
+            for name in ("full", "prism_k0.2", "prism_k0.2_ok0.2", "width_k0.2"):
+                for rep in range(profile.memory_repeats):
+                    out.append((f"memory/w{width}/{name}/{rep}",
+                                lambda w=width, n=name, r=rep: memory(w, n, profile, r)))
+    if "rounds" in only:
+        out.append(("rounds/w16", lambda: rounds(profile)))
+    if "server" in only:
+        for width in profile.server_widths:
+            out.append((f"server/w{width}", lambda w=width: server(w, profile)))
+    for width in profile.widths:
+        if "tff_step" in only:
+            out.append((f"tff_step/w{width}", lambda w=width: tff_step(w, profile)))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--redo", action="store_true", help="measure again the units already in results.json")
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        spec = json.loads(args.child_memory)
+        print(json.dumps(memory_child(spec["width"], spec["factorized"], spec["sizes"], spec["steps"])), flush=True)
+        return 0
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    profile = PROFILES[args.profile]
+    out = OUT if profile.name == "full" else OUT / profile.name
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() and not args.redo else {}
+    import tff_pipelines  # noqa: F401  (our TFF worker lifecycle)
+
+    for key, run in units(profile, only):
+        if key in results:
+            print(f"{key}: kept", flush=True)
+            continue
+        began = time.perf_counter()
+        results[key] = run()
+        results[key]["seconds_to_measure"] = time.perf_counter() - began
+        write(out, results, profile)
+        print(f"{key}: {time.perf_counter() - began:.0f} s", flush=True)
+    write(out, results, profile)
+    print(report(results, profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
