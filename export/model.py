@@ -175,6 +175,8 @@ def export_model(
             if out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
             os.replace(target, out)
+        except OSError as e:  # a full or read-only disk: Keras' zip writer names neither the file nor the cause
+            raise OSError(e.errno, f"cannot write {out}: {e.strerror or e}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if n and fmt == "keras":

@@ -85,6 +85,14 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _fill(path: Path) -> None:
+    """Write ``path`` until its file system is full."""
+    with contextlib.suppress(OSError), open(path, "wb") as f:
+        while True:
+            f.write(b"\1" * 4096)
+            f.flush()
+
+
 def _edit_json(path: Path, **changes: Any) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -306,14 +314,27 @@ def _(ctx, box):
 @row("full disk", "cannot be written", "No space left on device")
 def _(ctx, box):
     ctx.mount(box / "full", "size=64k")
-    with contextlib.suppress(OSError), open(box / "full" / "filler", "wb") as f:
-        while True:
-            f.write(b"\1" * 4096)
-            f.flush()
+    _fill(box / "full" / "filler")
     return _cli(train_cli.main, _train(ctx.shapes, box / "full" / "run"))
 
 
+@row("export model to a full disk", "cannot write", "m.keras", "No space left on device")
+def _(ctx, box):
+    ctx.mount(box / "full", "size=64k")
+    _fill(box / "full" / "filler")
+    return _cli(export_cli.main, ["model", "--run", str(ctx.tiny_run), "--out", str(box / "full" / "m.keras"),
+                                  "--eval-examples", "0"])
+
+
 # --- resume: run directories and checkpoints
+@row("resume a run on a read-only file system", "cannot be written", "Read-only file system")
+def _(ctx, box):
+    ctx.mount(box / "ro", "size=8m")
+    run = ctx.run_copy(box / "ro")
+    subprocess.run(["mount", "-o", "remount,ro", str(box / "ro")], check=True)
+    return _cli(train_cli.main, ["resume", "--out", str(run)])
+
+
 @row("run directory from another version (unknown option)", "config.json", "unknown options", "lr_decay")
 def _(ctx, box):
     run = ctx.run_copy(box)

@@ -318,6 +318,7 @@ def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
     run = RunDir(out)
     config = stored_config(run)
     config.validate()  # a stored value this version no longer accepts: named before anything is loaded
+    run.check_can_write()  # a read-only or full disk: refused before data and tracing
     finished = run.latest_checkpoint(warn=None)  # none readable: refused here; `train` names the unreadable ones
     if rounds is not None:
         config.rounds = rounds

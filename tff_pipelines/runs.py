@@ -87,6 +87,10 @@ class RunDir:
         if self.config_path.exists() and not overwrite:
             raise RunError(f"{self.path} already holds a run; use `resume --out {self.path}`, --overwrite or "
                            "another --out")
+        self.check_can_write()
+
+    def check_can_write(self) -> None:
+        """Raise `RunError` if this directory (or where it would be made) cannot be written: read-only, full."""
         _probe_writable(self.path)
 
     def write_config(self, config: dict[str, Any], *, overwrite: bool) -> None:
