@@ -148,6 +148,7 @@ def test_a_run_counts_drops_and_skips_in_its_metrics_checkpoints_and_console(sha
     """A real 2-round run whose client data is made faulty (the rest is untouched): round 1 has a client whose
     preprocessing raises, round 2 two clients with NaN inputs and --min-clients 2, so round 2 is skipped."""
     from tff_pipelines import driver
+    from tff_pipelines.replay import RoundReplay
     from tff_pipelines.runs import RunDir
 
     original = driver.Simulation.client_datasets
@@ -186,6 +187,10 @@ def test_a_run_counts_drops_and_skips_in_its_metrics_checkpoints_and_console(sha
         else:
             np.testing.assert_array_equal(a, b)
     assert summary["clients_dropped"] == 3 and summary["rounds_skipped"] == 1
+    replay = RoundReplay(out)  # what export and resume start from: round 3, from the unchanged weights
+    assert replay.round_num == 3
+    for a, b in zip(replay.weights, after_1[:len(replay.weights)], strict=True):
+        np.testing.assert_array_equal(a, b)
     printed = capsys.readouterr().out
     assert (f"round 1: client(s) {first} failed in training and were dropped (first error: client data failed its "
             "check") in printed
