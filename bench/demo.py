@@ -31,11 +31,20 @@ from pathlib import Path
 import accuracy  # bench/accuracy.py: this script's directory is on sys.path when it is run as a script
 
 OUT = accuracy.ROOT / "runs" / "demo"
+
+
+def _with(args: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
+    """``args`` (flag, value pairs) with the given flags' values replaced, so each flag appears once."""
+    pairs = list(zip(args[::2], args[1::2], strict=True))
+    return tuple(x for flag, value in pairs for x in (flag, values.get(flag, value)))
+
+
 # The bench's recipe, minus the two parts that cost accuracy in a 10-round run (bench/results/README.md, "What
 # each part of the recipe changes"): they pay off over hundreds of rounds.
 COMMON = ("--model", "resnet18", "--width", "8", "--dataset", "cifar10", "--clients", "10", "--clients-per-round",
           "5", "--examples-per-client", "400", "--rounds", "10", "--eval-every", "2", "--keep-ratio", "0.2",
-          "--seed", "0", "--partition", "iid", *accuracy.RECIPE, "--augment", "none", "--lr-schedule", "constant")
+          "--seed", "0", "--partition", "iid",
+          *_with(accuracy.RECIPE, {"--augment": "none", "--lr-schedule": "constant"}))
 METHODS = (("prism", ("--method", "prism")), ("small", ("--method", "small")), ("fedavg", ("--method", "fedavg")))
 LABELS = {"prism": "PriSM (keep 0.2)", "small": "small (equal client flops)", "fedavg": "FedAvg (full model)"}
 FULL_BENCH = "make bench   # .venv/bin/python bench/accuracy.py --profile full: 12 methods x 2 partitions, <= 150 min"
