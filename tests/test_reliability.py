@@ -1,11 +1,13 @@
 """Interrupted runs, checkpoint integrity and determinism (real TFF rounds, real files, a real SIGKILL).
 
-The reference is `tiny_run` (conftest: a finished 2-round PriSM run, ResNet-18 width 4). Against it:
-- determinism: a second run with the same config and seed gives bit-identical checkpoints and metrics;
+- determinism: two runs with the same config and seed (`_reference_config`: PriSM, a small CNN, 3 of 4 clients per round
+  — three, because the sum of two clients' updates is the same in either order, so a 2-client round could not
+  show an order-dependent aggregation) give bit-identical checkpoints, metrics and deployed model;
 - kill -9: the same run started by the CLI in a subprocess, SIGKILLed during round 2, then resumed, ends with
   bit-identical checkpoints and the same metrics history (no round twice, none missing);
-- checkpoint integrity: a truncated or corrupt latest checkpoint is passed over with a warning naming it, a resume
-  redoes that round to the same weights, and the temporary directories of interrupted saves are removed.
+- checkpoint integrity (on copies of `tiny_run`): a truncated or corrupt latest checkpoint is passed over with a
+  warning naming it, a resume redoes that round to the same weights, and the temporary directories of interrupted
+  saves are removed.
 """
 
 from __future__ import annotations
@@ -71,18 +73,30 @@ def _plant_interrupted_saves(run: Path, version: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------- 5. determinism
 
 
-def test_same_seed_gives_bit_identical_weights_and_metrics(tiny_run, tmp_path):
-    config = driver.stored_config(RunDir(tiny_run))
+def _reference_config(dataset: Path) -> driver.TrainConfig:
+    return driver.TrainConfig(dataset=str(dataset), model="small_cnn", width=4, clients=4, clients_per_round=3,
+                              rounds=2, batch_size=8, eval_examples=12, eval_every=2, calibration_examples=16)
+
+
+@pytest.fixture(scope="module")
+def reference(shapes_dataset, tmp_path_factory) -> Path:
+    """A finished `_reference_config` run: what the repeated, and the killed and resumed, runs must equal."""
+    out = tmp_path_factory.mktemp("reliability") / "reference"
+    driver.start(_reference_config(shapes_dataset), str(out))
+    return out
+
+
+def test_same_seed_gives_bit_identical_weights_and_metrics(reference, shapes_dataset, tmp_path):
     again = tmp_path / "again"
-    driver.start(config, str(again))
-    _assert_same_checkpoints(again, tiny_run, [1, 2])
-    assert _rows(again) == _rows(tiny_run)
-    assert [r["round"] for r in _rows(again)] == [1, 2]
+    driver.start(_reference_config(shapes_dataset), str(again))
+    _assert_same_checkpoints(again, reference, [1, 2])
+    assert _rows(again) == _rows(reference)
+    assert [r["round"] for r in _rows(again)] == [1, 2] and all(r["clients"] == 3 for r in _rows(again))
     # The deployed model too (its BatchNorm statistics are recalibrated after the last round).
     import tensorflow as tf
 
     for a, b in zip(tf.keras.models.load_model(again / "model.keras").get_weights(),
-                    tf.keras.models.load_model(tiny_run / "model.keras").get_weights(), strict=True):
+                    tf.keras.models.load_model(reference / "model.keras").get_weights(), strict=True):
         assert np.array_equal(a, b)
 
 
@@ -216,9 +230,39 @@ def _train_argv(config: driver.TrainConfig, out: Path) -> list[str]:
     return argv
 
 
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _worker_of(pid: int) -> int | None:
+    """The TFF worker the trainer ``pid`` started (its child ``worker_binary``)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid and comm.startswith("worker_bin"):
+                return int(entry.name)
+    return None
+
+
+def _wait_until_round_2_computes(pid: int, timeout_s: float = 120) -> None:
+    """Returns once the worker uses CPU after round 1's checkpoint: round 2's clients are training (between
+    rounds the worker idles while the trainer prepares the next round's data)."""
+    worker = _worker_of(pid)
+    assert worker is not None, "no worker_binary child of the trainer"
+    start, deadline = _cpu_ticks(worker), time.monotonic() + timeout_s
+    while _cpu_ticks(worker) < start + 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 @pytest.mark.slow  # a CLI subprocess (TensorFlow import, tracing, one round) and an in-process resume: ~50 s
-def test_kill_9_mid_round_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path):
-    config = driver.stored_config(RunDir(tiny_run))
+def test_kill_9_mid_round_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    config = driver.stored_config(RunDir(reference))
     out = tmp_path / "killed"
     env = {**os.environ, "PRISM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(_train_argv(config, out), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -229,7 +273,7 @@ def test_kill_9_mid_round_then_resume_equals_the_uninterrupted_run(tiny_run, tmp
         while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert first.is_dir(), f"round 1 never finished (exit {proc.poll()}): {proc.stderr.read()[-3000:]!r}"
-        time.sleep(0.5)  # into round 2 (its training and evaluation take seconds)
+        _wait_until_round_2_computes(proc.pid)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # the trainer and everything in its session, no cleanup
         assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -244,6 +288,6 @@ def test_kill_9_mid_round_then_resume_equals_the_uninterrupted_run(tiny_run, tmp
 
     driver.resume(str(out))
     assert [r["round"] for r in _rows(out)] == [1, 2]  # no round twice, none missing
-    assert _rows(out) == _rows(tiny_run)
-    _assert_same_checkpoints(out, tiny_run, [1, 2])
+    assert _rows(out) == _rows(reference)
+    _assert_same_checkpoints(out, reference, [1, 2])
     assert _leftovers(out) == []
