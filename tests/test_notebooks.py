@@ -139,6 +139,9 @@ def test_notebook_executes(path: Path, tmp_path, monkeypatch):
         pytest.fail(f"{path.name} failed after {time.perf_counter() - began:.0f} s\n{_error_of(nb) or e}")
     elapsed = time.perf_counter() - began
     assert not _error_of(nb), _error_of(nb)
+    blank = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and "plt.show()" in cell.source
+             and not any("image/png" in o.get("data", {}) for o in cell.outputs)]
+    assert not blank, f"{path.name}: cells {blank} call plt.show() but display no figure"
     print(f"{path.name}: executed in {elapsed:.1f} s; the kernel's worker_binary: {sorted(kernel_workers)}")
     if any("import tff_pipelines" in cell.source for cell in nb.cells if cell.cell_type == "code"):
         assert kernel_workers, f"{path.name} imports tff_pipelines but no worker_binary of its kernel was seen"
