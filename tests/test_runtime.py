@@ -33,7 +33,15 @@ GRACE_S = 10.0  # time allowed for a worker to die after its parent is gone
 
 # Defines `add` (TF) and `fed_sum` (federated), prints the worker PIDs before any computation ran as "IDLE [..]"
 # and, after running `add` once, as "WORKERS [..]".
+# First it resets SIGHUP and SIGINT to their defaults: a child inherits *ignored* dispositions, and test runs are
+# often started under `nohup` (SIGHUP ignored) or as a background job of a non-interactive shell (SIGINT ignored).
+# The runtime rightly keeps an ignored SIGHUP ignored (nohup's meaning), so the SIGHUP test then waited the full
+# 60 s and failed "child did not exit" (measured: a child of a nohup'd parent showed SigIgn bit 1 set and
+# signal.getsignal(SIGHUP) == SIG_IGN), while the same test passed when run from a terminal.
 CHILD_PRELUDE = """
+import signal
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import tensorflow_federated as tff
 import tff_pipelines
@@ -544,7 +552,8 @@ def test_bind_shim_rewrites_wildcards_and_refuses_other_addresses():
     assert _bind_probe("0.0.0.0", plain) == "BOUND 0.0.0.0"
     assert _bind_probe("192.0.2.7", plain) == "BOUND 192.0.2.7"
     assert _bind_probe("0.0.0.0", confined) == "BOUND 127.0.0.1"
-    assert _bind_probe("::", confined) == "BOUND ::1"
+    assert _bind_probe("::", confined) == "BOUND ::ffff:127.0.0.1"  # dual-stack socket: IPv4 loopback only
+    assert _bind_probe("::1", confined) == "BOUND ::1"
     assert _bind_probe("127.0.0.5", confined) == "BOUND 127.0.0.5"
     assert _bind_probe("192.0.2.7", confined) == f"REFUSED {errno.EADDRNOTAVAIL}"
     assert _bind_probe("2001:db8::7", confined) == f"REFUSED {errno.EADDRNOTAVAIL}"

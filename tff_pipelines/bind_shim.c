@@ -12,8 +12,8 @@
  *     one bind per interface).
  * The target is $PRISM_TF_WORKER_BIND (a numeric IPv4 or IPv6 address) or, unset/empty, loopback. For an
  * AF_INET6 socket and an IPv4 target the IPv4-mapped form ::ffff:a.b.c.d is bound (the dual-stack socket then
- * accepts IPv4 connections to a.b.c.d only). Loopback on AF_INET6 is ::1, or ::ffff:127.0.0.1 where the host
- * has no IPv6 loopback. An IPv6 target on an AF_INET socket fails with EADDRNOTAVAIL.
+ * accepts IPv4 connections to a.b.c.d only). Loopback on AF_INET6 is ::ffff:127.0.0.1 (IPv4 loopback through
+ * the dual-stack socket), or ::1 where the socket is IPv6-only. An IPv6 target on an AF_INET socket fails with EADDRNOTAVAIL.
  * A target that does not parse makes every inet bind fail: never silently fall back to a wider address.
  */
 #define _GNU_SOURCE
@@ -96,12 +96,14 @@ static int bind_v6(int fd, const struct sockaddr_in6 *in, socklen_t len, struct 
     struct sockaddr_in6 a = *in;
     if (IN6_IS_ADDR_UNSPECIFIED(&a.sin6_addr)) {
         if (t.kind == 0) {
-            a.sin6_addr = in6addr_loopback;
-            int rc = real_bind()(fd, (const struct sockaddr *)&a, sizeof a);
-            if (rc == 0 || errno != EADDRNOTAVAIL) return rc;
+            /* 127.0.0.1 through the dual-stack socket: what users type (and what `localhost` resolves to
+             * first on most hosts); ::1 where the socket is IPv6-only. */
             struct in_addr lo;
             lo.s_addr = htonl(INADDR_LOOPBACK);
-            map_v4(&a.sin6_addr, lo); /* no IPv6 loopback on this host */
+            map_v4(&a.sin6_addr, lo);
+            int rc = real_bind()(fd, (const struct sockaddr *)&a, sizeof a);
+            if (rc == 0 || (errno != EINVAL && errno != EADDRNOTAVAIL && errno != EAFNOSUPPORT)) return rc;
+            a.sin6_addr = in6addr_loopback;
         } else if (t.kind == 4) {
             map_v4(&a.sin6_addr, t.v4);
         } else if (t.kind == 6) {

@@ -91,19 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Continue a run from its latest checkpoint.")
     again.add_argument("--out", required=True, help="run directory of the run to continue")
     again.add_argument("--rounds", type=int, default=None, help="new total number of rounds (default: as before)")
+    for command in (train, again):
+        command.add_argument("--workers", default=None, metavar="HOST:PORT,...",
+                             help="run each round's clients spread over these TFF workers (started with the "
+                                  "`worker` command; docs/deploy.md) instead of one local worker")
+    from tff_pipelines import worker_process
+
+    worker_process.add_arguments(commands.add_parser(
+        "worker", help="serve one TFF worker for `train --workers` (loopback unless --bind)",
+        description=worker_process.DESCRIPTION))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker":  # normally dispatched by __main__ before TensorFlow is imported
+        from tff_pipelines import worker_process
+
+        return worker_process.run(args)
     from tff_pipelines import driver
     from tff_pipelines.data import DataError
     from tff_pipelines.runs import RunError
+    from tff_pipelines.workers import WorkerUnavailableError
 
     try:
+        if args.workers is not None:
+            from tff_pipelines import workers
+
+            workers.install_worker_context(workers.parse_workers(args.workers))
         if args.command == "train":
-            options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite")}
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "overwrite", "workers")}
             if options.get("clip_norm") == 0:
                 options["clip_norm"] = None
             config = driver.TrainConfig(**options)
@@ -113,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a full or read-only disk mid-run: the rounds finished before it stay checkpointed
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,19 +40,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
-import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +55,15 @@ import portpicker
 import tensorflow_federated as tff
 
 from tff_pipelines import loopback
+from tff_pipelines.worker_process import (
+    _finish_log,
+    _spawn,
+    _terminate,
+    _wait_until_listening,
+    _Worker,
+    _worker_binary_path,
+    _worker_environment,
+)
 
 __all__ = [
     "install_in_current_thread",
@@ -79,26 +82,7 @@ _GRPC_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_LENGTH_BYTES),
     ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_LENGTH_BYTES),
 ]
-# The binary is ~300 MB; a cold page cache on a loaded 2-core CI machine can take several seconds to map it.
-_STARTUP_TIMEOUT_S = 60.0
 _START_ATTEMPTS = 3  # a port picked free can be taken before the worker binds it: retry on a fresh port
-_TERMINATE_TIMEOUT_S = 5.0
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-@dataclass
-class _Worker:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: str | None
-    log_is_temp: bool
-    bind: str | None = None  # None: loopback (the shim's default); else the address asked for
-    host: str = "localhost"  # where to connect: the address the worker actually bound (`_wait_until_listening`)
-
-    @property
-    def target(self) -> str:
-        """gRPC target of the worker, e.g. ``[::1]:4321``."""
-        return f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -202,14 +186,6 @@ def worker_log_path() -> str | None:
 # --------------------------------------------------------------------------------------------- starting
 
 
-def _worker_binary_path() -> str:
-    # Where TFF's `local_cpp_executor_factory` looks: <tensorflow_federated package>/data/worker_binary.
-    path = os.path.join(os.path.dirname(os.path.abspath(tff.__file__)), "data", "worker_binary")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"Expected TFF's worker binary at {path}; is tensorflow-federated installed?")
-    return path
-
-
 def _start(max_concurrent_computation_calls: int, log_path: str | None) -> None:
     _register_exit_hooks()
     _remember_tff_default_context()
@@ -261,201 +237,6 @@ def _build_context(stub: tff.framework.RemoteExecutorStub) -> tff.framework.Sync
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result,
     )
-
-
-def _pdeathsig_setter() -> Callable[[], None] | None:
-    """Returns a function for the forked child that asks the kernel to SIGTERM it when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc_name = ctypes.util.find_library("c") or "libc.so.6"
-    try:
-        prctl = ctypes.CDLL(libc_name, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    # Resolved here, before fork: the child (which runs between fork and exec while other threads of the
-    # parent may have held locks) then only makes one foreign call.
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    parent_pid = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        # If the parent died between fork() and prctl(), the death signal will never come: exit now.
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
-def _worker_environment(bind: str | None) -> dict[str, str] | None:
-    """The worker's environment: the bind shim confining it to ``bind`` (None: loopback), or None (inherit
-    ours unchanged) for a wildcard ``bind`` or with the documented opt-out (`loopback.OPT_OUT_ENV_VAR`)."""
-    if (bind is not None and loopback.is_wildcard(bind)) or (bind is None and loopback.opted_out()):
-        return None
-    return loopback.shim_environment(bind)
-
-
-def _spawn(binary: str, port: int, max_calls: int, log_path: str | None, env: dict[str, str] | None,
-           bind: str | None = None) -> _Worker:
-    log_is_temp = log_path is None
-    if log_path is None:
-        fd, log_path = tempfile.mkstemp(prefix="tff_worker_", suffix=".log")
-        os.close(fd)
-    args = [binary, f"--port={port}", f"--max_concurrent_computation_calls={max_calls}"]
-    preexec = _pdeathsig_setter()
-
-    def popen() -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            return subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                env=env,
-                # Own process group: Ctrl-C in a terminal and Jupyter's "interrupt kernel" signal the whole
-                # foreground group with SIGINT, which would kill the worker (it exits on SIGINT) while Python
-                # survives the KeyboardInterrupt. Exit is still covered: atexit, signal handlers, PDEATHSIG.
-                process_group=0,
-                preexec_fn=preexec,
-            )
-
-    if threading.current_thread() is threading.main_thread():
-        proc = popen()
-    else:
-        proc = _spawn_from_long_lived_thread(popen)
-    return _Worker(proc=proc, port=port, log_path=None if log_path == os.devnull else log_path,
-                   log_is_temp=log_is_temp, bind=bind)
-
-
-def _spawn_from_long_lived_thread(popen: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """Forks from a daemon thread that never exits, so PDEATHSIG fires only when the whole process dies.
-
-    Forking from a short-lived caller thread would make the kernel SIGTERM the worker as soon as that thread
-    ends.
-    """
-    result: dict[str, Any] = {}
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            result["proc"] = popen()
-        except BaseException as e:  # handed to the caller below
-            result["error"] = e
-        done.set()
-        threading.Event().wait()  # park forever; a daemon thread does not delay interpreter exit
-
-    threading.Thread(target=run, name="tff-worker-parent", daemon=True).start()
-    done.wait()
-    if "error" in result:
-        raise result["error"]
-    return result["proc"]
-
-
-def _wait_until_listening(worker: _Worker) -> str | None:
-    """Waits (bounded) until the worker listens and accepts connections; returns an error message, or None.
-
-    The address to connect to is read from the worker's own listening sockets (`loopback.listening_addresses`):
-    with the bind shim it is ``::1`` (or ``127.0.0.1`` where the host has no IPv6 loopback), not whatever
-    ``localhost`` resolves to first.
-
-    Raises:
-      loopback.WorkerExposureError: the worker listens more widely than asked (never left running).
-    """
-    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if worker.proc.poll() is not None:
-            return f"worker exited with code {worker.proc.returncode}; log:\n{_log_tail(worker)}"
-        try:
-            bound = [a for a in loopback.listening_addresses(worker.proc.pid) if a[1] == worker.port]
-        except OSError:
-            bound = []
-        if bound:
-            _check_exposure(worker, bound)
-            worker.host = _connect_host(bound[0][0])
-            try:
-                with socket.create_connection((worker.host.strip("[]"), worker.port), timeout=0.5):
-                    return None
-            except OSError:
-                pass
-        time.sleep(0.05)
-    return f"worker did not accept connections on port {worker.port} within {_STARTUP_TIMEOUT_S:.0f} s"
-
-
-def _check_exposure(worker: _Worker, bound: list[tuple[str, int]]) -> None:
-    if worker.bind is not None and loopback.is_wildcard(worker.bind):
-        return  # every interface was asked for
-    if worker.bind is None and loopback.opted_out():
-        return
-    allowed = {worker.bind} if worker.bind is not None else set()
-    wide = [a for a, _ in bound if not loopback.is_loopback(a) and not _same_address(a, allowed)]
-    if wide:
-        raise loopback.WorkerExposureError(
-            f"the TFF worker (pid {worker.proc.pid}) listens on {', '.join(wide)} port {worker.port}, wider than "
-            f"{worker.bind or 'loopback'}; it was stopped")
-
-
-def _same_address(address: str, allowed: set[str]) -> bool:
-    return any(_plain(address) == _plain(a) for a in allowed)
-
-
-def _plain(address: str) -> str:
-    """An address with IPv4-mapped IPv6 (``::ffff:a.b.c.d``) written as IPv4, normalized."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
-
-
-def _connect_host(bound: str) -> str:
-    """Host part of a gRPC target reaching a socket bound to ``bound`` (brackets for IPv6)."""
-    if loopback.is_wildcard(bound):
-        bound = "::1" if ":" in bound else "127.0.0.1"
-    plain = _plain(bound)
-    return f"[{plain}]" if ":" in plain else plain
-
-
-# --------------------------------------------------------------------------------------------- stopping
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=_TERMINATE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=_TERMINATE_TIMEOUT_S)
-
-
-def _finish_log(worker: _Worker, died_on_its_own: bool) -> None:
-    if worker.log_path is None or not worker.log_is_temp:
-        return
-    with contextlib.suppress(OSError):
-        if died_on_its_own and os.path.getsize(worker.log_path) == 0:
-            died_on_its_own = False  # nothing to read: do not leave an empty file behind
-    if died_on_its_own:
-        # Keep the evidence: a worker that exits by itself is a crash worth reading about.
-        with contextlib.suppress(Exception):
-            print(f"tff_pipelines.runtime: TFF worker exited unexpectedly (code {worker.proc.returncode}); "
-                  f"its log is at {worker.log_path}", file=sys.stderr)
-        return
-    with contextlib.suppress(OSError):
-        os.unlink(worker.log_path)
-
-
-def _log_tail(worker: _Worker, max_chars: int = 2000) -> str:
-    if worker.log_path is None:
-        return "(discarded)"
-    try:
-        with open(worker.log_path, "rb") as f:
-            return f.read().decode(errors="replace")[-max_chars:]
-    except OSError as e:
-        return f"(unreadable: {e})"
 
 
 def _register_exit_hooks() -> None:
