@@ -112,7 +112,7 @@ def ingest(
     if manifest["run_id"] != run_id:
         raise IngestError(f"the manifest belongs to run {manifest['run_id']}, not to {run.path} (run {run_id})")
     round_num, client = int(manifest["round"]), int(manifest["client"])
-    pending = (run.checkpoint_versions() or [0])[-1] + 1
+    pending = run.open_round()
     if round_num != pending:
         raise IngestError(f"the manifest is for round {round_num}, but the run's open round is {pending}: "
                           + ("that round is finished" if round_num < pending else "that round has not started"))
@@ -180,7 +180,7 @@ def finish_round(
     TFF round runs. Raises `IngestError` if fewer than ``min_clients`` updates are stored (nothing changes).
     """
     run = RunDir(run_dir)
-    pending = (run.checkpoint_versions() or [0])[-1] + 1
+    pending = run.open_round()
     round_num = pending if round_num is None else int(round_num)
     if round_num != pending:
         raise IngestError(f"round {round_num} is not the run's open round ({pending})")

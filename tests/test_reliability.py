@@ -178,6 +178,21 @@ def test_saving_again_sets_the_bad_checkpoint_aside_and_removes_leftover_tempora
         run.save_state(manager, state, 2)
 
 
+def test_every_reader_agrees_on_the_open_round_when_the_latest_checkpoint_is_damaged(tiny_run, tmp_path):
+    """`resume` would redo round 2: so do round replay (export client) and ingest, and a round 2 finished by devices
+    (`write_checkpoint`) replaces the damaged checkpoint."""
+    from tff_pipelines.replay import RoundReplay
+
+    run = RunDir(_copy(tiny_run, tmp_path / "run"))
+    _truncate(run.checkpoint_path(2) / DATA)
+    assert run.open_round(warn=None) == 2
+    assert RoundReplay(run.path).round_num == 2
+    flat, _ = RunDir(tiny_run).read_checkpoint(2)
+    run.write_checkpoint(flat, 2)
+    assert (run.checkpoint_dir / "program_state_2.corrupt").is_dir() and run.open_round() == 3
+    assert all(np.array_equal(a, b) for a, b in zip(run.read_checkpoint(2)[0], flat, strict=True))
+
+
 def test_interrupted_write_checkpoint_leaves_no_version_and_no_temporary(tiny_run, tmp_path, monkeypatch):
     """`write_checkpoint` (device rounds) writes a temporary directory and renames it: interrupted just before the
     rename (the last moment a kill could strike), round 3 does not exist, and nothing is left behind."""

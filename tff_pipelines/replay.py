@@ -67,9 +67,7 @@ class RoundReplay:
         model = model_builder(self.config, self.input_shape, self.num_classes, width)()
         self.server_model = prism_tf.factorize(model) if self.method.spectral else model
         self.plan = prism_tf.SubmodelPlan.of(self.server_model)
-        versions = self.run.checkpoint_versions()
-        latest = versions[-1] if versions else 0
-        self.round_num = latest + 1 if round_num is None else int(round_num)
+        self.round_num = self.run.open_round() if round_num is None else int(round_num)
         if self.round_num < 1:
             raise RunError(f"rounds are numbered from 1, got {round_num}")
         if self.round_num > 1:

@@ -205,6 +205,15 @@ class RunDir:
         """
         return self.read_checkpoint(warn=warn)[1]
 
+    def open_round(self, *, warn: Callable[[str], None] | None = warn_stderr) -> int:
+        """The round this run trains next: one after its newest readable checkpoint (what `resume` continues
+        from), 1 when it has none.
+
+        Raises:
+          RunError: it has checkpoints, but none reads.
+        """
+        return self.latest_checkpoint(warn=warn) + 1 if self.checkpoint_versions() else 1
+
     def checkpoint_path(self, version: int) -> Path:
         return self.checkpoint_dir / f"program_state_{int(version)}"
 
@@ -322,15 +331,14 @@ class RunDir:
         with ``resume``. Atomic: written to a temporary directory, then renamed.
 
         Raises:
-          RunError: checkpoint ``version`` exists already.
+          RunError: a readable checkpoint ``version`` exists already (an unreadable one is set aside).
         """
         import tensorflow as tf
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.remove_temporaries()
+        self._set_aside_unreadable(int(version))
         path = self.checkpoint_path(version)
-        if path.exists():
-            raise RunError(f"{path} exists: round {version} is finished already")
         module = _ValueModule([tf.Variable(np.asarray(v)) for v in flat])
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".program_state_{int(version)}.tmp"))
         try:
