@@ -559,6 +559,10 @@ def report(results: dict, profile: Profile) -> str:
              f"{BATCH}, 2 shared CPU cores. Every ratio compares configurations measured in the same run, "
              "interleaved, medians over repeats; `cpu` columns are process CPU time (not inflated by waiting for a "
              "core). `load` is the 1-minute load average when the section started.", ""]
+    lines += targets(results)
+    notes = OUT / "bounds.md"
+    if profile.name == "full" and notes.exists():  # hand-written: what bounds each missed target
+        lines += [notes.read_text().strip(), ""]
     for key in sorted(k for k in results if k.startswith("keras_step/")):
         r = results[key]
         lines += [f"## Client training step, plain Keras, width {r['width']} ({r['repeats']} interleaved steps "
@@ -567,6 +571,13 @@ def report(results: dict, profile: Profile) -> str:
         for name, row in r["rows"].items():
             lines.append(f"| {name} | {row['ms']:.1f} | {row['time_ratio']:.3f} | {row['cpu_ratio']:.3f} | "
                          f"{row['flops_ratio']:.3f} | {row['activation_bytes_ratio']:.3f} |")
+        fit = step_profile(r["rows"])
+        if fit:
+            lines += ["", f"Profile (least squares over the variants' cpu ratios, `step ≈ a·flops + b·activations`): "
+                      f"a = {fit['a']:.2f}, b = {fit['b']:.2f}: {fit['a']:.0%} of the full model's step scales with "
+                      f"its multiply-adds, {fit['b']:.0%} with the activations it reads and writes. For PriSM keep "
+                      f"0.2 this predicts {fit['prism_k0.2']:.3f} "
+                      f"(measured {r['rows']['prism_k0.2']['cpu_ratio']:.3f})."]
         lines.append("")
     for key in sorted(k for k in results if k.startswith("tff_step/")):
         r = results[key]
@@ -632,6 +643,67 @@ def report(results: dict, profile: Profile) -> str:
                   f" of the kernel's largest entry, largest singular-value difference "
                   f"{r['float32_max_singular_value_rel_error']:.1e} of the largest singular value.{share}", ""]
     return "\n".join(lines)
+
+
+def step_profile(rows: dict) -> dict | None:
+    """Split a step's time into a part proportional to flops and one proportional to activation bytes: the
+    least-squares ``(a, b)`` of ``cpu_ratio ≈ a·flops_ratio + b·activation_ratio`` over the measured variants."""
+    names = [n for n in rows if "legacy" not in n]
+    if len(names) < 3:
+        return None
+    design = np.array([[rows[n]["flops_ratio"], rows[n]["activation_bytes_ratio"]] for n in names])
+    target = np.array([rows[n]["cpu_ratio"] for n in names])
+    (a, b), *_ = np.linalg.lstsq(design, target, rcond=None)
+    out = {"a": float(a), "b": float(b)}
+    if "prism_k0.2" in rows:
+        prism = rows["prism_k0.2"]
+        out["prism_k0.2"] = float(a * prism["flops_ratio"] + b * prism["activation_bytes_ratio"])
+    return out
+
+
+def targets(results: dict) -> list[str]:
+    """The speed issue's targets against what this run measured (rows only for what was measured)."""
+    rows = []
+
+    def add(what: str, value: float | None, target: float, fmt: str = "{:.3f}") -> None:
+        if value is not None and np.isfinite(value):
+            rows.append(f"| {what} | {fmt.format(value)} | {fmt.format(target)} | "
+                        f"{'met' if value <= target else 'missed'} |")
+
+    for width, target in ((64, 0.30), (16, 0.6)):
+        keras = results.get(f"keras_step/w{width}", {}).get("rows", {}).get("prism_k0.2")
+        add(f"client step, keep 0.2, width {width}, plain Keras (wall)", keras and keras["time_ratio"], target)
+        add(f"client step, keep 0.2, width {width}, plain Keras (cpu)", keras and keras["cpu_ratio"], target)
+        tff_row = results.get(f"tff_step/w{width}", {}).get("rows", {}).get("prism_k0.2")
+        add(f"client step, keep 0.2, width {width}, TFF client computation", tff_row and tff_row["time_ratio"], target)
+    r = results.get("rounds/w16")
+    if r:
+        add("PriSM round / FedAvg round, width 16 (select)", r["prism_vs_fedavg"]["select"], 0.5)
+        add("PriSM round / FedAvg round, width 16 (broadcast)", r["prism_vs_fedavg"]["broadcast"], 0.5)
+        add("TFF overhead, broadcast", r["tff_overhead"]["broadcast"], 1.2)
+        add("TFF overhead, select", r["tff_overhead"]["select"], 1.5)
+        server16 = results.get("server/w16")
+        if server16:
+            add("server step / PriSM select round, width 16", server16["ms"]["finish_round"] / 1000
+                / r["seconds"]["prism_select"], 0.05, "{:.1%}")
+    server64, step64 = results.get("server/w64"), results.get("tff_step/w64", {}).get("rows", {}).get("prism_k0.2")
+    if server64 and r and step64:
+        clients, steps = r["clients"], r["steps_per_client"]
+        estimate = clients * (steps * step64["step_ms"] + step64["per_client_overhead_ms"]) / 1000
+        add(f"server step / PriSM round, width 64 (round estimated: {clients} clients x ({steps} TFF steps + TFF's "
+            "fixed cost per client))", server64["ms"]["finish_round"] / 1000 / (estimate + server64["ms"][
+                "finish_round"] / 1000), 0.05, "{:.1%}")
+    for width in (16, 64):
+        mem = [x for k, x in results.items() if k.startswith(f"memory/w{width}/")]
+        by = collections.defaultdict(list)
+        for x in mem:
+            by[x["variant"]].append(x["max_rss_delta"])
+        if "full" in by and "prism_k0.2_ok0.2" in by:
+            add(f"peak client memory, PriSM keep 0.2 output_keep 0.2, width {width} (max RSS)",
+                float(np.median(by["prism_k0.2_ok0.2"]) / np.median(by["full"])), 0.6)
+    if not rows:
+        return []
+    return ["## Against the targets", "", "| figure | measured | target | |", "|---|---|---|---|", *rows, ""]
 
 
 def units(profile: Profile, only: set[str]) -> list[tuple[str, Callable[[], dict]]]:
