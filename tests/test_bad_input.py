@@ -407,6 +407,12 @@ def _ingest_row(manifest: dict | None = None, weights: Callable[[dict], dict] | 
     return build
 
 
+def _one_inf(value: np.ndarray) -> np.ndarray:
+    value = value.copy()
+    value.flat[0] = np.inf
+    return value
+
+
 def _first(arrays: dict, fn: Callable[[np.ndarray], np.ndarray | None]) -> dict:
     name = next(iter(arrays))
     value = fn(arrays[name])
@@ -424,8 +430,7 @@ ROWS["manifest of another format"] = (_ingest_row(manifest={"format": "tflite-on
                                       ("manifest.json", "not a prism-tf client manifest"))
 ROWS["device weights with NaN"] = (_ingest_row(weights=lambda a: _first(a, lambda v: np.full_like(v, np.nan))),
                                    ("non-finite", "NaN or Inf"))
-ROWS["device weights with Inf"] = (_ingest_row(weights=lambda a: _first(a, lambda v: np.where(
-    np.arange(v.size).reshape(v.shape) == 0, np.inf, v).astype(v.dtype))), ("non-finite", "NaN or Inf"))
+ROWS["device weights with Inf"] = (_ingest_row(weights=lambda a: _first(a, _one_inf)), ("non-finite", "NaN or Inf"))
 ROWS["device weights of the wrong shape"] = (_ingest_row(weights=lambda a: _first(a, lambda v: v.reshape(-1))),
                                              ("has shape", "the manifest says"))
 ROWS["device weights missing a tensor"] = (_ingest_row(weights=lambda a: _first(a, lambda v: None)),
