@@ -73,7 +73,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", widths=(16,), keeps=(0.2,), step_repeats=12, tff_repeats=2, tff_batches=(1, 4),
+    "quick": Profile("quick", widths=(16,), keeps=(0.2,), step_repeats=12, tff_repeats=3, tff_batches=(1, 4),
                      memory_widths=(16,), memory_repeats=1, memory_steps=3, round_clients=3, round_examples=96,
                      round_epochs=1, round_repeats=2, server_widths=(16,), server_repeats=3),
     "full": Profile("full", widths=(16, 64), keeps=(0.1, 0.2, 0.4), step_repeats=20, tff_repeats=3,
@@ -184,6 +184,24 @@ def legacy_combine() -> Iterator[None]:
         yield
     finally:
         layers._PrincipalMixin._combine = current
+
+
+@contextlib.contextmanager
+def legacy_dataset_loop() -> Iterator[None]:
+    """The client computation in its form before this bench, traced inside this context: the training loop runs
+    over the dataset itself (AutoGraph's ReduceDataset), not over an iterator (`client_work.train_submodel`)."""
+    import builtins
+
+    import tensorflow as tf
+
+    from tff_pipelines import client_work
+
+    # Shadows the builtin for the module's code: datasets stay datasets, everything else is iterated as before.
+    client_work.iter = lambda x: x if isinstance(x, tf.data.Dataset) else builtins.iter(x)
+    try:
+        yield
+    finally:
+        del client_work.iter
 
 
 def train_step(model) -> Callable[[], object]:
@@ -308,8 +326,9 @@ def tff_step(width: int, profile: Profile) -> dict:
     short, long = profile.tff_batches
     data = {n: synthetic_dataset(n * BATCH, n) for n in (short, long)}
     calls = {}
-    for name in names:
-        work, argument = _client_computation(variants, name)
+    for name in [*names, "prism_k0.2_dataset_loop"]:
+        with legacy_dataset_loop() if name.endswith("_dataset_loop") else contextlib.nullcontext():
+            work, argument = _client_computation(variants, name.replace("_dataset_loop", ""))
         work(argument(data[short]))  # the first call starts the worker and loads the computation
         for n in (short, long):
             arg = argument(data[n])
@@ -317,12 +336,12 @@ def tff_step(width: int, profile: Profile) -> dict:
     load = load_average()
     times = interleaved(calls, profile.tff_repeats)
     rows = {}
-    for name in names:
+    for name in [*names, "prism_k0.2_dataset_loop"]:
         t_short, t_long = (float(np.median(times[f"{name}@{n}"]["wall"])) for n in (short, long))
         step = (t_long - t_short) / (long - short)
         rows[name] = {"step_ms": 1000 * step, "per_client_overhead_ms": 1000 * (t_short - short * step),
                       "call_ms": {str(n): 1000 * float(np.median(times[f"{name}@{n}"]["wall"])) for n in (short, long)},
-                      "flops_ratio": variants.cost_ratios(name)["flops"]}
+                      "flops_ratio": variants.cost_ratios(name.replace("_dataset_loop", ""))["flops"]}
     for r in rows.values():
         r["time_ratio"] = r["step_ms"] / rows["full"]["step_ms"]
     return {"width": width, "repeats": profile.tff_repeats, "batches": [short, long], "load_before": load,
@@ -584,11 +603,12 @@ def report(results: dict, profile: Profile) -> str:
         lines += [f"## Client training step in the TFF client computation, width {r['width']} (datasets of "
                   f"{r['batches'][0]} and {r['batches'][1]} batches, {r['repeats']} repeats, load "
                   f"{r['load_before']:.1f})", "",
-                  "| model | ms per step | vs full | flops floor | TFF's fixed cost per client (ms) |",
-                  "|---|---|---|---|---|"]
+                  f"| model | ms per step | vs full | flops floor | TFF's fixed cost per client (ms) | call with "
+                  f"{r['batches'][0]} / {r['batches'][1]} batches (ms) |", "|---|---|---|---|---|---|"]
         for name, row in r["rows"].items():
+            calls = " / ".join(f"{v:.0f}" for v in row["call_ms"].values())
             lines.append(f"| {name} | {row['step_ms']:.1f} | {row['time_ratio']:.3f} | {row['flops_ratio']:.3f} | "
-                         f"{row['per_client_overhead_ms']:.0f} |")
+                         f"{row['per_client_overhead_ms']:.0f} | {calls} |")
         lines.append("")
     mem = [r for k, r in results.items() if k.startswith("memory/")]
     for width in sorted({r["width"] for r in mem}):
@@ -707,24 +727,24 @@ def targets(results: dict) -> list[str]:
 
 
 def units(profile: Profile, only: set[str]) -> list[tuple[str, Callable[[], dict]]]:
-    """The resumable units of a profile, in the order they run."""
+    """The resumable units of a profile, in the order they run (the figures the targets need first)."""
+    wide_first = sorted(profile.widths, reverse=True)
     out = []
-    for width in profile.widths:
+    if "rounds" in only:
+        out.append(("rounds/w16", lambda: rounds(profile)))
+    for width in wide_first:
         if "keras_step" in only:
             out.append((f"keras_step/w{width}", lambda w=width: keras_step(w, profile)))
+        if "server" in only and width in profile.server_widths:
+            out.append((f"server/w{width}", lambda w=width: server(w, profile)))
     if "memory" in only:
-        for width in profile.memory_widths:
+        for width in sorted(profile.memory_widths, reverse=True):
             for name in ("full", "prism_k0.2", "prism_k0.2_ok0.2", "width_k0.2"):
                 for rep in range(profile.memory_repeats):
                     out.append((f"memory/w{width}/{name}/{rep}",
                                 lambda w=width, n=name, r=rep: memory(w, n, profile, r)))
-    if "rounds" in only:
-        out.append(("rounds/w16", lambda: rounds(profile)))
-    if "server" in only:
-        for width in profile.server_widths:
-            out.append((f"server/w{width}", lambda w=width: server(w, profile)))
-    for width in profile.widths:
-        if "tff_step" in only:
+    if "tff_step" in only:
+        for width in wide_first:
             out.append((f"tff_step/w{width}", lambda w=width: tff_step(w, profile)))
     return out
 
