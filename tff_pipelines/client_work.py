@@ -113,8 +113,8 @@ def train_submodel(
             variable.assign(value)
         loss_sum = correct = count = tf.constant(0.0)
         # An iterator, not the dataset: AutoGraph turns `for batch in data` into a ReduceDataset whose body (the
-        # whole training step) TensorFlow re-instantiates on every call, ~0.5 s per client per round at width 16;
-        # a while loop over an iterator is instantiated once (bench/results/speed/README.md).
+        # whole training step) TensorFlow re-instantiates on every call, per client and round; a while loop over
+        # an iterator is instantiated once (docs/pitfalls.md, Keras inside TFF's graph).
         for batch in iter(data):
             with tf.GradientTape() as tape:
                 logits = model(batch["x"], training=True)
