@@ -83,3 +83,15 @@ def test_match_small_width_is_the_closest_width():
     assert abs(flops[width] - target["flops"]) <= abs(flops[width + 1] - target["flops"])
     with pytest.raises(ValueError, match="max_width"):
         budget.match_small_width(lambda w: prism_tf.models.resnet18(width=w), 1.0, 0)
+
+
+def test_kernel_counts_rounded_up_to_a_multiple_are_capped_at_the_rank():
+    fplan = prism_tf.SubmodelPlan.of(prism_tf.factorize(prism_tf.models.resnet18(width=16)))
+    exact = budget.spectral_sizes(fplan, 0.2)
+    aligned = budget.spectral_sizes(fplan, 0.2, multiple_of=8)
+    ranks = {g: fplan.groups[g].size for g in fplan.kernel_groups()}
+    # ranks 16/32/64/128 at keep 0.2: ceil gives 4/7/13/26, rounded up to 8s: 8/8/16/32
+    assert {ranks[g]: (exact[g], aligned[g]) for g in ranks} == {16: (4, 8), 32: (7, 8), 64: (13, 16), 128: (26, 32)}
+    assert budget.spectral_sizes(fplan, 0.9, multiple_of=64)[min(ranks, key=ranks.get)] == 16  # capped at rank 16
+    with pytest.raises(ValueError, match="multiple_of must be >= 1"):
+        budget.spectral_sizes(fplan, 0.2, multiple_of=0)

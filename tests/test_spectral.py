@@ -49,3 +49,13 @@ def test_gather_kernels(kernel):
     ga, gb = spectral.gather_kernels(a, b, [5, 1])
     np.testing.assert_array_equal(ga.numpy(), a.numpy()[..., [5, 1]])
     np.testing.assert_array_equal(gb.numpy(), b.numpy()[[5, 1]])
+
+
+def test_float32_svd_matches_float64_to_float32_precision(kernel):
+    import tensorflow as tf
+
+    a, b, s = spectral.refactorize(*spectral.factorize_kernel(kernel)[:2])
+    a32, b32, s32 = spectral.refactorize(a, b, svd_dtype=tf.float32)
+    np.testing.assert_allclose(spectral.rebuild_kernel(a32, b32), spectral.rebuild_kernel(a, b), atol=1e-5)
+    np.testing.assert_allclose(s32, s, rtol=1e-5)
+    assert a32.dtype == tf.float32 and s32.dtype == tf.float32
