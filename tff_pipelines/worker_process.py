@@ -55,7 +55,6 @@ class _Worker:
         return f"{self.host}:{self.port}"
 
 
-
 def _worker_binary_path() -> str:
     # Where TFF's `local_cpp_executor_factory` looks: <tensorflow_federated package>/data/worker_binary. Found
     # without importing TFF (and so TensorFlow): a `worker` command starts in well under a second.
@@ -65,7 +64,6 @@ def _worker_binary_path() -> str:
     if not os.path.isfile(path):
         raise RuntimeError(f"Expected TFF's worker binary at {path}; is tensorflow-federated installed?")
     return path
-
 
 
 def _pdeathsig_setter() -> Callable[[], None] | None:
