@@ -523,7 +523,8 @@ def rounds(profile: Profile, width: int = 16) -> dict:
 
 def server(width: int, profile: Profile) -> dict:
     """The server step of a round of 5 keep-0.2 clients (`prism_tf.server.finish_round`) as a tf.function, beside
-    its parts: the averaging alone and the re-factorizing SVDs alone, in float64 (what it runs) and float32."""
+    its parts: the averaging alone and the re-factorizing SVDs alone, in float64 (what it runs) and float32, one
+    layer at a time (what it runs) and batched by matrix shape (`prism_tf.spectral.refactorize_many`)."""
     import tensorflow as tf
 
     import prism_tf
@@ -547,8 +548,11 @@ def server(width: int, profile: Profile) -> dict:
     average = tf.function(lambda: server_lib.finish_round(plan, weights, sums, counts, 0, refactorize_every=0)[0])
     svds = {d: tf.function(lambda d=d: [spectral.refactorize(a, b, svd_dtype=d) for a, b in factors])
             for d in (tf.float64, tf.float32)}
+    batched = {d: tf.function(lambda d=d: spectral.refactorize_many(factors, svd_dtype=d))
+               for d in (tf.float64, tf.float32)}
     calls = {"finish_round": finish, "average_only": average, "svd_float64": svds[tf.float64],
-             "svd_float32": svds[tf.float32]}
+             "svd_float32": svds[tf.float32], "svd_float64_batched": batched[tf.float64],
+             "svd_float32_batched": batched[tf.float32]}
     outputs = {n: f() for n, f in calls.items()}  # traces
     timed = {n: (lambda f=f: tf.nest.map_structure(lambda t: t.numpy(), f())) for n, f in calls.items()}
     times = interleaved(timed, profile.server_repeats)

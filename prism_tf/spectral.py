@@ -80,6 +80,35 @@ def refactorize(
     return a[..., :rank], b[:rank], s[:rank]
 
 
+def refactorize_many(
+    factors: Sequence[tuple[TensorLike, TensorLike]], svd_dtype: tf.DType = tf.float64
+) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """`refactorize` (without ω) of several layers' ``(A, B)``, one batched SVD per distinct matrix shape.
+
+    Equal to calling `refactorize` on each pair; layers whose ``W`` matrices share a shape (a ResNet's blocks of a
+    stage) go through one ``tf.linalg.svd`` call (bench/speed.py measures both forms).
+    """
+    matrices, by_shape = [], {}
+    for i, (principal, combination) in enumerate(factors):
+        principal = tf.convert_to_tensor(principal)
+        matrix = kernel_to_matrix(rebuild_kernel(principal, combination))
+        matrices.append((principal, matrix))
+        by_shape.setdefault((tuple(principal.shape[:-1]), tuple(combination.shape)), []).append(i)
+    out: list = [None] * len(matrices)
+    for members in by_shape.values():
+        stack = tf.cast(tf.stack([matrices[i][1] for i in members]), svd_dtype)
+        s, u, v = tf.linalg.svd(stack, full_matrices=False)
+        root = tf.sqrt(s)
+        a_all = u * root[:, tf.newaxis, :]
+        b_all = root[:, :, tf.newaxis] * tf.transpose(v, [0, 2, 1])
+        for j, i in enumerate(members):
+            principal = matrices[i][0]
+            rank, dtype = principal.shape[-1], principal.dtype
+            out[i] = (tf.cast(matrix_to_kernel(a_all[j], principal.shape[:-1]), dtype)[..., :rank],
+                      tf.cast(b_all[j], dtype)[:rank], tf.cast(s[j], dtype)[:rank])
+    return out
+
+
 def gather_kernels(
     principal: TensorLike, combination: TensorLike, indices: TensorLike
 ) -> tuple[tf.Tensor, tf.Tensor]:

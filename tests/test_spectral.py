@@ -59,3 +59,15 @@ def test_float32_svd_matches_float64_to_float32_precision(kernel):
     np.testing.assert_allclose(spectral.rebuild_kernel(a32, b32), spectral.rebuild_kernel(a, b), atol=1e-5)
     np.testing.assert_allclose(s32, s, rtol=1e-5)
     assert a32.dtype == tf.float32 and s32.dtype == tf.float32
+
+
+def test_batched_refactorization_equals_one_layer_at_a_time():
+    rng = np.random.default_rng(3)
+    shapes = [((3, 3, 5), 7, 7), ((3, 3, 5), 7, 7), ((4,), 9, 4), ((3, 3, 5), 7, 3)]  # two share a shape
+    factors = [(rng.normal(size=(*lead, rank)).astype(np.float32), rng.normal(size=(rank, out)).astype(np.float32))
+               for lead, out, rank in shapes]
+    for (a, b, s), (a1, b1, s1) in zip(spectral.refactorize_many(factors),
+                                       [spectral.refactorize(a, b) for a, b in factors], strict=True):
+        assert a.shape == a1.shape and b.shape == b1.shape and s.shape == s1.shape
+        np.testing.assert_allclose(s, s1, rtol=1e-6)
+        np.testing.assert_allclose(spectral.rebuild_kernel(a, b), spectral.rebuild_kernel(a1, b1), atol=1e-5)
