@@ -6,8 +6,9 @@
 
 Every figure is a ratio of two configurations measured in the same process (or, for memory, subprocesses started
 one after the other), interleaved: each repeat runs every configuration once, in a shuffled order, and a figure is
-the median over repeats. The machine is shared, so wall times are noisy; every timing is also recorded as the
-process's CPU time, which waiting for a core does not inflate (the README shows both).
+the median over repeats. The machine is shared, so wall times are noisy; every timing is also recorded as the CPU
+time of this process and its children (the TFF worker), which waiting for a core does not inflate (the README
+shows both).
 
 Sections (each resumable: a finished unit is kept in ``results.json`` and skipped on the next run):
 
@@ -580,8 +581,9 @@ def report(results: dict, profile: Profile) -> str:
     lines = [f"# Speed and memory against their floors ({profile.name} profile)", "",
              f"Command: {command} (`make bench-speed` runs the full profile). ResNet-18 (CIFAR variant), batch "
              f"{BATCH}, 2 shared CPU cores. Every ratio compares configurations measured in the same run, "
-             "interleaved, medians over repeats; `cpu` columns are process CPU time (not inflated by waiting for a "
-             "core). `load` is the 1-minute load average when the section started.", ""]
+             "interleaved, medians over repeats; `cpu` columns are the CPU time of the bench process and its "
+             "children, the TFF worker included (not inflated by waiting for a core). `load` is the 1-minute "
+             "load average when the section started.", ""]
     lines += targets(results)
     notes = OUT / "bounds.md"
     if profile.name == "full" and notes.exists():  # hand-written: what bounds each missed target
