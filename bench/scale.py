@@ -135,6 +135,7 @@ def _measure(simulation, process, rounds: int, worker_cpu) -> dict:
         state = new_state
     result = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
     result["clients_per_s"] = clients_per_round / result["round_s"]
+    result["load_avg_1min"] = os.getloadavg()[0]  # the machine is shared: how busy it was meanwhile
     result["rounds"] = rows
     return result
 
@@ -179,21 +180,25 @@ def main(argv: list[str] | None = None) -> int:
 
     out = ROOT / "bench" / "results" / "scale" / args.profile
     out.mkdir(parents=True, exist_ok=True)
-    settings = " ".join(a for a in train_args if not a.startswith(str(scratch)))
+    settings = " ".join("(synthetic 28x28 class folders)" if a.startswith(str(scratch)) else a for a in train_args)
     (out / "results.json").write_text(json.dumps(dict(profile=args.profile, settings=settings, results=results,
                                                       cores=os.cpu_count()), indent=2))
     lines = [f"# scale-out bench `{args.profile}`", "",
              f"Command: `.venv/bin/python bench/scale.py --profile {args.profile}`; settings `{settings}`; "
              f"{os.cpu_count()} cores, every worker on this machine. Medians of {args.rounds} timed rounds.", "",
-             "| workers | clients/s | round s | client phase s | worker CPU s | trainer CPU s | server step s |",
-             "|---|---|---|---|---|---|---|"]
+             "| workers | clients/s | round s | client phase s | worker CPU s | trainer CPU s | server step s | "
+             "load avg |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['clients_per_s']:.2f} | {r['round_s']:.2f} | {r['clients_s']:.2f} | "
-                     f"{r['worker_cpu_s']:.2f} | {r['trainer_cpu_s']:.2f} | {r['server_s']:.2f} |")
+                     f"{r['worker_cpu_s']:.2f} | {r['trainer_cpu_s']:.2f} | {r['server_s']:.2f} | "
+                     f"{r['load_avg_1min']:.1f} |")
     lines += ["", "`local`: the one worker `tff_pipelines.runtime` starts (no gRPC split); a number: that many "
               "`python -m tff_pipelines worker` processes under TFF's mergeable context. The client phase is "
               "distribution, training and aggregation; worker CPU is the clients' work, trainer CPU the "
-              "serialization to and from the workers (the transfer's cost here: loopback has no wire time)."]
+              "serialization to and from the workers (the transfer's cost here: loopback has no wire time). "
+              "`load avg`: the machine's 1-minute load average after the configuration (other jobs share its "
+              "2 cores; wall times are only comparable at similar load, CPU times less affected)."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/README.md")
     return 0
