@@ -306,3 +306,51 @@ def test_kill_9_mid_round_then_resume_equals_the_uninterrupted_run(reference, tm
     assert _rows(out) == _rows(reference)
     _assert_same_checkpoints(out, reference, [1, 2])
     assert _leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+
+
+def _pages(paths) -> int:
+    """Bytes a tmpfs needs for these files (whole 4 KiB pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in paths if p.is_file())
+
+
+@pytest.mark.slow  # a training run until its second checkpoint, then a resume: ~40 s (more under load)
+def test_disk_full_at_a_checkpoint_is_a_clean_error_and_resume_after_making_room_equals_the_reference(
+        reference, tmp_path, capsys):
+    """The run directory is a tmpfs with room for one checkpoint but not two: round 2's save fails. The CLI says so
+    in one line (exit 2), leaves no partial checkpoint or temporary directory, and after the disk is grown
+    `resume` ends exactly where the uninterrupted run did."""
+    from tff_pipelines import cli
+
+    checkpoint = _pages((reference / "checkpoints" / "program_state_1").rglob("*"))
+    small = _pages(reference / name for name in ("config.json", "budget.json", "data_spec.json", "input_stats.json",
+                                                   "metrics.jsonl", "run_id"))
+    size = small + checkpoint + checkpoint // 2  # one checkpoint fits with room to spare, two do not
+    assert size > 64 * 1024 + small  # `train`'s probe write (64 KiB) must pass: the disk fills during the run
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root and CAP_SYS_ADMIN")
+    try:
+        out = disk / "run"
+        argv = _train_argv(driver.stored_config(RunDir(reference)), out)[3:]  # after `python -m tff_pipelines`
+        capsys.readouterr()
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and "Traceback" not in err, err
+        assert len(errors) == 1 and "program_state_2 cannot be written: No space left on device" in errors[0], err
+        run = RunDir(out)
+        assert run.checkpoint_versions() == [1] and _leftovers(out) == []
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        driver.resume(str(out))
+        assert [r["round"] for r in _rows(out)] == [1, 2]
+        assert _rows(out) == _rows(reference)
+        _assert_same_checkpoints(out, reference, [1, 2])
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

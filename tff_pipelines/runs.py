@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,8 @@ class RunDir:
     def save_model(self, model) -> None:
         """Write the deployed model (``model.keras``) atomically: a file that exists is complete."""
         tmp = self.path / ".model.keras.tmp.keras"
-        model.save(tmp)
-        os.replace(tmp, self.model_path)
+        with _replacing(self.model_path, tmp):
+            model.save(tmp)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def state_manager(self, keep_total: int = 3) -> tff.program.FileProgramStateManager:  # noqa: F821
@@ -170,7 +171,25 @@ class RunDir:
         self.remove_temporaries()
         self._set_aside_unreadable(int(version))
         # A flat list of arrays: nested dict/list structures trip SavedModel's tracking wrappers here.
-        _run_sync(manager.save([np.asarray(x) for x in _flatten(state)], version))
+        with self._writing_checkpoint(version):
+            _run_sync(manager.save([np.asarray(x) for x in _flatten(state)], version))
+
+    @contextlib.contextmanager
+    def _writing_checkpoint(self, version: int) -> Iterator[None]:
+        """A checkpoint write that fails (a full or read-only disk) raises `OSError` naming the checkpoint, after
+        removing its partial temporary directory (giving the space back); TensorFlow raises its own error types."""
+        import tensorflow as tf
+
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as e:
+            self.remove_temporaries()
+            if isinstance(e, OSError) and e.strerror:
+                cause = e.strerror
+            else:  # TensorFlow's: "<temporary file>; No space left on device [Op:SaveV2]"
+                cause = re.sub(r"\s*\[Op:\w+\]$", "", " ".join(str(e).split()).rsplit(";", 1)[-1].strip())[:200]
+            raise OSError(f"checkpoint {self.checkpoint_path(version)} cannot be written: {cause}. The rounds "
+                          "before it are checkpointed: make room and `resume`") from None
 
     def load_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
                    structure: Any, *, warn: Callable[[str], None] = warn_stderr) -> tuple[Any, int]:
@@ -340,12 +359,13 @@ class RunDir:
         self._set_aside_unreadable(int(version))
         path = self.checkpoint_path(version)
         module = _ValueModule([tf.Variable(np.asarray(v)) for v in flat])
-        tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".program_state_{int(version)}.tmp"))
-        try:
-            tf.saved_model.save(module, str(tmp / "state"), signatures={})
-            os.replace(tmp / "state", path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with self._writing_checkpoint(version):
+            tmp = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f".program_state_{int(version)}.tmp"))
+            try:
+                tf.saved_model.save(module, str(tmp / "state"), signatures={})
+                os.replace(tmp / "state", path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def run_id(self) -> str:
         """This run's identity (``run_id``, a random hex string made once): what exported manifests name."""
@@ -406,8 +426,8 @@ class RunDir:
         ax_loss.legend()
         fig.tight_layout()
         tmp = self.plot_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, self.plot_path)
+        with _replacing(self.plot_path, tmp):
+            fig.savefig(tmp, dpi=110)
 
 
 def _flatten(structure: Any) -> list[Any]:
@@ -441,6 +461,19 @@ class _ValueModule:  # built lazily: tf.Module needs TensorFlow
                 return self._value
 
         return ValueModule(value)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, tmp: Path) -> Iterator[None]:
+    """Write ``tmp`` (the body), then rename it to ``path``. A failed write (a full disk) removes ``tmp`` and raises
+    `OSError` naming ``path``: Keras' and matplotlib's writers name neither the file nor the run."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path} cannot be written: {e.strerror or e}. Every finished round is checkpointed: make "
+                      "room and `resume` writes it") from None
 
 
 def _probe_writable(path: Path) -> None:
