@@ -339,29 +339,14 @@ def _handled_since(signum: int, since: float, wait_s: float) -> bool:
 # --------------------------------------------------------------------------------------------- TFF internals
 
 
-class _WatchedStub(tff.framework.RemoteExecutorStub):
-    """Delegates to the gRPC stub; turns "worker unavailable" into a hard error once our worker is gone.
+class DelegatingStub(tff.framework.RemoteExecutorStub):
+    """A gRPC executor stub whose every call goes through ``_call(name, request)`` to ``self._inner``: the one place
+    where a subclass decides what a failed call means (the local worker's death, a remote worker's absence)."""
 
-    TFF retries `UNAVAILABLE` gRPC errors forever (exponential backoff capped at 30 s), so without this a
-    computation called after the worker died or after `shutdown()` would hang instead of failing.
-    """
-
-    def __init__(self, inner: tff.framework.RemoteExecutorGrpcStub, worker: _Worker):
-        self._inner = inner
-        self._worker = worker
+    _inner: Any
 
     def _call(self, name: str, request: Any) -> Any:
-        try:
-            return getattr(self._inner, name)(request)
-        except tff.framework.RetryableError as e:
-            if _rt.worker is not self._worker or self._worker.proc.poll() is not None:
-                if _rt.shutting_down and _rt.worker is None:
-                    reason = "tff_pipelines.runtime.shutdown() was called"
-                else:
-                    reason = (f"the TFF worker (pid {self._worker.proc.pid}) exited with code "
-                              f"{self._worker.proc.returncode}; log: {self._worker.log_path}")
-                raise RuntimeError(f"TFF computation failed: {reason}") from e
-            raise
+        raise NotImplementedError
 
     def get_executor(self, request: Any) -> Any:
         return self._call("get_executor", request)
@@ -390,6 +375,31 @@ class _WatchedStub(tff.framework.RemoteExecutorStub):
     @property
     def is_ready(self) -> bool:
         return self._inner.is_ready
+
+
+class _WatchedStub(DelegatingStub):
+    """Delegates to the gRPC stub; turns "worker unavailable" into a hard error once our worker is gone.
+
+    TFF retries `UNAVAILABLE` gRPC errors forever (exponential backoff capped at 30 s), so without this a
+    computation called after the worker died or after `shutdown()` would hang instead of failing.
+    """
+
+    def __init__(self, inner: tff.framework.RemoteExecutorGrpcStub, worker: _Worker):
+        self._inner = inner
+        self._worker = worker
+
+    def _call(self, name: str, request: Any) -> Any:
+        try:
+            return getattr(self._inner, name)(request)
+        except tff.framework.RetryableError as e:
+            if _rt.worker is not self._worker or self._worker.proc.poll() is not None:
+                if _rt.shutting_down and _rt.worker is None:
+                    reason = "tff_pipelines.runtime.shutdown() was called"
+                else:
+                    reason = (f"the TFF worker (pid {self._worker.proc.pid}) exited with code "
+                              f"{self._worker.proc.returncode}; log: {self._worker.log_path}")
+                raise RuntimeError(f"TFF computation failed: {reason}") from e
+            raise
 
 
 def _set_thread_default_context(ctx: Any) -> None:

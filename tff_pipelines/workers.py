@@ -64,7 +64,7 @@ def parse_workers(spec: str | Sequence[str]) -> list[str]:
     return targets
 
 
-class _RemoteStub(tff.framework.RemoteExecutorStub):
+class _RemoteStub(runtime.DelegatingStub):
     """TFF's gRPC stub for one remote worker; raises `WorkerUnavailableError` once it has been unreachable for
     `UNAVAILABLE_GRACE_S` (TFF itself retries UNAVAILABLE forever with backoff up to 30 s)."""
 
@@ -90,34 +90,6 @@ class _RemoteStub(tff.framework.RemoteExecutorStub):
         with self._lock:
             self._unavailable_since = None
         return result
-
-    def get_executor(self, request: Any) -> Any:
-        return self._call("get_executor", request)
-
-    def create_value(self, request: Any) -> Any:
-        return self._call("create_value", request)
-
-    def create_struct(self, request: Any) -> Any:
-        return self._call("create_struct", request)
-
-    def create_call(self, request: Any) -> Any:
-        return self._call("create_call", request)
-
-    def create_selection(self, request: Any) -> Any:
-        return self._call("create_selection", request)
-
-    def compute(self, request: Any) -> Any:
-        return self._call("compute", request)
-
-    def dispose(self, request: Any) -> Any:
-        return self._call("dispose", request)
-
-    def dispose_executor(self, request: Any) -> Any:
-        return self._call("dispose_executor", request)
-
-    @property
-    def is_ready(self) -> bool:
-        return self._inner.is_ready
 
 
 def _grpc_detail(error: BaseException) -> str:
