@@ -18,6 +18,7 @@ BatchNorm is the hard part of evaluating a model that nobody trained whole (docs
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -57,10 +58,7 @@ def recalibrate_batchnorm(model: tf.keras.Model, batches: Iterable[np.ndarray]) 
         for layer in layers:
             layer.momentum = 0.0  # a training-mode call then writes exactly the batch statistics
 
-        @tf.function
-        def forward(xb):
-            model(xb, training=True)
-
+        forward = _compiled(model, "calibrate")
         for xb in batches:
             forward(tf.constant(xb, tf.float32))
             for layer, acc in zip(layers, sums, strict=True):
@@ -87,6 +85,40 @@ def calibration_batches(
     batch_size = max(2, min(batch_size, n) - min(batch_size, n) % 2)
     order = np.random.default_rng([seed, 7]).permutation(len(x))[: n - n % batch_size]
     return [preprocess(x[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
+
+
+# Per model, its traced evaluation functions: a driver evaluates the same server model every round, and a new
+# tf.function per call would trace again each time (TensorFlow then warns of frequent retracing).
+_COMPILED: weakref.WeakKeyDictionary[tf.keras.Model, dict[str, Callable]] = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: tf.keras.Model, mode: str) -> Callable:
+    """``model``'s traced function for ``mode``: ``calibrate`` (a training-mode forward pass), ``batch`` or
+    ``inference`` (summed loss and hits of a masked batch, BatchNorm in training or inference mode)."""
+    functions = _COMPILED.setdefault(model, {})
+    if mode not in functions:
+        functions[mode] = _trace(weakref.ref(model), mode)
+    return functions[mode]
+
+
+def _trace(model_ref: weakref.ref, mode: str) -> Callable:
+    # Holds the model weakly: the cache must not keep alive the models it is keyed by.
+    if mode == "calibrate":
+        @tf.function
+        def forward(xb):
+            model_ref()(xb, training=True)
+
+        return forward
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    @tf.function
+    def step(xb, yb, mask):
+        logits = model_ref()(xb, training=mode == "batch")
+        losses = loss_fn(yb, logits)
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
+        return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
+
+    return step
 
 
 def canonical_order(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -140,18 +172,10 @@ def evaluate(
     batch_size = min(batch_size, len(x))
     batch_size -= batch_size % 2
     saved = [(v, v.numpy()) for layer in batch_norm_layers(model) for v in layer.non_trainable_weights]
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     try:
         if norm == "recalibrate":
             recalibrate_batchnorm(model, calibration)
-
-        @tf.function
-        def step(xb, yb, mask):
-            logits = model(xb, training=norm == "batch")
-            losses = loss_fn(yb, logits)
-            hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
-            return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
-
+        step = _compiled(model, "batch" if norm == "batch" else "inference")
         total_loss = total_hits = 0.0
         for start in range(0, len(x), batch_size):
             begin = min(start, len(x) - batch_size)  # the last batch re-uses seen examples, masked out

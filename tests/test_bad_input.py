@@ -386,6 +386,14 @@ def _(ctx, box):
                                   "--eval-examples", "0"])
 
 
+@row("export client past the configured rounds (cosine schedule)", "round 3 is past the 2 rounds", "cosine",
+     "--rounds 3")
+def _(ctx, box):
+    # The open round of a finished 2-round run: its cosine rate is not defined until the run is extended.
+    return _cli(export_cli.main, ["client", "--run", str(ctx.run_copy(box)), "--client", "0", "--out",
+                                  str(box / "client_out")])
+
+
 # --- export ingest: manifests and device weight files
 def _ingest(run: Path, client_dir: Path, upload: Path, *extra: str) -> Callable[[], tuple]:
     return _cli(export_cli.main, ["ingest", "--run", str(run), "--client-dir", str(client_dir), "--weights",

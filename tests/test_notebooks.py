@@ -9,17 +9,22 @@ notebook may survive (an orphan would hold CI's pipes open, see tff_pipelines/ru
 process other than the kernel belong to someone else running in parallel and are ignored.
 
 The notebooks run with ``PRISM_NOTEBOOK_CI=1``, their small-settings switch (tiny widths, few clients and rounds:
-about a minute each on 2 cores); without it, as a user runs them, they train for a few minutes.
+about a minute each on 2 cores), two kernels at a time; without it, as a user runs them, they train for a few
+minutes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -36,6 +41,7 @@ CELL_TIMEOUT_S = 600  # generous: a cold CIFAR-10 decode on a loaded 2-core mach
 STARTUP_TIMEOUT_S = 180
 GRACE_S = 15.0  # time allowed for the kernel's worker to go after the kernel has exited
 CI_SWITCH = "PRISM_NOTEBOOK_CI"  # read by the notebooks' first code cell
+PARALLEL = 2  # kernels at a time (module fixture `executions`)
 
 
 def _live_workers() -> dict[int, int]:
@@ -117,9 +123,19 @@ def test_kernel_runs_this_interpreter(tmp_path):
     assert lines == [sys.executable, str(NOTEBOOK_DIR)]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path: Path, tmp_path, monkeypatch):
-    monkeypatch.setenv(CI_SWITCH, "1")  # the kernel inherits this process's environment
+@dataclasses.dataclass
+class Execution:
+    """One notebook's run in its own kernel: the executed notebook, or why it failed, and the processes seen."""
+
+    nb: Any
+    failure: str | None
+    elapsed: float
+    kernels: set[int]
+    kernel_workers: set[int]
+    survivors: set[int]
+
+
+def _run_notebook(path: Path, tmp_path: Path) -> Execution:
     nb = nbformat.read(path, as_version=4)
     before = set(_live_workers())
     kernel_workers: set[int] = set()
@@ -131,26 +147,17 @@ def test_notebook_executes(path: Path, tmp_path, monkeypatch):
         kernel_workers.update(pid for pid, parent in _live_workers().items() if parent in kernels)
 
     began = time.perf_counter()
+    failure = None
     try:
         _execute(nb, km, on_cell_executed=on_cell_executed)
     except CellTimeoutError as e:
-        pytest.fail(f"{path.name}: a cell exceeded {CELL_TIMEOUT_S} s\n{e}")
+        failure = f"{path.name}: a cell exceeded {CELL_TIMEOUT_S} s\n{e}"
     except CellExecutionError as e:
-        pytest.fail(f"{path.name} failed after {time.perf_counter() - began:.0f} s\n{_error_of(nb) or e}")
+        failure = f"{path.name} failed after {time.perf_counter() - began:.0f} s\n{_error_of(nb) or e}"
     elapsed = time.perf_counter() - began
-    assert not _error_of(nb), _error_of(nb)
-    blank = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and "plt.show()" in cell.source
-             and not any("image/png" in o.get("data", {}) for o in cell.outputs)]
-    assert not blank, f"{path.name}: cells {blank} call plt.show() but display no figure"
-    print(f"{path.name}: executed in {elapsed:.1f} s; the kernel's worker_binary: {sorted(kernel_workers)}")
-    if any("import tff_pipelines" in cell.source for cell in nb.cells if cell.cell_type == "code"):
-        assert kernel_workers, f"{path.name} imports tff_pipelines but no worker_binary of its kernel was seen"
-
-    for pid in kernels:
-        assert not _running(pid), f"the kernel (pid {pid}) is still running after its shutdown"
-
     # The kernel has exited: no worker that appeared during the notebook may survive. New workers owned by a
-    # live process other than the kernel (a parallel run elsewhere on the machine) are not ours; orphans are.
+    # live process other than the kernel (the other notebook running beside it, a run elsewhere) are not ours;
+    # orphans are.
     deadline = time.monotonic() + GRACE_S
     while True:
         new = {pid: parent for pid, parent in _live_workers().items() if pid not in before}
@@ -159,7 +166,38 @@ def test_notebook_executes(path: Path, tmp_path, monkeypatch):
         if not survivors or time.monotonic() > deadline:
             break
         time.sleep(0.25)
-    assert not survivors, f"{path.name}: worker_binary outlived the kernel by {GRACE_S} s: {sorted(survivors)}"
+    return Execution(nb, failure, elapsed, kernels, kernel_workers, survivors)
+
+
+@pytest.fixture(scope="module")
+def executions(tmp_path_factory) -> Iterator[dict[str, concurrent.futures.Future]]:
+    """Every notebook, started when the first of their tests starts, `PARALLEL` kernels at a time: a notebook at
+    CI settings spends much of its time importing TensorFlow and tracing on one core, so two overlap well."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CI_SWITCH, "1")  # the kernels inherit this process's environment
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL, thread_name_prefix="notebook") as pool:
+            futures = {p.name: pool.submit(_run_notebook, p, tmp_path_factory.mktemp(p.stem)) for p in NOTEBOOKS}
+            yield futures
+            for future in futures.values():
+                future.cancel()  # a failing early test must not wait for the rest to run
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes(path: Path, executions):
+    run: Execution = executions[path.name].result()
+    if run.failure:
+        pytest.fail(run.failure)
+    nb = run.nb
+    assert not _error_of(nb), _error_of(nb)
+    blank = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and "plt.show()" in cell.source
+             and not any("image/png" in o.get("data", {}) for o in cell.outputs)]
+    assert not blank, f"{path.name}: cells {blank} call plt.show() but display no figure"
+    print(f"{path.name}: executed in {run.elapsed:.1f} s; the kernel's worker_binary: {sorted(run.kernel_workers)}")
+    if any("import tff_pipelines" in cell.source for cell in nb.cells if cell.cell_type == "code"):
+        assert run.kernel_workers, f"{path.name} imports tff_pipelines but no worker_binary of its kernel was seen"
+    for pid in run.kernels:
+        assert not _running(pid), f"the kernel (pid {pid}) is still running after its shutdown"
+    assert not run.survivors, f"{path.name}: worker_binary outlived the kernel by {GRACE_S} s: {sorted(run.survivors)}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

@@ -326,17 +326,17 @@ def test_tff_own_worker_is_stopped_too():
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        out, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)  # returns only at EOF: nobody holds the pipe
+        out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)  # returns only at EOF: nobody holds the pipe
     except subprocess.TimeoutExpired:
         proc.kill()
         for pid in _workers_with_parent(proc.pid):
             os.kill(pid, signal.SIGKILL)
         raise
     lines = out.decode().splitlines()
-    assert "TFF 7" in lines and "TFF 8" in lines, lines
+    assert "TFF 7" in lines and "TFF 8" in lines, (lines, err.decode()[-3000:])
     pids = {int(p) for p in next(x for x in lines if x.startswith("ALL")).strip("AL []").split(",")}
     assert len(pids) == 2  # TFF's worker and ours
     assert proc.returncode == 0

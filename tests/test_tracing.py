@@ -61,3 +61,19 @@ def test_three_rounds_trace_client_and_server_once(monkeypatch):
     assert rounds_seen == [1, 2, 3] and metrics["num_examples"] == 16
     assert built == {"client": 1, "server": 1}  # traced when the process was built ...
     assert per_round == [built] * 3  # ... and never again
+
+
+def test_evaluating_one_model_every_round_traces_each_mode_once():
+    """A driver evaluates the same server model every round: each BatchNorm mode is traced once, not per call."""
+    model = _tiny_model()
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 6, 6, 1)).astype(np.float32), rng.integers(0, 3, 12).astype(np.int32)
+    calibration = [x[:4], x[4:8]]
+    results = {norm: [prism_tf.evaluation.evaluate(model, x, y, batch_size=4, norm=norm, calibration=calibration)
+                      for _ in range(6)] for norm in prism_tf.evaluation.EVAL_NORMS}
+    for norm, scores in results.items():
+        assert all(s == scores[0] for s in scores), norm  # the weights are restored after every evaluation
+    compiled = prism_tf.evaluation._COMPILED[model]
+    assert sorted(compiled) == ["batch", "calibrate", "inference"]
+    assert {mode: fn.experimental_get_tracing_count() for mode, fn in compiled.items()} == {
+        "batch": 1, "calibrate": 1, "inference": 1}

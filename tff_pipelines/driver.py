@@ -76,6 +76,7 @@ class Simulation:
         chosen = np.random.default_rng([config.seed, 2]).permutation(len(self.dataset.x_test))[:n_test]
         self.x_test, self.y_test = self.dataset.x_test[chosen], self.dataset.y_test[chosen]
         self._calibration: list[np.ndarray] | None = None
+        self._eval_models: dict[str, tf.keras.Model] = {}
 
     @functools.cached_property
     def process(self) -> PrismProcess:
@@ -132,12 +133,24 @@ class Simulation:
         """``eval_loss``/``eval_accuracy`` of the deployed model (and ``*_server`` where that differs)."""
         out = {}
         for label, model in self.deployed_models(state).items():
+            model = self._evaluation_model(label, model)
             loss, accuracy = evaluation.evaluate(
                 model, self.x_test, self.y_test, norm=self.config.eval_norm, preprocess=self.preprocess,
                 calibration=self.calibration(), seed=self.config.seed)
             suffix = "" if label == "deployed" else f"_{label}"
             out[f"eval_loss{suffix}"], out[f"eval_accuracy{suffix}"] = loss, accuracy
         return out
+
+    def _evaluation_model(self, label: str, model: tf.keras.Model) -> tf.keras.Model:
+        """One model per label for the whole run, ``model``'s weights copied in: HeteroFL's and FjORD's deployed
+        sub-model is a new Keras model each round, and evaluating a new model traces its evaluation again."""
+        kept = self._eval_models.setdefault(label, model)
+        if kept is not model:
+            if [w.shape for w in kept.weights] != [w.shape for w in model.weights]:
+                self._eval_models[label] = kept = model
+            else:
+                kept.set_weights(model.get_weights())
+        return kept
 
     def round_clients(self, round_num: int) -> list[int]:
         """The clients of round ``round_num`` (0-based), a seeded draw without replacement (`round_clients`)."""

@@ -162,6 +162,14 @@ class RoundReplay:
         cfg = self.config
         if cfg.lr_schedule == "constant":
             return float(cfg.client_lr)
+        if self.round_num > cfg.rounds:
+            # The schedule spans the configured total: `resume --rounds` stretches it, so a rate baked in now
+            # would not be the one the run gives this round once extended.
+            raise RunError(
+                f"round {self.round_num} is past the {cfg.rounds} rounds {self.run.path} is configured for, and "
+                f"its {cfg.lr_schedule} learning-rate schedule is defined over that total: extend the run first "
+                f"(python -m tff_pipelines resume --out {self.run.path} --rounds {self.round_num} trains up to it), "
+                "or start runs meant for devices with --rounds covering every round")
         return float(recipe.Schedule(cfg.lr_schedule, cfg.client_lr, cfg.final_lr, cfg.rounds)(self.index))
 
 
