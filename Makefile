@@ -26,7 +26,7 @@ test: install
 test-all: install
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-# A first look (5-7 minutes on 2 cores): PriSM beside `small` (equal client flops) and FedAvg, each accuracy
+# A first look (about 4.5 minutes on 2 idle cores): PriSM beside `small` (equal client flops) and FedAvg, each accuracy
 # re-checked by Keras evaluate of the saved model; runs and runs/demo/demo.png in runs/demo/ (bench/demo.py).
 demo: install
 	$(PY) bench/demo.py

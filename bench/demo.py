@@ -1,4 +1,4 @@
-"""`make demo`: a first look in 5-7 minutes on 2 CPU cores, PriSM beside `small` and FedAvg on CIFAR-10.
+"""`make demo`: a first look in about 4.5 minutes on 2 CPU cores, PriSM beside `small` and FedAvg on CIFAR-10.
 
     .venv/bin/python bench/demo.py              # make demo; runs kept from a previous demo are reused
     .venv/bin/python bench/demo.py --fresh      # train all three again
