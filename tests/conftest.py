@@ -37,8 +37,7 @@ import numpy as np  # noqa: E402
 import tff_pipelines  # noqa: E402,F401
 from tff_pipelines import runtime  # noqa: E402  (importing it installs the local TFF context)
 
-# The small class-folder dataset of `shapes_dataset`.
-SHAPES_CLASSES, SHAPES_TRAIN_PER_CLASS, SHAPES_TEST_PER_CLASS, SHAPES_SIDE = 3, 40, 12, 28
+from shapes import SHAPES_CLASSES, SHAPES_SIDE, SHAPES_TEST_PER_CLASS, SHAPES_TRAIN_PER_CLASS, make_shapes_dataset  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,22 +50,8 @@ def tff_local_runtime() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory) -> Path:
-    """train/<class>/*.png and test/<class>/*.png: 28x28 grayscale noise plus a bright band at a class's columns
-    (learnable in a few rounds; decodes in well under a second)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    rng = np.random.default_rng(1234)
-    band = SHAPES_SIDE // SHAPES_CLASSES
-    for split, per_class in (("train", SHAPES_TRAIN_PER_CLASS), ("test", SHAPES_TEST_PER_CLASS)):
-        for c in range(SHAPES_CLASSES):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                img = rng.integers(0, 90, (SHAPES_SIDE, SHAPES_SIDE), dtype=np.uint8)
-                img[:, c * band:(c + 1) * band] += np.uint8(140)
-                Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
+    """`make_shapes_dataset` once per session."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
 @pytest.fixture(scope="session")
