@@ -320,7 +320,7 @@ def main() -> int:
             print(" ".join(["python -m tff_pipelines train", *train_args(profile, p, extra), "--out",
                             str(run_dir(profile, p, name).relative_to(ROOT))]))
         return 0
-    from tff_pipelines import data as data_lib
+    from prism_tf.federated import data as data_lib
 
     dataset = data_lib.load_dataset("cifar10")
     began = time.time()
@@ -343,4 +343,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="train every run again (default: reuse finished runs)")
     options = parser.parse_args(argv)
 
-    import prism_tf  # noqa: F401  (first: TensorFlow imported without its CPU-only start-up noise)
-    from tff_pipelines import data as data_lib
+    from prism_tf.federated import data as data_lib
 
     began = time.time()
     print("make demo: PriSM beside `small` (equal client flops) and FedAvg; ResNet-18 w8, CIFAR-10, 10 rounds",
@@ -123,4 +122,7 @@ def plot(path: Path, records: list[dict]) -> Path:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

@@ -17,7 +17,7 @@ import tensorflow as tf  # noqa: E402
 
 import prism_tf  # noqa: E402
 import tff_pipelines  # noqa: E402,F401  (our TFF worker)
-from tff_pipelines.process import build_prism_process  # noqa: E402
+from tff_pipelines.round.process import build_prism_process  # noqa: E402
 
 
 def main() -> None:
@@ -53,4 +53,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     main()

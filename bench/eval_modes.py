@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
     from prism_tf import evaluation
-    from tff_pipelines import driver
+    from tff_pipelines.program import driver
 
     simulation, state, round_num = driver.load_run(options.run, eval_examples=None)
     config = simulation.config
@@ -50,4 +50,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

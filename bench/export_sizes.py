@@ -62,8 +62,8 @@ def measure(width: int, which: str, runtime: str, steps: int, batch: int) -> dic
             times.append(time.perf_counter() - t)
     cost = prism_tf.cost(model)
     # What a phone that already has the graph downloads each round (export client's weights.npz).
-    weights = npz_bytes(dict(zip(tflite_train.weight_names(model), [w.numpy() for w in prism_tf.flat_weights(model)],
-                                 strict=True)))
+    values = [w.numpy() for w in prism_tf.submodel.flat_weights(model)]
+    weights = npz_bytes(dict(zip(tflite_train.weight_names(model), values, strict=True)))
     return dict(width=width, model=which, runtime=runtime, bytes=len(flatbuffer), weights_npz_bytes=len(weights),
                 interpreter=where, load_average_1min=os.getloadavg()[0],
                 train_step_ms=1000 * float(np.median(times)), steps=steps, batch=batch, convert_seconds=convert_s,
@@ -123,4 +123,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

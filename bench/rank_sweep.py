@@ -23,7 +23,7 @@ def main() -> int:
     options = parser.parse_args()
     import prism_tf
     from prism_tf import evaluation
-    from tff_pipelines import driver
+    from tff_pipelines.program import driver
 
     simulation, state, round_num = driver.load_run(options.run, eval_examples=None, eval_norm="recalibrate")
     server = simulation.process.assign_to(state)
@@ -42,4 +42,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

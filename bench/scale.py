@@ -6,7 +6,7 @@
 
 Each worker is a real `python -m tff_pipelines worker` process on loopback, so the path is the one a multi-host
 deployment takes (gRPC, TFF's mergeable context splitting a round's clients over the workers), with every worker on
-this machine's cores. ``local`` is the single local worker `tff_pipelines.runtime` starts, for reference.
+this machine's cores. ``local`` is the single local worker `tff_pipelines.workers.runtime` starts, for reference.
 
 Per configuration: one untimed round (tracing and the workers' first compilation), then ``--rounds`` timed rounds,
 each measured three ways, in order:
@@ -41,11 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import portpicker
+from accuracy import QUICK_COMMON  # the accuracy bench's shared settings (this script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from accuracy import QUICK_COMMON  # noqa: E402  (the accuracy bench's shared settings)
 
 TINY = ("--model", "resnet18", "--width", "4", "--clients", "8", "--clients-per-round", "4", "--batch-size", "8",
         "--keep-ratio", "0.2", "--seed", "0")
@@ -69,7 +67,7 @@ def _tiny_dataset(root: Path) -> Path:
 
 
 def _config(profile: str, scratch: Path):
-    from tff_pipelines import cli, driver
+    from tff_pipelines.program import cli, driver
 
     if profile == "tiny":
         args = [*TINY, "--dataset", str(_tiny_dataset(scratch / "data"))]
@@ -150,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow_federated as tff
 
-    from tff_pipelines import driver, runtime, workers
+    from tff_pipelines.program import driver
+    from tff_pipelines.workers import remote as workers
+    from tff_pipelines.workers import runtime
 
     scratch = Path(tempfile.mkdtemp(prefix="prism_scale_"))
     try:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {r['clients_per_s']:.2f} | {r['round_s']:.2f} | {r['clients_s']:.2f} | "
                      f"{r['worker_cpu_s']:.2f} | {r['trainer_cpu_s']:.2f} | {r['server_s']:.2f} | "
                      f"{r['load_avg_1min']:.1f} |")
-    lines += ["", "`local`: the one worker `tff_pipelines.runtime` starts (no gRPC split); a number: that many "
+    lines += ["", "`local`: the one worker `tff_pipelines.workers.runtime` starts (no gRPC split); a number: that many "
               "`python -m tff_pipelines worker` processes under TFF's mergeable context. The client phase is "
               "distribution, training and aggregation; worker CPU is the clients' work, trainer CPU the "
               "serialization to and from the workers (the transfer's cost here: loopback has no wire time). "
@@ -205,4 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

@@ -15,7 +15,7 @@ Sections (each resumable: a finished unit is kept in ``results.json`` and skippe
 - ``keras_step``: one training step (SGD with momentum, batch 32) of the keep-0.1/0.2/0.4 sub-models, the
   ``output_keep`` variant, the rank rounded up to a multiple of 8 and the equal-flops width baseline, against the
   full model, plain Keras in a ``tf.function``;
-- ``tff_step``: the same steps inside the TFF client computation (`tff_pipelines.client_work.build_client_work`,
+- ``tff_step``: the same steps inside the TFF client computation (`tff_pipelines.round.client_work.build_client_work`,
   called with datasets of two lengths: the slope is the per-step time, the intercept what TFF adds per client);
 - ``memory``: one client's training in a subprocess, after one warm-up step: peak RSS over what the process held
   before the measured steps, and ``tf.config.experimental.get_memory_info`` where TensorFlow reports it;
@@ -153,7 +153,7 @@ class Variants:
         if not sizes:
             return source
         plan = prism_tf.SubmodelPlan.of(source)
-        return prism_tf.submodel_architecture(source, plan, plan.sizes_with(sizes))
+        return prism_tf.submodel.submodel_architecture(source, plan, plan.sizes_with(sizes))
 
     def cost_ratios(self, name: str) -> dict[str, float]:
         import prism_tf
@@ -194,7 +194,7 @@ def legacy_dataset_loop() -> Iterator[None]:
 
     import tensorflow as tf
 
-    from tff_pipelines import client_work
+    from tff_pipelines.round import client_work
 
     # Shadows the builtin for the module's code: datasets stay datasets, everything else is iterated as before.
     client_work.iter = lambda x: x if isinstance(x, tf.data.Dataset) else builtins.iter(x)
@@ -295,15 +295,15 @@ def keras_step(width: int, profile: Profile) -> dict:
 def _client_computation(variants: Variants, name: str):
     """The TFF client computation (broadcast) of a variant and a function making its argument for a dataset."""
     import prism_tf
-    from tff_pipelines import client_work
-    from tff_pipelines.layout import RoundLayout
-    from tff_pipelines.process import batch_spec
+    from tff_pipelines.round import client_work
+    from tff_pipelines.round.layout import RoundLayout
+    from tff_pipelines.round.process import batch_spec
 
     source, sizes = variants.sizes(name)
     layout = RoundLayout.build(source, sizes)
     training = client_work.ClientTraining()
     work = client_work.build_client_work(layout, batch_spec(INPUT, BATCH), training, "broadcast")
-    server = [w.numpy() for w in prism_tf.flat_weights(source)]
+    server = [w.numpy() for w in prism_tf.submodel.flat_weights(source)]
     whole = [server[p] for p in layout.travelling()]
     indices, scale = [], []
     if name != "full":  # a PriSM client: its index vectors and ω from one sampled selection
@@ -367,7 +367,7 @@ def memory_child(width: int, factorized: bool, sizes: dict[str, int], steps: int
         model = prism_tf.factorize(model)
     if sizes:
         plan = prism_tf.SubmodelPlan.of(model)
-        model = prism_tf.submodel_architecture(model, plan, plan.sizes_with(sizes))
+        model = prism_tf.submodel.submodel_architecture(model, plan, plan.sizes_with(sizes))
     step = sgd_step(model)
     # The first step also maps TensorFlow's kernels and sets up oneDNN and the thread pools (about 2 GB of RSS
     # for any model here): it runs before the measurement, and the kernel's peak-RSS mark is reset after it
@@ -435,7 +435,7 @@ def _process(method: str, distribution: str, profile: Profile, width: int):
     import tensorflow_federated as tff
 
     import prism_tf
-    from tff_pipelines import process
+    from tff_pipelines.round import process
 
     # The bench recipe's client training (bench/accuracy.py RECIPE; augmentation is data-side and left out).
     optimizer = tff.learning.optimizers.build_sgdm(learning_rate=0.1, momentum=0.9)
@@ -457,11 +457,11 @@ def _keras_local(proc, state, datasets, ids) -> Callable[[], None]:
     if proc.method.spectral or proc.method.width:
         selections = proc.selections(state, ids)
         plan = proc.plan
-        sub = prism_tf.submodel_architecture(server, plan, plan.sizes(selections[0].indices()))
-        starts = [prism_tf.submodel_weights(server, s, plan) for s in selections]
+        sub = prism_tf.submodel.submodel_architecture(server, plan, plan.sizes(selections[0].indices()))
+        starts = [prism_tf.submodel.submodel_weights(server, s, plan) for s in selections]
     else:
         sub = tf.keras.models.clone_model(server)
-        starts = [[w.numpy() for w in prism_tf.flat_weights(server)]] * len(datasets)
+        starts = [[w.numpy() for w in prism_tf.submodel.flat_weights(server)]] * len(datasets)
     optimizer = tf.keras.optimizers.SGD(0.1, momentum=0.9)
     optimizer.build(sub.trainable_variables)
     momenta = [v for v in optimizer.variables if "momentum" in v.name]
@@ -477,7 +477,7 @@ def _keras_local(proc, state, datasets, ids) -> Callable[[], None]:
 
     def run() -> None:
         for start, dataset in zip(starts, datasets, strict=True):
-            prism_tf.set_flat_weights(sub, start)
+            prism_tf.submodel.set_flat_weights(sub, start)
             for v in momenta:  # a fresh momentum per client, as in the TFF client
                 v.assign(tf.zeros_like(v))
             for batch in dataset:
@@ -541,8 +541,8 @@ def server(width: int, profile: Profile) -> dict:
     acc = server_lib.Accumulator(plan)
     for c in range(5):
         selection = prism_tf.sample(model, keep_ratio=0.2, seed=(0, 0, c))
-        acc.add(prism_tf.submodel_weights(model, selection, plan), selection, 400.0)
-    weights = [tf.constant(w.numpy()) for w in prism_tf.flat_weights(model)]
+        acc.add(prism_tf.submodel.submodel_weights(model, selection, plan), selection, 400.0)
+    weights = [tf.constant(w.numpy()) for w in prism_tf.submodel.flat_weights(model)]
     sums = [tf.constant(s, tf.float32) for s in acc.sums]
     counts = [tf.constant(c, tf.float32) for c in acc.counts]
     positions = list(server_lib.principal_positions(plan).values())
@@ -801,4 +801,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import prism_tf.quiet
+
+    prism_tf.quiet.import_tensorflow()  # TensorFlow without its CPU-only start-up noise
     sys.exit(main())

@@ -7,11 +7,7 @@ TensorFlow and numpy only.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-# TensorFlow's C++ start-up notices (CUDA probing on a CPU machine) are not ours to show; a user's setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(argv)
-    import prism_tf  # noqa: F401  (first: it imports TensorFlow without its CPU-only start-up noise)
-    from tff_pipelines.runs import RunError
+    from prism_tf.quiet import import_tensorflow
+
+    import_tensorflow()  # first: TensorFlow without its CPU-only start-up noise (a user's TF_CPP_MIN_LOG_LEVEL wins)
+    from prism_tf.federated.rundir import RunError
 
     try:
         if options.command == "model":

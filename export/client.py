@@ -1,6 +1,6 @@
 """One client's sub-model of one round, as a phone takes it: ``model.tflite``, ``weights.npz``, ``manifest.json``.
 
-docs/export.md, "Client sub-models". The round is replayed from the run directory (`tff_pipelines.replay`): the
+docs/export.md, "Client sub-models". The round is replayed from the run directory (`prism_tf.federated.replay`): the
 server weights the round starts from and the client's `Selection`, drawn exactly as the simulated process draws
 it. The sub-model (`prism_tf.extract`) becomes a TFLite training model (`export.tflite_train`) whose ``train``
 signature takes the run's local step at this round's learning rate.
@@ -28,7 +28,7 @@ import tensorflow as tf
 import prism_tf
 from export import tflite_train
 from export.files import npz_bytes, write_atomic
-from tff_pipelines.replay import RoundReplay
+from prism_tf.federated.replay import RoundReplay
 
 MANIFEST_FORMAT = "prism-tf/client-round"
 MANIFEST_VERSION = 1
@@ -37,7 +37,7 @@ MANIFEST_FIELDS = ("format", "version", "run_id", "round", "client", "size_key",
 
 
 def train_step(replay: RoundReplay) -> tflite_train.TrainStep:
-    """The run's local step at this round (`tff_pipelines.client_work.ClientTraining` as the driver builds it)."""
+    """The run's local step at this round (`tff_pipelines.round.client_work.ClientTraining` as the driver builds it)."""
     cfg = replay.config
     options = prism_tf.local_step.StepOptions(clip_norm=cfg.clip_norm, frobenius_decay=cfg.frobenius_decay,
                                               weight_decay=cfg.weight_decay)
@@ -48,7 +48,7 @@ def size_key(submodel: tf.keras.Model) -> str:
     """Identifies the sub-model's graph: the hash of its weights' names and shapes (same for every client whose
     sub-model has the same sizes)."""
     names = tflite_train.weight_names(submodel)
-    shapes = [tuple(w.shape) for w in prism_tf.flat_weights(submodel)]
+    shapes = [tuple(w.shape) for w in prism_tf.submodel.flat_weights(submodel)]
     return hashlib.sha256(json.dumps([names, shapes]).encode()).hexdigest()[:16]
 
 
@@ -80,7 +80,7 @@ def export_client(
     """Write client ``client``'s sub-model of round ``round_num`` (1-based; default the next round to train).
 
     Raises:
-      tff_pipelines.runs.RunError: no such run, or the round's checkpoint is gone.
+      prism_tf.federated.rundir.RunError: no such run, or the round's checkpoint is gone.
       ValueError: an unknown client or runtime, or a layer the runtime cannot train (named).
     """
     replay = RoundReplay(run_dir, round_num)
@@ -117,7 +117,7 @@ def client_round(replay: RoundReplay, client: int, runtime: str = "builtins") ->
     submodel = prism_tf.extract(replay.server_model, selection)
     step = train_step(replay)
     names = tflite_train.weight_names(submodel)
-    values = [w.numpy() for w in prism_tf.flat_weights(submodel)]
+    values = [w.numpy() for w in prism_tf.submodel.flat_weights(submodel)]
     trainable = {v.ref() for v in submodel.trainable_weights}
     plan = prism_tf.SubmodelPlan.of(replay.server_model)
     travels = [t.travels for t in plan.tensors]
@@ -136,7 +136,8 @@ def client_round(replay: RoundReplay, client: int, runtime: str = "builtins") ->
         "runtime": runtime,
         "weights": [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype), "trainable": w.ref() in trainable,
                      "uploaded": bool(t)}
-                    for n, v, w, t in zip(names, values, prism_tf.flat_weights(submodel), travels, strict=True)],
+                    for n, v, w, t in zip(names, values, prism_tf.submodel.flat_weights(submodel), travels,
+                                          strict=True)],
         "server_weights_sha256": replay.server_digest,
         "files": {},
     }

@@ -22,9 +22,9 @@ import numpy as np
 import prism_tf
 from export.client import read_manifest
 from export.files import npz_bytes, write_atomic
-from tff_pipelines.config import stored_config
-from tff_pipelines.replay import RoundReplay
-from tff_pipelines.runs import RunDir, RunError
+from prism_tf.federated.config import stored_config
+from prism_tf.federated.replay import RoundReplay
+from prism_tf.federated.rundir import RunDir, RunError
 
 
 class IngestError(ValueError):

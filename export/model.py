@@ -1,6 +1,6 @@
 """The trained global model as a user takes it away: Keras, SavedModel or TFLite (float or int8).
 
-docs/export.md, "The global model". The model is the run's deployed model (`tff_pipelines.methods.deployed_models`)
+docs/export.md, "The global model". The model is the run's deployed model (`prism_tf.federated.methods.deployed_models`)
 at a kept checkpoint, un-factorized back to plain Conv2D/Dense (`prism_tf.unfactorize`) unless ``factorized``,
 with the BatchNorm statistics the run evaluated with (recalibrated on the run's calibration batches for
 ``--eval-norm recalibrate``), and the run's input preprocessing built in: the exported model takes raw pixels
@@ -22,8 +22,8 @@ import tensorflow as tf
 import prism_tf
 from export.files import write_atomic
 from prism_tf import evaluation
-from tff_pipelines.data import load_dataset
-from tff_pipelines.replay import RoundReplay
+from prism_tf.federated.data import load_dataset
+from prism_tf.federated.replay import RoundReplay
 
 FORMATS = ("keras", "savedmodel", "tflite")
 
@@ -132,7 +132,7 @@ def export_model(
 
     Raises:
       ValueError: an unknown format, ``int8`` without TFLite, ``factorized`` with TFLite int8.
-      tff_pipelines.runs.RunError: no such run or checkpoint.
+      prism_tf.federated.rundir.RunError: no such run or checkpoint.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

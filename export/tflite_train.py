@@ -5,12 +5,12 @@
 signatures and `convert` turns it into a ``.tflite`` flatbuffer:
 
 - ``train(x float32[None, H, W, C], y int32[None]) -> {"loss"}``: one local step, exactly the federated client's
-  (`tff_pipelines.client_work.train_submodel`): sparse softmax cross-entropy averaged over the batch, loss
+  (`tff_pipelines.round.client_work.train_submodel`): sparse softmax cross-entropy averaged over the batch, loss
   gradients, `prism_tf.local_step.step_gradients` (Frobenius decay, ClipLR, global-norm clip, weight decay), then
   TFF's SGD with momentum ``a ← μ·a + g, w ← w − lr·a``. BatchNorm moving statistics update as Keras's do in
   training (``m ← μ·m + (1−μ)·batch``, the variance Bessel-corrected).
 - ``infer(x) -> {"logits"}``: inference mode (BatchNorm moving statistics).
-- ``get_weights() -> {name: tensor}``: every entry of `prism_tf.flat_weights` (trainable or not, so BatchNorm
+- ``get_weights() -> {name: tensor}``: every entry of `prism_tf.submodel.flat_weights` (trainable or not, so BatchNorm
   statistics and ω travel), named by `weight_names`.
 - ``set_weights(**{name: tensor}) -> {"assigned": int32}``: assigns them all and zeroes the momentum accumulators
   (a fresh round, as TFF initializes the optimizer afresh every round). The output is the number of tensors
@@ -68,7 +68,7 @@ _Updates = list  # (variable, new value) pairs a training forward pass assigns (
 class TrainStep:
     """The optimizer settings of one round's local step (docs/export.md, "On-device training").
 
-    The same step as the federated client's (`tff_pipelines.client_work.ClientTraining`): TFF's
+    The same step as the federated client's (`tff_pipelines.round.client_work.ClientTraining`): TFF's
     ``build_sgdm(learning_rate, momentum)`` after `prism_tf.local_step.step_gradients` with ``options``.
     The values are baked into the exported ``train`` signature; export one model per round's learning rate.
 
@@ -90,7 +90,7 @@ class TrainStep:
 
 
 def weight_names(submodel: tf.keras.Model) -> list[str]:
-    """The exchange names of ``submodel``'s weights, one per `prism_tf.flat_weights` entry and in that order.
+    """The exchange names of ``submodel``'s weights, one per `prism_tf.submodel.flat_weights` entry and in that order.
 
     ``w{index:03d}_{layer}_{weight}`` (e.g. ``w004_stage1_block1_1_conv_principal_kernels``), reduced to
     ``[A-Za-z0-9_]``: valid TFLite signature input/output names, stable for a given architecture, and sorting in
@@ -98,7 +98,7 @@ def weight_names(submodel: tf.keras.Model) -> list[str]:
     "On-device training").
     """
     names = []
-    for layer in prism_tf.walk_layers(submodel):
+    for layer in prism_tf.kinds.walk_layers(submodel):
         for weight in layer.weights:
             short = weight.name.split("/")[-1].split(":")[0]
             names.append(re.sub(r"[^A-Za-z0-9_]", "_", f"w{len(names):03d}_{layer.name}_{short}"))
@@ -122,7 +122,7 @@ class TrainingModule(tf.Module):
         self.runtime = runtime
         self.step = step
         self.weight_names = tuple(weight_names(submodel))
-        flat = prism_tf.flat_weights(submodel)
+        flat = prism_tf.submodel.flat_weights(submodel)
         trainable_ids = {id(v) for v in submodel.trainable_weights}
         train_vars = [v for v in flat if id(v) in trainable_ids]
         self.model_variables = list(flat)
@@ -229,7 +229,7 @@ def build_training_module(
         raise ValueError("batch_size and max_patch_bytes must be positive")
     if runtime == "flex":
         _check_model(submodel)
-        for layer in prism_tf.walk_layers(submodel):
+        for layer in prism_tf.kinds.walk_layers(submodel):
             if isinstance(layer, tf.keras.layers.GroupNormalization):
                 # Measured: Keras GroupNormalization's dynamic-shape graph converts, but its BROADCAST_TO fails to
                 # prepare in every interpreter ("Output shape must be broadcastable from input shape").
@@ -353,7 +353,7 @@ def _check_model(model: tf.keras.Model) -> None:
                          f"got {input_shape}")
     if model.outputs[0].shape.rank != 2 or model.outputs[0].shape[-1] is None:
         raise ValueError(f"model '{model.name}': the output must be logits [batch, classes]")
-    for weight in prism_tf.flat_weights(model):
+    for weight in prism_tf.submodel.flat_weights(model):
         if weight.dtype != tf.float32:
             raise ValueError(f"weight '{weight.name}' is {weight.dtype.name}: only float32 models are supported")
 

@@ -7,7 +7,8 @@ Python"; a rank-``k`` layer costs ``k·(kh·kw·Cin + Cout)`` per pixel, `prism_
 the channel fraction whose sub-model costs what the PriSM sub-model costs; `match_small_width` the width of a plain
 model that does.
 
-Costs are `prism_tf.cost` of the real sub-model architecture (`prism_tf.submodel_architecture`), never a formula.
+Costs are `prism_tf.cost` of the real sub-model architecture (`prism_tf.submodel.submodel_architecture`), never a
+formula.
 Both matchers assume the cost is non-decreasing in the fraction (width) and bisect over the candidates, so they
 build about ``log2(candidates) + 2`` models.
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from prism_tf.cost import cost
+from prism_tf.costs import cost
 from prism_tf.plan import SubmodelPlan
 from prism_tf.sampling import check_keep_ratio, num_kept
 from prism_tf.submodel import submodel_architecture

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import tensorflow as tf
 
-from prism_tf.factorize import walk_layers
+from prism_tf.kinds import walk_layers
 
 EVAL_NORMS = ("batch", "moving", "recalibrate")
 Preprocess = Callable[[np.ndarray], np.ndarray]

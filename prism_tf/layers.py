@@ -243,14 +243,6 @@ class PrincipalDense(_PrincipalMixin, tf.keras.layers.Layer):
         return config
 
 
-PRINCIPAL_LAYERS = (PrincipalConv2D, PrincipalDense)
-
-
-def is_principal(layer: tf.keras.layers.Layer) -> bool:
-    """Whether ``layer`` is a factorized (principal-kernel) layer."""
-    return isinstance(layer, PRINCIPAL_LAYERS)
-
-
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)

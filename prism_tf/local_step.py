@@ -6,8 +6,8 @@ SGD with momentum ``a ← μ·a + g``, ``w ← w − lr·a`` (`tff.learning.opti
 the Frobenius term before ``clip_grad_norm_`` and let ``torch.optim.SGD`` add weight decay after it.
 
 Pure TensorFlow ops on the model's variables: the same functions run inside the TFF client computation
-(`tff_pipelines.client_work`) and inside the exported TFLite ``train`` signature (`export.tflite_train`), so a phone
-and a simulated client take the same step.
+(`tff_pipelines.round.client_work`) and inside the exported TFLite ``train`` signature (`export.tflite_train`), so a
+phone and a simulated client take the same step.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from prism_tf import spectral
-from prism_tf.factorize import principal_layers, walk_layers
-
-DECAYED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.Dense)  # their `kernel` gets weight decay
+from prism_tf import kinds, spectral
+from prism_tf.kinds import principal_layers, walk_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +72,8 @@ def weight_decay_gradients(model: tf.keras.Model, variables: Sequence[tf.Variabl
     """Per variable, ``decay·w`` for the kernels of Conv2D/Dense layers, else ``None`` (biases, norms, factors)."""
     if not decay:
         return [None] * len(variables)
-    kernels = {layer.kernel.ref() for layer in walk_layers(model) if isinstance(layer, DECAYED_LAYERS)}
+    kernels = {v.ref() for layer in walk_layers(model) if (kind := kinds.covering_kind(layer))
+               for v in kind.decayed(layer)}
     return [decay * tf.convert_to_tensor(v) if v.ref() in kernels else None for v in variables]
 
 
@@ -112,5 +111,5 @@ def _plus(grads: list, terms: list) -> list:
     return [g if t is None else g + t for g, t in zip(grads, terms, strict=True)]
 
 
-__all__ = ["DECAYED_LAYERS", "StepOptions", "clip_lr_factors", "frobenius_gradients", "frobenius_terms",
+__all__ = ["StepOptions", "clip_lr_factors", "frobenius_gradients", "frobenius_terms",
            "step_gradients", "weight_decay_gradients"]

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
-from prism_tf.factorize import walk_layers
-from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
+from prism_tf import kinds
+from prism_tf.kinds import is_principal, walk_layers
 
 KERNELS, CHANNELS = "kernels", "channels"
 
@@ -193,35 +193,22 @@ def _analyze(model: tf.keras.Model) -> SubmodelPlan:
 
 
 def _weight_axes(layer, weight: str, src: str | None, dst: str | None, rank: int) -> list[tuple[int, str | None]]:
-    if is_principal(layer):
-        k = layer.name
-        if weight == "principal_kernels":
-            return [(rank - 2, src), (rank - 1, k)]
-        if weight == "combination":
-            return [(0, k), (1, dst)]
-        if weight == "bias":
-            return [(0, dst)]
-        return [(0, k)]  # singular values, kernel scale
-    if type(layer) in (tf.keras.layers.Conv2D, tf.keras.layers.Dense):
-        if weight == "kernel":
-            return [(rank - 2, src), (rank - 1, dst)]
-        return [(0, dst)]
+    kind = kinds.kind_of(layer)
+    if kind is not None:
+        return kind.weight_axes(layer, weight, src, dst, rank)
     if isinstance(layer, _CHANNELWISE) and rank == 1:
         return [(0, src)]
     return []
 
 
 def _is_mixing(layer) -> bool:
-    """Layers whose output channels are a fresh group: convs and dense layers (groups=1)."""
-    if isinstance(layer, PrincipalConv2D | PrincipalDense):
-        return True
-    if type(layer) is tf.keras.layers.Conv2D:
-        return layer.groups == 1 and layer.data_format == "channels_last"
-    return type(layer) is tf.keras.layers.Dense
+    """Layers whose output channels are a fresh group: the registered kinds (convs with groups=1, dense)."""
+    kind = kinds.kind_of(layer)
+    return kind is not None and kind.mixes_channels(layer)
 
 
 def _out_size(layer) -> int:
-    return int(layer.filters if hasattr(layer, "filters") else layer.units)
+    return kinds.kind_of(layer).out_size(layer)
 
 
 def _channels_last(layer) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf import streams
-from prism_tf.factorize import principal_layers
+from prism_tf.kinds import principal_layers
 from prism_tf.plan import SubmodelPlan
 from prism_tf.streams import SeedLike
 
@@ -161,7 +161,7 @@ def sample(
 
     Layers are sampled independently, each from its own named stream (`prism_tf.streams`). ``seed`` may be a
     sequence such as ``(run_seed, round, client)`` so that every client of every round draws independently and
-    reproducibly; the result equals `tff_pipelines.methods.Method.select` for the same seed (one code path,
+    reproducibly; the result equals `prism_tf.federated.methods.Method.select` for the same seed (one code path,
     `sample_from_singular_values`).
 
     Args:
@@ -246,7 +246,7 @@ def sample_from_singular_values(
 ) -> Selection:
     """`sample` given the singular values per layer (what a server holds without a Keras model).
 
-    The one code path of every spectral selection (`sample` and `tff_pipelines.methods.Method.select` both call
+    The one code path of every spectral selection (`sample` and `prism_tf.federated.methods.Method.select` both call
     it): layer ``name`` draws its kernels from the stream ``(seed, "kernels", name)`` and, with ``output_keep``
     (which needs ``plan``), owned output group ``g`` its channels from ``(seed, "channels", g)``
     (`prism_tf.streams`), so adding or reordering layers changes no other layer's draw.

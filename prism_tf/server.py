@@ -14,8 +14,8 @@ What counts as a usable update is decided once, by `is_finite`: `Accumulator.add
 (device ingest names the bad tensor), the TFF aggregator drops it from the round with `drop_if_not_finite`
 (docs/design.md, faulty clients).
 
-`prism_tf.aggregate` (Python), the TFF aggregator and finalizer (`tff_pipelines.aggregator`,
-`tff_pipelines.finalizer`) and device ingest (`export.ingest`) all run these functions, so a phone's update is
+`prism_tf.aggregate` (Python), the TFF aggregator and finalizer (`tff_pipelines.round.aggregator`,
+`tff_pipelines.round.finalizer`) and device ingest (`export.ingest`) all run these functions, so a phone's update is
 aggregated by the same code as a simulated client's. Pure TensorFlow ops on tensors: eager or inside a TFF graph.
 """
 
@@ -88,7 +88,7 @@ class Accumulator:
         self.clients = 0
 
     def add(self, values: Sequence[np.ndarray], selection: Selection, weight: float, *, name: str = "client") -> None:
-        """Add one client's sub-model weights (`prism_tf.flat_weights` order of its sub-model) trained on
+        """Add one client's sub-model weights (`prism_tf.submodel.flat_weights` order of its sub-model) trained on
         ``selection``, with aggregation weight ``weight`` (> 0; usually its example count).
 
         Raises:

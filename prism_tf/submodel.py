@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf import server, slicing
-from prism_tf.factorize import clone_with_ranks, principal_layers, walk_layers
+from prism_tf.factorization import clone_with_ranks
+from prism_tf.kinds import principal_layers, walk_layers
 from prism_tf.plan import FROM_SELECTION, SubmodelPlan
 from prism_tf.sampling import Selection
 

@@ -1,8 +1,8 @@
 """Test-session setup shared by all tests.
 
-The project is installed into the venv (`make install`, editable). Importing `tff_pipelines.runtime` installs our
-TFF context (see tff_pipelines/runtime.py); the session fixture below starts the worker explicitly and stops it
-when the session ends, so a test run never leaves a worker_binary behind (an orphan would hold CI's stdout pipe
+The project is installed into the venv (`make install`, editable). Importing `tff_pipelines.workers.runtime` installs
+our TFF context (see tff_pipelines/workers/runtime.py); the session fixture below starts the worker explicitly and
+stops it when the session ends, so a test run never leaves a worker_binary behind (an orphan would hold CI's stdout pipe
 open and hang the job).
 """
 
@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _end_session_on_signal(signum: int, frame: types.FrameType | None) -> None:
-    # tff_pipelines.runtime's handler stops the worker, then chains to this one. Its own `sys.exit` would be
+    # tff_pipelines.workers.runtime's handler stops the worker, then chains to this one. Its own `sys.exit` would be
     # caught by pytest as one failing test and the run would go on (against a stopped worker); `pytest.exit`
     # ends the whole session instead, with the conventional status.
     pytest.exit(f"received signal {signum}", returncode=128 + signum)
@@ -33,11 +33,10 @@ if threading.current_thread() is threading.main_thread():
             signal.signal(_signum, _end_session_on_signal)
 
 import numpy as np  # noqa: E402
+from shapes import SHAPES_CLASSES, SHAPES_SIDE, SHAPES_TEST_PER_CLASS, SHAPES_TRAIN_PER_CLASS, make_shapes_dataset  # noqa: E402,F401
 
 import tff_pipelines  # noqa: E402,F401
-from tff_pipelines import runtime  # noqa: E402  (importing it installs the local TFF context)
-
-from shapes import SHAPES_CLASSES, SHAPES_SIDE, SHAPES_TEST_PER_CLASS, SHAPES_TRAIN_PER_CLASS, make_shapes_dataset  # noqa: E402,F401
+from tff_pipelines.workers import runtime  # noqa: E402  (importing it installs the local TFF context)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,7 +57,7 @@ def shapes_dataset(tmp_path_factory) -> Path:
 def tiny_run(shapes_dataset, tmp_path_factory) -> Path:
     """A finished 2-round PriSM run (ResNet-18 width 4, 4 clients, 2 per round) on `shapes_dataset`; tests that
     read it must not change it (copy it first)."""
-    from tff_pipelines import driver
+    from tff_pipelines.program import driver
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     config = driver.TrainConfig(dataset=str(shapes_dataset), model="resnet18", width=4, clients=4,

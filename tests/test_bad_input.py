@@ -33,11 +33,11 @@ from PIL import Image
 from export import cli as export_cli
 from export import ingest as ingest_lib
 from export.client import client_round
-from tff_pipelines import cli as train_cli
-from tff_pipelines import data as data_lib
-from tff_pipelines import driver
-from tff_pipelines.replay import RoundReplay
-from tff_pipelines.runs import RunDir, RunError
+from prism_tf.federated import data as data_lib
+from prism_tf.federated.replay import RoundReplay
+from prism_tf.federated.rundir import RunDir, RunError
+from tff_pipelines.program import cli as train_cli
+from tff_pipelines.program import driver
 
 DATA = "variables/variables.data-00000-of-00001"
 OPEN_ROUND = 3  # the manifest rows: round 3 of a copy of `tiny_run` (2 rounds finished), extended to 3

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tff_pipelines import driver
+from tff_pipelines.program import driver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

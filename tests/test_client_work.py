@@ -10,9 +10,10 @@ import tensorflow_federated as tff
 
 import prism_tf
 from prism_tf import local_step
-from tff_pipelines import client_work, recipe
-from tff_pipelines.layout import RoundLayout
-from tff_pipelines.process import build_prism_process
+from prism_tf.federated import recipe
+from tff_pipelines.round import client_work
+from tff_pipelines.round.layout import RoundLayout
+from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
 
@@ -48,7 +49,7 @@ def test_frobenius_and_weight_decay_are_the_closed_form():
     layout = RoundLayout.build(fm, {})  # every kernel: the sub-model is the whole model
     omega = np.array([0.5, 1.0, 2.0, 1.5, 1.0], np.float32)
     indices = [tf.range(layout.sizes[g]) for g in layout.groups]
-    full = [tf.constant(w.numpy()) for w in prism_tf.flat_weights(fm)]
+    full = [tf.constant(w.numpy()) for w in prism_tf.submodel.flat_weights(fm)]
     received = {"whole": [full[p] for p in layout.travelling()]}
     weights = client_work.materialize(layout, received, indices, [tf.constant(omega)])
     lr, lam, wd = 0.5, 0.01, 0.02

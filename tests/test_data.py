@@ -1,4 +1,4 @@
-"""Tests for tff_pipelines.data: loading (shared CIFAR-10 archive, synthetic class folders), cache, errors,
+"""Tests for prism_tf.federated.data: loading (shared CIFAR-10 archive, synthetic class folders), cache, errors,
 partitions and TFF ClientData."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tff_pipelines import data as D
-from tff_pipelines.data import (
+from prism_tf.federated import data as D
+from prism_tf.federated.data import (
     CIFAR10_CLASSES,
     DataError,
     ImageDataset,

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import prism_tf
-from tff_pipelines.driver import evaluate
+from tff_pipelines.program.driver import evaluate
 
 
 def _data(n, seed=0):
@@ -43,7 +43,7 @@ def test_a_run_from_before_the_recipe_options_resumes_as_it_was_trained(tmp_path
     import dataclasses
     import json
 
-    from tff_pipelines.driver import LEGACY_DEFAULTS, RunDir, RunError, TrainConfig, stored_config
+    from tff_pipelines.program.driver import LEGACY_DEFAULTS, RunDir, RunError, TrainConfig, stored_config
 
     current = dataclasses.asdict(TrainConfig())
     old = {k: v for k, v in current.items() if k not in LEGACY_DEFAULTS}

@@ -24,9 +24,9 @@ from conftest import max_weight_difference
 import prism_tf
 from export import client as client_export
 from export import ingest as ingest_lib
-from tff_pipelines import driver
-from tff_pipelines.replay import RoundReplay
-from tff_pipelines.runs import RunDir
+from prism_tf.federated.replay import RoundReplay
+from prism_tf.federated.rundir import RunDir
+from tff_pipelines.program import driver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND = 3

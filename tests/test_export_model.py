@@ -16,8 +16,8 @@ import tensorflow as tf
 import prism_tf
 from export import cli
 from export.model import deployable_model, export_model, tflite_accuracy
-from tff_pipelines.data import load_dataset
-from tff_pipelines.replay import RoundReplay
+from prism_tf.federated.data import load_dataset
+from prism_tf.federated.replay import RoundReplay
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_keras_export_is_the_evaluated_model_with_preprocessing_built_in(tiny_ru
     replay, dataset = test_images
     report = export_model(tiny_run, tmp_path / "model.keras", fmt="keras", eval_examples=None)
     model = tf.keras.models.load_model(tmp_path / "model.keras", custom_objects=prism_tf.CUSTOM_OBJECTS)
-    assert not prism_tf.principal_layers(model.layers[-1])  # un-factorized: plain Conv2D/Dense
+    assert not prism_tf.kinds.principal_layers(model.layers[-1])  # un-factorized: plain Conv2D/Dense
     logits = model.predict(dataset.x_test.astype(np.float32), verbose=0)
     assert float(np.mean(np.argmax(logits, -1) == dataset.y_test)) == pytest.approx(report.keras_accuracy)
     assert report.exported_accuracy == pytest.approx(report.keras_accuracy)

@@ -35,7 +35,7 @@ def test_full_rank_equivalence_on_foreign_and_zoo_models(build, options):
     report = fm.prism_report
     assert report.factorized and report.kept
     assert any(k.reason.startswith("classifier") for k in report.kept)
-    assert len(prism_tf.principal_layers(fm)) == len(report.factorized)
+    assert len(prism_tf.kinds.principal_layers(fm)) == len(report.factorized)
 
 
 def test_mobilenet_keeps_depthwise_and_pointwise():
@@ -93,12 +93,12 @@ def test_refactorize_keeps_function_and_orthogonality():
     fm = prism_tf.factorize(prism_tf.models.small_cnn(width=8))
     x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     rng = np.random.default_rng(1)
-    for layer in prism_tf.principal_layers(fm):
+    for layer in prism_tf.kinds.principal_layers(fm):
         layer.principal_kernels.assign_add(0.05 * rng.normal(size=layer.principal_kernels.shape))
     before = fm(x).numpy()
     prism_tf.refactorize(fm)
     assert _rel_err(before, fm(x).numpy()) < 1e-4
-    for layer in prism_tf.principal_layers(fm):
+    for layer in prism_tf.kinds.principal_layers(fm):
         a = prism_tf.spectral.kernel_to_matrix(layer.principal_kernels).numpy()
         gram = a.T @ a
         np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=1e-4 * gram.max())
@@ -124,10 +124,10 @@ def test_errors_are_clear():
 def test_unfactorize_gives_plain_keras_layers_with_the_same_function():
     model = prism_tf.models.resnet18(width=4, input_shape=(8, 8, 3))
     fm = prism_tf.factorize(model)
-    for layer in prism_tf.principal_layers(fm):  # ω != 1 must be folded in too
+    for layer in prism_tf.kinds.principal_layers(fm):  # ω != 1 must be folded in too
         layer.kernel_scale.assign(np.linspace(0.5, 2.0, layer.rank).astype(np.float32))
     plain = prism_tf.unfactorize(fm)
-    assert not any(prism_tf.is_principal(layer) for layer in prism_tf.walk_layers(plain))
+    assert not any(prism_tf.kinds.is_principal(layer) for layer in prism_tf.kinds.walk_layers(plain))
     assert plain.count_params() == model.count_params()
     x = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(plain(x).numpy(), fm(x).numpy(), rtol=1e-4, atol=1e-5)
@@ -145,4 +145,4 @@ def test_a_pointwise_only_model_is_told_how_to_factorize_its_1x1_convs():
     with pytest.raises(ValueError, match="skip_pointwise=False"):
         prism_tf.factorize(model)
     factorized = prism_tf.factorize(model, skip_pointwise=False)
-    assert [layer.name for layer in prism_tf.principal_layers(factorized)] == ["pw"]
+    assert [layer.name for layer in prism_tf.kinds.principal_layers(factorized)] == ["pw"]

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from conftest import max_weight_difference
 
-from tff_pipelines.process import build_prism_process
+from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
 LR = 0.1
@@ -132,7 +132,7 @@ def test_too_few_good_clients_keep_the_state_bit_identical(process):
 
 
 def test_min_clients_is_checked():
-    from tff_pipelines.config import TrainConfig
+    from prism_tf.federated.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"--min-clients \(3\) exceeds --clients-per-round \(2\)"):
         TrainConfig(clients=4, clients_per_round=2, min_clients=3).validate()
@@ -147,9 +147,9 @@ def test_a_run_counts_drops_and_skips_in_its_metrics_checkpoints_and_console(sha
                                                                               capsys):
     """A real 2-round run whose client data is made faulty (the rest is untouched): round 1 has a client whose
     preprocessing raises, round 2 two clients with NaN inputs and --min-clients 2, so round 2 is skipped."""
-    from tff_pipelines import driver
-    from tff_pipelines.replay import RoundReplay
-    from tff_pipelines.runs import RunDir
+    from prism_tf.federated.replay import RoundReplay
+    from prism_tf.federated.rundir import RunDir
+    from tff_pipelines.program import driver
 
     original = driver.Simulation.client_datasets
 

@@ -8,9 +8,9 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf import budget, sampling, streams
-from tff_pipelines.driver import TrainConfig, client_budget, parse_keep_mix
-from tff_pipelines.methods import METHODS, Method, equal_cost_method
-from tff_pipelines.process import build_prism_process
+from prism_tf.federated.methods import METHODS, Method, equal_cost_method
+from tff_pipelines.program.driver import TrainConfig, client_budget, parse_keep_mix
+from tff_pipelines.round.process import build_prism_process
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_fjord_draws_nested_widths_per_client(plain):
 def test_spectral_methods_and_fedavg(plain):
     fm = prism_tf.factorize(plain)
     plan = prism_tf.SubmodelPlan.of(fm)
-    s = {layer.name: layer.singular_values.numpy() for layer in prism_tf.principal_layers(fm)}
+    s = {layer.name: layer.singular_values.numpy() for layer in prism_tf.kinds.principal_layers(fm)}
     fedhm = Method("fedhm", keep_ratio=0.25)
     assert fedhm.strategy == "top" and fedhm.spectral
     sel = fedhm.select(plan, s, (0, 1, 2))
@@ -65,7 +65,8 @@ def test_driver_budget_gives_small_and_width_methods_prisms_client_flops():
     """The run's budget: `small` is the width closest to PriSM's flops, HeteroFL the matched channel fraction."""
     fm = prism_tf.factorize(prism_tf.models.resnet18(width=16))
     plan = prism_tf.SubmodelPlan.of(fm)
-    target = prism_tf.cost(prism_tf.submodel_architecture(fm, plan, plan.sizes_with(Method("prism").sizes(plan))))
+    sizes = plan.sizes_with(Method("prism").sizes(plan))
+    target = prism_tf.cost(prism_tf.submodel.submodel_architecture(fm, plan, sizes))
     _, width, info = client_budget(TrainConfig(method="small", width=16, keep_ratio=0.2), (32, 32, 3), 10)
     flops = {w: prism_tf.cost(prism_tf.models.resnet18(width=w))["flops"] for w in range(1, 17)}
     assert width == min(flops, key=lambda w: abs(flops[w] - target["flops"]))
@@ -126,7 +127,7 @@ def test_strategies_and_memory_efficient_variant_run_real_rounds(strategy, outpu
     state, metrics = process.next(state, data)
     assert metrics["num_examples"] == 24 and np.isfinite(metrics["loss"])
     fm = process.assign_to(state)
-    for layer in prism_tf.principal_layers(fm):
+    for layer in prism_tf.kinds.principal_layers(fm):
         np.testing.assert_array_equal(layer.kernel_scale.numpy(), np.ones(layer.rank))  # ω is a client-side factor
 
 
@@ -134,7 +135,7 @@ def test_strategies_and_memory_efficient_variant_run_real_rounds(strategy, outpu
 def test_library_sample_equals_method_select(plain, strategy):
     fm = prism_tf.factorize(plain)
     plan = prism_tf.SubmodelPlan.of(fm)
-    s = {layer.name: layer.singular_values.numpy() for layer in prism_tf.principal_layers(fm)}
+    s = {layer.name: layer.singular_values.numpy() for layer in prism_tf.kinds.principal_layers(fm)}
     s_reordered = dict(reversed(list(s.items())))  # the server's order need not be the model's
     seed = (3, 5, 17)
     lib = prism_tf.sample(fm, 0.25, seed=seed, strategy=strategy, clients_per_round=4, output_keep=0.5)

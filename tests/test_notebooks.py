@@ -4,7 +4,7 @@ The kernel is this interpreter (`sys.executable`, i.e. the venv's python), start
 temporary directory, so nothing installed globally (or a stale `python3` kernelspec) decides which Python runs
 the notebook. Cells run with cwd = notebooks/, as in Jupyter. Notebooks import `tff_pipelines`, which starts a
 `worker_binary` owned by the kernel; after the kernel shuts down none of the workers that appeared during the
-notebook may survive (an orphan would hold CI's pipes open, see tff_pipelines/runtime.py). Zombies do not count
+notebook may survive (an orphan would hold CI's pipes open, see tff_pipelines/workers/runtime.py). Zombies do not count
 (they hold no pipe, and PID 1 on these machines may be slow to reap them); new workers whose parent is a live
 process other than the kernel belong to someone else running in parallel and are ignored.
 

@@ -8,8 +8,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import prism_tf
-from tff_pipelines.methods import Method
-from tff_pipelines.process import build_prism_process
+from prism_tf.federated.methods import Method
+from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
 
@@ -80,7 +80,7 @@ def test_per_kernel_aggregation_by_hand(distribution):
         subs.append((sub, sel, n))
         del client
     prism_tf.aggregate(fm, subs)
-    for got, want in zip(prism_tf.flat_weights(fm), w1, strict=True):
+    for got, want in zip(prism_tf.submodel.flat_weights(fm), w1, strict=True):
         if "singular" not in got.name:
             np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
@@ -174,7 +174,7 @@ def test_models_still_run_after_tff_traced_a_keras_submodel():
 
 
 def test_odd_batch_sizes_are_refused_while_onednn_is_on(monkeypatch):
-    from tff_pipelines.process import check_batch_size
+    from tff_pipelines.round.process import check_batch_size
 
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     with pytest.raises(ValueError, match="batch size 25 is odd.*TF_ENABLE_ONEDNN_OPTS=0"):
@@ -219,7 +219,7 @@ def test_server_optimizer_acts_on_rebuilt_kernels():
 
 def test_next_uses_the_learning_rate_of_the_current_round():
     """`next` passes the round number: a cosine schedule to 0 over 2 rounds trains in round 1, freezes in round 2."""
-    from tff_pipelines.recipe import Schedule
+    from prism_tf.federated.recipe import Schedule
 
     process = build_prism_process(_tiny_model, method="fedavg", batch_size=BATCH, clip_norm=None,
                                   client_optimizer=tff.learning.optimizers.build_sgdm(0.05),

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_pipelines import recipe
+from prism_tf.federated import recipe
 
 
 def test_cosine_endpoints_and_midpoint():

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tff_pipelines import driver
-from tff_pipelines.runs import RunDir, RunError
+from prism_tf.federated.rundir import RunDir, RunError
+from tff_pipelines.program import driver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("round_seconds",)  # wall-clock time: the only metric allowed to differ between equal runs
@@ -181,7 +181,7 @@ def test_saving_again_sets_the_bad_checkpoint_aside_and_removes_leftover_tempora
 def test_every_reader_agrees_on_the_open_round_when_the_latest_checkpoint_is_damaged(tiny_run, tmp_path):
     """`resume` would redo round 2: so do round replay (export client) and ingest, and a round 2 finished by devices
     (`write_checkpoint`) replaces the damaged checkpoint."""
-    from tff_pipelines.replay import RoundReplay
+    from prism_tf.federated.replay import RoundReplay
 
     run = RunDir(_copy(tiny_run, tmp_path / "run"))
     _truncate(run.checkpoint_path(2) / DATA)
@@ -322,7 +322,7 @@ def test_disk_full_at_a_checkpoint_is_a_clean_error_and_resume_after_making_room
     """The run directory is a tmpfs with room for one checkpoint but not two: round 2's save fails. The CLI says so
     in one line (exit 2), leaves no partial checkpoint or temporary directory, and after the disk is grown
     `resume` ends exactly where the uninterrupted run did."""
-    from tff_pipelines import cli
+    from tff_pipelines.program import cli
 
     checkpoint = _pages((reference / "checkpoints" / "program_state_1").rglob("*"))
     small = _pages(reference / name for name in ("config.json", "budget.json", "data_spec.json", "input_stats.json",

@@ -21,9 +21,10 @@ import pytest
 from conftest import max_weight_difference
 
 import prism_tf
-from tff_pipelines import client_work, driver
-from tff_pipelines.replay import RoundReplay
-from tff_pipelines.runs import RunDir
+from prism_tf.federated.replay import RoundReplay
+from prism_tf.federated.rundir import RunDir
+from tff_pipelines.program import driver
+from tff_pipelines.round import client_work
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def loaded(tiny_run):
 def test_replay_needs_no_tff_and_draws_the_process_selections(tiny_run, loaded):
     script = textwrap.dedent(f"""
         import json, sys
-        from tff_pipelines.replay import RoundReplay
+        from prism_tf.federated.replay import RoundReplay
         replay = RoundReplay({str(tiny_run)!r}, 2)
         out = {{"clients": replay.clients(), "lr": replay.learning_rate(), "digest": replay.server_digest,
                "selections": {{str(c): s.to_dict() for c, s in replay.selections().items()}},
@@ -78,7 +79,7 @@ def test_pure_server_path_equals_the_tff_round(tiny_run, loaded):
         sub = prism_tf.extract(replay.server_model, selection)
         layout = process._layout(tuple(sorted((g, s) for g, s in replay.plan.sizes(selection.indices()).items()
                                               if g in process.layout.groups)))
-        weights = [w.numpy() for w in prism_tf.flat_weights(sub)]
+        weights = [w.numpy() for w in prism_tf.submodel.flat_weights(sub)]
         scale = [selection.layers[name].scale for name in layout.scale_layers]
         uploads, metrics = client_work.train_submodel(layout, weights, scale, dataset, process.training,
                                                       lr=np.float32(replay.learning_rate()))

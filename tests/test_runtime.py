@@ -1,4 +1,4 @@
-"""Tests of tff_pipelines.runtime: the TFF worker never outlives its Python process, never holds its pipes.
+"""Tests of tff_pipelines.workers.runtime: the TFF worker never outlives its Python process, never holds its pipes.
 
 The process-level tests run a real Python subprocess with stdout/stderr on pipes, as CI does (`... | cat`):
 the pipes must reach EOF (no orphan holds them), and the worker_binary the child reports must be gone.
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 
-from tff_pipelines import runtime
+from tff_pipelines.workers import runtime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 180  # importing TF + TFF takes ~8 s here; a loaded 2-core CI machine may need more
@@ -45,7 +45,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import tensorflow_federated as tff
 import tff_pipelines
-from tff_pipelines import runtime
+from tff_pipelines.workers import runtime
 
 @tff.tensorflow.computation(np.int32, np.int32)
 def add(a, b):
@@ -316,7 +316,7 @@ def test_tff_own_worker_is_stopped_too():
         # TFF's stock context: spawns its own worker on the first call, with our stdout/stderr pipes.
         print("TFF", tff.tensorflow.computation(lambda: np.int32(7))(), flush=True)
         import tff_pipelines
-        from tff_pipelines import runtime
+        from tff_pipelines.workers import runtime
         print("TFF", tff.tensorflow.computation(lambda: np.int32(8))(), flush=True)  # our worker starts here
         print("ALL", runtime.worker_pids(), flush=True)
         """
@@ -465,7 +465,7 @@ def _socket_inodes(pid: int) -> set[str]:
 
 def _listening_sockets(pid: int) -> list[str]:
     """Local addresses (hex as in /proc, decoded) of `pid`'s LISTEN-state TCP sockets: our own reading of the
-    kernel's socket table, independent of tff_pipelines.loopback."""
+    kernel's socket table, independent of tff_pipelines.workers.loopback."""
     import ipaddress
 
     inodes = _socket_inodes(pid)
@@ -550,7 +550,7 @@ def _bind_probe(address: str, env: dict[str, str]) -> str:
 def test_bind_shim_rewrites_wildcards_and_refuses_other_addresses():
     import errno
 
-    from tff_pipelines import loopback
+    from tff_pipelines.workers import loopback
 
     plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     confined = loopback.shim_environment()
@@ -572,7 +572,7 @@ def test_bind_shim_rewrites_wildcards_and_refuses_other_addresses():
 
 
 def test_no_compiler_fails_closed(tmp_path, monkeypatch):
-    from tff_pipelines import loopback
+    from tff_pipelines.workers import loopback
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", "no-such-compiler-here")
@@ -586,7 +586,7 @@ def test_no_compiler_fails_closed(tmp_path, monkeypatch):
 
 
 def test_shim_is_built_once_per_source_and_atomically(tmp_path, monkeypatch):
-    from tff_pipelines import loopback
+    from tff_pipelines.workers import loopback
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = loopback.shim_library()

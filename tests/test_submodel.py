@@ -20,7 +20,7 @@ def _snapshot(model):
 def test_extract_builds_a_real_smaller_model(resnet):
     sel = prism_tf.sample(resnet, 0.25, seed=3)
     sub = prism_tf.extract(resnet, sel)
-    for layer in prism_tf.principal_layers(sub):
+    for layer in prism_tf.kinds.principal_layers(sub):
         k = sel.layers[layer.name].size
         assert layer.rank == k and layer.principal_kernels.shape[-1] == k and layer.combination.shape[0] == k
         full = resnet.get_layer(layer.name)
@@ -55,7 +55,7 @@ def test_merge_writes_back_only_sampled_kernels(resnet):
         w.assign_add(tf.ones_like(w))
     before = {w.name: w.numpy().copy() for w in fm.weights}
     prism_tf.merge(fm, sub, sel)
-    for layer in prism_tf.principal_layers(fm):
+    for layer in prism_tf.kinds.principal_layers(fm):
         idx = sel.layers[layer.name].indices
         mask = np.zeros(layer.rank, bool)
         mask[idx] = True
@@ -144,7 +144,7 @@ def test_cost_ratios_for_resnet18_at_keep_02():
     assert c_sub["flops"] / c_full["flops"] == pytest.approx(0.239, abs=0.002)
     assert c_sub["params"] / c_full["params"] <= 0.25
     # factorized layers alone: <= 0.25x in both
-    names = [layer.name for layer in prism_tf.principal_layers(fm)]
+    names = [layer.name for layer in prism_tf.kinds.principal_layers(fm)]
     flops_f = sum(c_full["layers"][n] for n in names)
     flops_s = sum(c_sub["layers"][n] for n in names)
     assert flops_s / flops_f <= 0.25

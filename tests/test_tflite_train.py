@@ -49,7 +49,7 @@ def make_submodel(name: str, norm: str, strategy: str = "prism", seed: int = 0) 
     factorized = prism_tf.factorize(full)
     sub = prism_tf.extract(factorized, prism_tf.sample(factorized, keep_ratio=0.2, seed=(0, 0, 3), strategy=strategy))
     rng = np.random.default_rng(seed)
-    for layer in prism_tf.walk_layers(sub):
+    for layer in prism_tf.kinds.walk_layers(sub):
         if isinstance(layer, tf.keras.layers.BatchNormalization | tf.keras.layers.GroupNormalization):
             layer.gamma.assign(rng.uniform(0.8, 1.2, layer.gamma.shape))
             layer.beta.assign(rng.normal(0.0, 0.1, layer.beta.shape))
@@ -76,7 +76,7 @@ class Exported:
 
     def __init__(self, sub: tf.keras.Model, step: tt.TrainStep, **kwargs) -> None:
         self.sub, self.step = sub, step
-        self.weights = [w.numpy() for w in prism_tf.flat_weights(sub)]
+        self.weights = [w.numpy() for w in prism_tf.submodel.flat_weights(sub)]
         self.names = tt.weight_names(sub)
         self.module = tt.build_training_module(sub, step, "builtins", **kwargs)
         self.flatbuffer = tt.convert(self.module, "builtins")
@@ -103,9 +103,9 @@ class Reference:
 
     def __init__(self, exported: Exported) -> None:
         self.model = tf.keras.models.clone_model(exported.sub)
-        prism_tf.set_flat_weights(self.model, exported.weights)
+        prism_tf.submodel.set_flat_weights(self.model, exported.weights)
         trainable = {id(v) for v in self.model.trainable_weights}
-        variables = [v for v in prism_tf.flat_weights(self.model) if id(v) in trainable]
+        variables = [v for v in prism_tf.submodel.flat_weights(self.model) if id(v) in trainable]
         accumulators = [tf.Variable(tf.zeros_like(v)) for v in variables]
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         step, model = exported.step, self.model
@@ -124,7 +124,7 @@ class Reference:
         self.train = train
 
     def weights(self) -> list[np.ndarray]:
-        return [w.numpy() for w in prism_tf.flat_weights(self.model)]
+        return [w.numpy() for w in prism_tf.submodel.flat_weights(self.model)]
 
 
 def max_errors(names: list[str], got: dict, want: list[np.ndarray]) -> dict[str, float]:
@@ -133,7 +133,7 @@ def max_errors(names: list[str], got: dict, want: list[np.ndarray]) -> dict[str,
 
 def test_weight_names_are_stable_valid_signature_names(cnn_gn):
     names = cnn_gn.names
-    assert len(names) == len(prism_tf.flat_weights(cnn_gn.sub)) == len(set(names))
+    assert len(names) == len(prism_tf.submodel.flat_weights(cnn_gn.sub)) == len(set(names))
     assert names == sorted(names)  # get_weights outputs come back in flat order
     assert all(re.fullmatch(r"w\d{3}_[A-Za-z0-9_]+", name) for name in names)
     assert names[1] == "w001_conv1_norm_gamma"
@@ -247,7 +247,7 @@ def test_norm_none_step_in_tensorflow_matches_the_reference():
     # Dense/PrincipalDense+ReLU head are covered without another slow conversion).
     exported = Exported.__new__(Exported)
     exported.sub, exported.step = make_submodel("small_cnn", "none"), STEP_SMALL_CLIP
-    exported.weights = [w.numpy() for w in prism_tf.flat_weights(exported.sub)]
+    exported.weights = [w.numpy() for w in prism_tf.submodel.flat_weights(exported.sub)]
     exported.names = tt.weight_names(exported.sub)
     reference = Reference(exported)
     module = tt.build_training_module(exported.sub, exported.step, "builtins")
@@ -312,8 +312,8 @@ def test_unsupported_layers_raise_naming_the_layer():
 
 def test_twenty_steps_on_real_cifar10_lower_the_loss_and_track_the_reference(cnn_gn):
     """The same check on real CIFAR-10 images (the run's channel normalization), as a phone's data would be."""
-    from tff_pipelines import recipe
-    from tff_pipelines.data import load_dataset
+    from prism_tf.federated import recipe
+    from prism_tf.federated.data import load_dataset
 
     dataset = load_dataset("cifar10", progress=False)  # decoded once per machine, then cached
     order = np.random.default_rng(5).permutation(len(dataset.x_train))[:5 * BATCH]

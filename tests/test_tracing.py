@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import prism_tf
-from tff_pipelines import client_work, process
+from tff_pipelines.round import client_work, process
 
 BATCH = 4
 

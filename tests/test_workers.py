@@ -24,7 +24,9 @@ import tensorflow_federated as tff
 from conftest import max_weight_difference
 from test_runtime import _is_live_worker, _listening_sockets, _loopback_only
 
-from tff_pipelines import cli, runtime, workers
+from tff_pipelines.program import cli
+from tff_pipelines.workers import remote as workers
+from tff_pipelines.workers import runtime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180  # importing TF + TFF takes ~8 s here, far more on a loaded 2-core machine
@@ -212,7 +214,7 @@ def _train_argv(dataset: Path, out: Path, rounds: int = 3) -> list[str]:
 
 
 def _final_weights(out: Path):
-    from tff_pipelines import driver
+    from tff_pipelines.program import driver
 
     simulation, state, round_num = driver.load_run(str(out))
     return simulation.process, simulation.process.get_model_weights(state), round_num

@@ -9,8 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: `golden`, `shapes`
 
-from golden import runs  # noqa: E402
 from shapes import make_shapes_dataset  # noqa: E402
+
+from golden import runs  # noqa: E402
 
 
 def main() -> None:

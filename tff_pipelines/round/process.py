@@ -32,11 +32,11 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import prism_tf
+from prism_tf.federated.config import check_batch_size, onednn_enabled  # noqa: F401 (re-exported)
+from prism_tf.federated.methods import Method, round_selections
 from prism_tf.plan import SERVER_ONLY
-from tff_pipelines import aggregator, client_work, distributor, finalizer
-from tff_pipelines.config import check_batch_size, onednn_enabled  # noqa: F401 (re-exported)
-from tff_pipelines.layout import RoundLayout
-from tff_pipelines.methods import Method, round_selections
+from tff_pipelines.round import aggregator, client_work, distributor, finalizer
+from tff_pipelines.round.layout import RoundLayout
 
 # The per-round sums of a client phase besides the updates (`aggregator.METRICS` + good/dropped client counts).
 PHASE_METRICS = (*aggregator.METRICS, "clients_trained", "clients_dropped")
@@ -114,7 +114,7 @@ class PrismProcess:
     @functools.lru_cache(maxsize=16)  # noqa: B019
     def _submodel_cost(self, sizes_key: tuple) -> dict:
         layout = self._layout(sizes_key)
-        return prism_tf.cost(prism_tf.submodel_architecture(self.server_model, self.plan, layout.sizes))
+        return prism_tf.cost(prism_tf.submodel.submodel_architecture(self.server_model, self.plan, layout.sizes))
 
     @functools.lru_cache(maxsize=16)  # noqa: B019
     def _phase(self, sizes_key: tuple) -> tff.Computation:
@@ -146,7 +146,7 @@ class PrismProcess:
 
     def _build_learning_process(self) -> tff.learning.templates.LearningProcess:
         layout = self.layout
-        initial = [w.numpy() for w in prism_tf.flat_weights(self.server_model)]
+        initial = [w.numpy() for w in prism_tf.submodel.flat_weights(self.server_model)]
         trainable = [i for i, t in enumerate(layout.trainable) if t]
         frozen = [i for i, t in enumerate(layout.trainable) if not t]
 
@@ -224,7 +224,7 @@ class PrismProcess:
         return self.learning_process.initialize()
 
     def get_model_weights(self, state) -> list[np.ndarray]:
-        """The server model's weights in `prism_tf.flat_weights` order."""
+        """The server model's weights in `prism_tf.submodel.flat_weights` order."""
         return [np.asarray(w) for w in state["weights"]]
 
     def set_model_weights(self, state, weights: Sequence[np.ndarray]):
@@ -237,7 +237,7 @@ class PrismProcess:
     def assign_to(self, state, model: tf.keras.Model | None = None) -> tf.keras.Model:
         """Write the state's weights into ``model`` (default: the process's server model) and return it."""
         model = model or self.server_model
-        prism_tf.set_flat_weights(model, self.get_model_weights(state))
+        prism_tf.submodel.set_flat_weights(model, self.get_model_weights(state))
         return model
 
     def round_num(self, state) -> int:
@@ -251,7 +251,7 @@ class PrismProcess:
 
     def selections(self, state, client_ids: Sequence[int] | int) -> list[prism_tf.Selection]:
         """This round's selections, one per client of ``client_ids`` (global ids; an int ``n`` means ``0..n-1``):
-        `tff_pipelines.methods.round_selections` on the state's singular values."""
+        `prism_tf.federated.methods.round_selections` on the state's singular values."""
         ids = range(client_ids) if isinstance(client_ids, int | np.integer) else client_ids
         return round_selections(self.method, self.plan, self.singular_values(state), self.seed,
                                 self.round_num(state), list(ids), self.collective_clients)
@@ -425,7 +425,7 @@ class PrismProcess:
 
 def client_failure(error: BaseException) -> bool:
     """Whether ``error`` is a computation failing inside TensorFlow (a client's data or training raised), as
-    opposed to the TFF worker being gone (`tff_pipelines.runtime` raises `RuntimeError`) or a bug in Python.
+    opposed to the TFF worker being gone (`tff_pipelines.workers.runtime` raises `RuntimeError`) or a bug in Python.
 
     The local worker reports a failed computation as a gRPC ``INTERNAL`` status; an in-process context raises the
     TensorFlow error itself.
@@ -491,7 +491,7 @@ def build_prism_process(
     weight_decay: float = 0.0,
     min_clients: int = 1,
 ) -> PrismProcess:
-    """Build the federated process for PriSM (or a peer method, `tff_pipelines.methods`).
+    """Build the federated process for PriSM (or a peer method, `prism_tf.federated.methods`).
 
     Args:
       model_fn: returns a fresh functional/Sequential Keras model (the full server model, unfactorized).
@@ -516,7 +516,7 @@ def build_prism_process(
       collective_clients: ``C`` of the ``collective`` strategy (default: the clients of the round).
       factorize_options: keyword arguments of `prism_tf.factorize`.
       keep_mix: per-client keep ratios ``((ratio, share), ...)`` for heterogeneous devices (`Method.keep_mix`).
-      lr_schedule: the clients' learning rate per round, ``round_num -> lr`` (e.g. `tff_pipelines.recipe.Schedule`,
+      lr_schedule: the clients' learning rate per round, ``round_num -> lr`` (e.g. `prism_tf.federated.recipe.Schedule`,
         the authors' cosine from 0.1 to 1e-4); it travels in each client's input as ``lr`` and overrides the client
         optimizer's ``learning_rate``. ``None`` (default): the optimizer's own constant rate.
       frobenius_decay, weight_decay: see `client_work.ClientTraining` (the authors use λ = 2e-4…5e-4; default 0).

@@ -2,8 +2,8 @@
 
 A round ``t`` (1-based, as the run's table numbers them) starts from the server weights after ``t − 1`` rounds
 (checkpoint ``t − 1``; round 1 starts from the seeded initial model, which is rebuilt) and draws its clients
-(`tff_pipelines.config.round_clients`) and their selections (`tff_pipelines.methods.round_selections`) exactly as
-the process did. The exporter (`export`) builds device sub-models from it and device ingest checks uploads
+(`prism_tf.federated.config.round_clients`) and their selections (`prism_tf.federated.methods.round_selections`)
+exactly as the process did. The exporter (`export`) builds device sub-models from it and device ingest checks uploads
 against it; nothing here imports TFF or starts a worker.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 import prism_tf
-from tff_pipelines import recipe
-from tff_pipelines.config import (
+from prism_tf.federated import recipe
+from prism_tf.federated.config import (
     TrainConfig,
     calibration_batches,
     client_budget,
@@ -27,8 +27,8 @@ from tff_pipelines.config import (
     round_clients,
     stored_config,
 )
-from tff_pipelines.methods import Method, deployed_models, round_selections
-from tff_pipelines.runs import RunDir, RunError
+from prism_tf.federated.methods import Method, deployed_models, round_selections
+from prism_tf.federated.rundir import RunDir, RunError
 
 # Runs from before data_spec.json existed: the built-in dataset's shapes.
 _KNOWN_DATA = {"cifar10": {"input_shape": [32, 32, 3], "num_classes": 10}}
@@ -48,7 +48,7 @@ class RoundReplay:
     """Round ``round_num`` of the run in ``run_dir``: its server model, clients and selections.
 
     Args:
-      run_dir: a run directory (`tff_pipelines.runs.RunDir`).
+      run_dir: a run directory (`prism_tf.federated.rundir.RunDir`).
       round_num: 1-based round; default the next round to train (one after the latest checkpoint).
 
     Raises:
@@ -76,14 +76,14 @@ class RoundReplay:
             if len(flat) < n + 1:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match its config")
             try:
-                prism_tf.set_flat_weights(self.server_model, flat[:n])
+                prism_tf.submodel.set_flat_weights(self.server_model, flat[:n])
             except ValueError as e:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match the model its "
                                f"config.json describes ({e}): was config.json edited, or written by another "
                                "version?") from None
             if int(flat[n]) != self.round_num - 1:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} holds round {int(flat[n])}")
-        self.weights = [w.numpy() for w in prism_tf.flat_weights(self.server_model)]
+        self.weights = [w.numpy() for w in prism_tf.submodel.flat_weights(self.server_model)]
         self.server_digest = weights_digest(self.weights)
 
     def _method(self) -> tuple[Method, int]:
@@ -113,7 +113,8 @@ class RoundReplay:
         return round_clients(self.config, self.index)
 
     def singular_values(self) -> dict[str, np.ndarray]:
-        return {layer.name: layer.singular_values.numpy() for layer in prism_tf.principal_layers(self.server_model)}
+        layers = prism_tf.kinds.principal_layers(self.server_model)
+        return {layer.name: layer.singular_values.numpy() for layer in layers}
 
     def selections(self, client_ids: Sequence[int] | None = None) -> dict[int, prism_tf.Selection]:
         """Each client's selection, as the process draws it (default: this round's clients; ``collective``'s ``C``
@@ -154,7 +155,7 @@ class RoundReplay:
 
     def deployed_model(self) -> tf.keras.Model:
         """The model a user of the run's method deploys, at this round's server weights
-        (`tff_pipelines.methods.deployed_models`)."""
+        (`prism_tf.federated.methods.deployed_models`)."""
         return deployed_models(self.method, self.server_model)["deployed"]
 
     def learning_rate(self) -> float:

@@ -120,7 +120,7 @@ def client_seed(run_seed: int, round_num: int, client: int) -> int:
 def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (population) standard deviation of images ``[..., C]``, as float32 ``[C]``.
 
-    ``uint8`` pixels are measured on the ``[0, 1]`` scale client datasets use (``x / 255``, `tff_pipelines.data`);
+    ``uint8`` pixels are measured on the ``[0, 1]`` scale client datasets use (``x / 255``, `prism_tf.federated.data`);
     floats as given. Accumulated in float64 over chunks of the first axis, so 50,000 CIFAR images need no copy.
     """
     x = np.asarray(x)
@@ -150,7 +150,7 @@ def preprocess(x: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -
     """Raw pixels -> model inputs as a run's clients see them: `normalize` with the run's per-channel statistics,
     or only the 1/255 scaling (``mean is None``, a run without ``--normalize channel``)."""
     if mean is None:
-        from tff_pipelines.data import to_float
+        from prism_tf.federated.data import to_float
 
         return to_float(x)
     return normalize(x, mean, std).numpy()

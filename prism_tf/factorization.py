@@ -10,12 +10,12 @@ training (server side, docs/algorithm.md §3).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import tensorflow as tf
 
-from prism_tf import spectral
-from prism_tf.layers import PrincipalConv2D, PrincipalDense, is_principal
+from prism_tf import kinds, spectral
+from prism_tf.kinds import is_principal, principal_layers, walk_layers
 
 _PASS_THROUGH = (tf.keras.layers.Activation, tf.keras.layers.Softmax, tf.keras.layers.Dropout,
                  tf.keras.layers.ReLU)
@@ -51,20 +51,6 @@ class FactorizationReport:
         return "\n".join(lines)
 
 
-def walk_layers(model: tf.keras.Model) -> Iterator[tf.keras.layers.Layer]:
-    """Every layer of ``model`` in topological order, descending into nested models."""
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.Model):
-            yield from walk_layers(layer)
-        else:
-            yield layer
-
-
-def principal_layers(model: tf.keras.Model) -> list[PrincipalConv2D | PrincipalDense]:
-    """The factorized layers of ``model`` in topological order."""
-    return [layer for layer in walk_layers(model) if is_principal(layer)]
-
-
 def plan_factorization(
     model: tf.keras.Model,
     *,
@@ -78,19 +64,18 @@ def plan_factorization(
     _check_graph_model(model)
     only = set(only) if only is not None else None
     classifiers = _output_dense_layers(model) if skip_classifier else set()
-    first_conv = next((layer.name for layer in walk_layers(model) if type(layer) is tf.keras.layers.Conv2D), None)
+    first_conv = next((layer.name for layer in walk_layers(model)
+                       if (kind := kinds.kind_of(layer)) and kind.is_conv and type(layer) is kind.source), None)
+    rules = kinds.Rules(first_conv if skip_first_conv else None, frozenset(classifiers), skip_pointwise)
     factorized, kept = [], []
     for layer in walk_layers(model):
         if not layer.weights:
             continue
         kind = type(layer).__name__
-        reason = _ineligibility(layer, first_conv if skip_first_conv else None, classifiers, skip_pointwise)
+        reason = _ineligibility(layer, rules)
         if reason is None:
-            kernel_shape = tuple(int(d) for d in layer.kernel.shape)
-            rows = 1
-            for d in kernel_shape[:-1]:
-                rows *= d
-            rank = min(rows, kernel_shape[-1])
+            layer_kind = kinds.kind_of(layer)
+            kernel_shape, rank = layer_kind.kernel_shape(layer), layer_kind.full_rank(layer)
             if only is not None and layer.name not in only:
                 reason = "not in the requested layer list"
             elif rank < min_rank:
@@ -153,8 +138,7 @@ def factorize(
     for layer in walk_layers(clone):
         source = originals[layer.name]
         if layer.name in ranks:
-            a, b, s = spectral.factorize_kernel(source.kernel)
-            layer.set_factors(a, b, s, bias=source.bias if source.use_bias else None)
+            kinds.kind_of(source).load_factors(layer, source)
         else:
             layer.set_weights(source.get_weights())
     clone.prism_report = report
@@ -178,7 +162,7 @@ def clone_with_ranks(
             return tf.keras.models.clone_model(layer, clone_function=clone_layer)
         config = layer.get_config()
         if layer.name in widths:
-            config["filters" if "filters" in config else "units"] = widths[layer.name]
+            config[kinds.kind_of(layer).width_key] = widths[layer.name]
         layer = layer.__class__.from_config(config)
         if layer.name in ranks:
             return _principal_from(layer, ranks[layer.name])
@@ -209,48 +193,22 @@ def refactorize(model: tf.keras.Model) -> tf.keras.Model:
 
 def _principal_from(layer: tf.keras.layers.Layer, rank: int) -> tf.keras.layers.Layer:
     config = layer.get_config()
-    common = dict(
-        rank=rank,
-        activation=config.get("activation"),
-        use_bias=config.get("use_bias", True),
-        name=config["name"],
-        trainable=config.get("trainable", True),
-        dtype=config.get("dtype"),
-    )
     if is_principal(layer):
         config.update(rank=rank)
         return type(layer).from_config(config)
-    if isinstance(layer, tf.keras.layers.Conv2D):
-        return PrincipalConv2D(
-            filters=config["filters"], kernel_size=config["kernel_size"], strides=config["strides"],
-            padding=config["padding"], dilation_rate=config["dilation_rate"], **common,
-        )
-    if isinstance(layer, tf.keras.layers.Dense):
-        return PrincipalDense(units=config["units"], **common)
-    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) cannot hold principal kernels")
+    kind = kinds.kind_of(layer)
+    if kind is None:
+        raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) cannot hold principal kernels")
+    return kind.to_principal(config, rank)
 
 
-def _ineligibility(
-    layer: tf.keras.layers.Layer, first_conv: str | None, classifiers: set[str], skip_pointwise: bool
-) -> str | None:
-    kind = type(layer)
-    if kind is tf.keras.layers.Conv2D:
-        if layer.data_format != "channels_last":
-            return "channels_first is not supported"
-        if layer.groups != 1:
-            return f"grouped conv (groups={layer.groups})"
-        if layer.name == first_conv:
-            return "first conv (sees the raw image)"
-        if skip_pointwise and tuple(layer.kernel_size) == (1, 1):
-            return "1x1 conv"
-        return None
-    if kind is tf.keras.layers.Dense:
-        if layer.name in classifiers:
-            return "classifier (produces a model output)"
-        return None
+def _ineligibility(layer: tf.keras.layers.Layer, rules: kinds.Rules) -> str | None:
     if is_principal(layer):
         return "already factorized"
-    return "not a Conv2D/Dense (normalization, depthwise, ...)"
+    kind = kinds.kind_of(layer)
+    if kind is None:
+        return f"not a {'/'.join(k.source.__name__ for k in kinds.KINDS)} (normalization, depthwise, ...)"
+    return kind.ineligibility(layer, rules)
 
 
 def _output_dense_layers(model: tf.keras.Model) -> set[str]:
@@ -261,7 +219,7 @@ def _output_dense_layers(model: tf.keras.Model) -> set[str]:
             layer = layer._inbound_nodes[0].inbound_layers
         if isinstance(layer, tf.keras.Model):
             found |= _output_dense_layers(layer)
-        elif type(layer) is tf.keras.layers.Dense:
+        elif (kind := kinds.kind_of(layer)) and kind.is_classifier and type(layer) is kind.source:
             found.add(layer.name)
     return found
 
@@ -293,19 +251,14 @@ def unfactorize(model: tf.keras.Model) -> tf.keras.Model:
             return tf.keras.models.clone_model(layer, clone_function=clone_layer)
         if not is_principal(layer):
             return layer.__class__.from_config(layer.get_config())
-        common = dict(activation=layer.activation, use_bias=layer.use_bias, name=layer.name, dtype=layer.dtype)
-        if isinstance(layer, PrincipalConv2D):
-            return tf.keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides,
-                                          padding=layer.padding, dilation_rate=layer.dilation_rate, **common)
-        return tf.keras.layers.Dense(layer.units, **common)
+        return kinds.kind_of(layer).to_plain(layer)
 
     plain = tf.keras.models.clone_model(model, clone_function=clone_layer)
     sources = {layer.name: layer for layer in walk_layers(model)}
     for layer in walk_layers(plain):
         source = sources[layer.name]
         if is_principal(source):
-            values = [source.dense_kernel().numpy()] + ([source.bias.numpy()] if source.use_bias else [])
-            layer.set_weights(values)
+            layer.set_weights(kinds.kind_of(source).plain_weights(source))
         elif source.weights:
             layer.set_weights(source.get_weights())
     return plain

@@ -241,8 +241,8 @@ def round_selections(
     Client ``c`` selects with seed ``(seed, round, c)`` at its keep ratio `Method.client_keep_ratio` (its fixed
     capacity; FjORD's width of the round). The ``collective`` strategy's ``C`` is the number of this round's clients
     at that client's keep ratio (Korzhenkov & Louizos 2024, Eq. 8: the clients that share a keep ratio), unless
-    ``collective_clients`` is set. The process (`tff_pipelines.process.PrismProcess.selections`) and round replay
-    (`tff_pipelines.replay`) both call this.
+    ``collective_clients`` is set. The process (`tff_pipelines.round.process.PrismProcess.selections`) and round replay
+    (`prism_tf.federated.replay`) both call this.
     """
     ids = [int(c) for c in client_ids]
     if any(c < 0 for c in ids):

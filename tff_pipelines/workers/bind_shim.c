@@ -2,7 +2,7 @@
  * interfaces.
  *
  * Why: worker_binary --port=P binds [::]:P (every interface, IPv4 too through the dual-stack socket), has no flag
- * for the address and no authentication, and runs any TensorFlow graph it is sent. tff_pipelines/loopback.py
+ * for the address and no authentication, and runs any TensorFlow graph it is sent. tff_pipelines/workers/loopback.py
  * compiles this file with the system C compiler and starts the worker with LD_PRELOAD pointing at the result.
  *
  * What bind() does here, for AF_INET/AF_INET6 sockets (others pass through untouched):

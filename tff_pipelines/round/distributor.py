@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from prism_tf import slicing
-from tff_pipelines.layout import RoundLayout
+from tff_pipelines.round.layout import RoundLayout
 
 DISTRIBUTIONS = ("select", "broadcast")
 

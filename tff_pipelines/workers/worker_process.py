@@ -1,13 +1,13 @@
 """The TFF worker process itself, without TensorFlow: start it confined, wait until it listens, stop it.
 
-`tff_pipelines.runtime` uses these pieces for the local worker behind its TFF context; `serve` runs one worker in
-the foreground for ``python -m tff_pipelines worker`` (scale-out, docs/deploy.md). Nothing here imports TensorFlow
+`tff_pipelines.workers.runtime` uses these pieces for the local worker behind its TFF context; `serve` runs one worker
+in the foreground for ``python -m tff_pipelines worker`` (scale-out, docs/deploy.md). Nothing here imports TensorFlow
 or TFF, so a worker command starts in well under a second and has no TensorFlow threads: a plain Python signal
 handler in its main thread is enough (the runtime's signal watcher exists for processes full of TF threads).
 
 The worker gets: stdin /dev/null and its output in a log file; `prctl(PR_SET_PDEATHSIG, SIGTERM)` so it dies with
 its parent even on SIGKILL; its own process group (a terminal's Ctrl-C reaches only Python); an environment with the
-bind shim that confines it to loopback or one chosen address (`tff_pipelines.loopback`).
+bind shim that confines it to loopback or one chosen address (`tff_pipelines.workers.loopback`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tff_pipelines import loopback
+from tff_pipelines.workers import loopback
 
 # The binary is ~300 MB; a cold page cache on a loaded 2-core CI machine can take several seconds to map it.
 _STARTUP_TIMEOUT_S = 60.0
@@ -244,7 +244,7 @@ def _finish_log(worker: _Worker, died_on_its_own: bool) -> None:
     if died_on_its_own:
         # Keep the evidence: a worker that exits by itself is a crash worth reading about.
         with contextlib.suppress(Exception):
-            print(f"tff_pipelines.runtime: TFF worker exited unexpectedly (code {worker.proc.returncode}); "
+            print(f"tff_pipelines.workers.runtime: TFF worker exited unexpectedly (code {worker.proc.returncode}); "
                   f"its log is at {worker.log_path}", file=sys.stderr)
         return
     with contextlib.suppress(OSError):
@@ -340,7 +340,7 @@ DESCRIPTION = ("Start one TFF worker in the foreground for `train --workers`. It
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``worker`` command's flags (shared by `tff_pipelines.cli` and `main`)."""
+    """The ``worker`` command's flags (shared by `tff_pipelines.program.cli` and `main`)."""
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     parser.add_argument("--bind", default=None, metavar="ADDRESS",
                         help="numeric address to listen on (default: loopback; 0.0.0.0 or :: = every interface)")

@@ -19,8 +19,8 @@ import tensorflow_federated as tff
 import prism_tf
 from prism_tf import local_step, slicing
 from prism_tf.plan import FROM_SELECTION, SERVER_ONLY
-from tff_pipelines import distributor
-from tff_pipelines.layout import RoundLayout
+from tff_pipelines.round import distributor
+from tff_pipelines.round.layout import RoundLayout
 
 LEARNING_RATE_KEY = tff.learning.optimizers.LEARNING_RATE_KEY
 
@@ -38,7 +38,7 @@ class ClientTraining:
       optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
       clip_norm, clip_lr_tau, frobenius_decay, weight_decay: see `prism_tf.local_step.StepOptions`.
       round_lr: clients receive the round's learning rate in their input struct (``lr``, `client_input_type`) and
-        set it as the optimizer's ``learning_rate`` hparam before training (`tff_pipelines.recipe.Schedule`).
+        set it as the optimizer's ``learning_rate`` hparam before training (`prism_tf.federated.recipe.Schedule`).
     """
 
     optimizer: tff.learning.optimizers.Optimizer = dataclasses.field(
@@ -99,7 +99,7 @@ def train_submodel(
     ``lr`` (the round's learning rate, when given) replaces the optimizer's own ``learning_rate`` for this round.
     """
     model = tf.keras.models.model_from_json(layout.submodel_json, custom_objects=prism_tf.CUSTOM_OBJECTS)
-    variables = prism_tf.flat_weights(model)
+    variables = prism_tf.submodel.flat_weights(model)
     positions = [i for i, t in enumerate(layout.trainable) if t]
     train_vars = [variables[i] for i in positions]
     specs = [tf.TensorSpec(v.shape, v.dtype) for v in train_vars]

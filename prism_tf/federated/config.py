@@ -1,7 +1,7 @@
 """What a run is, without TFF: its options (`TrainConfig`), its server model and its client budget.
 
 Everything here is plain Python, numpy and Keras, so the exporter, device ingest and round replay
-(`tff_pipelines.replay`) can rebuild a run's model and its clients' sub-models without starting a TFF worker.
+(`prism_tf.federated.replay`) can rebuild a run's model and its clients' sub-models without starting a TFF worker.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf.evaluation import EVAL_NORMS
-from tff_pipelines import methods as tff_methods
-from tff_pipelines import recipe
-from tff_pipelines.methods import METHODS, Method
-from tff_pipelines.runs import RunDir, RunError
+from prism_tf.federated import methods as tff_methods
+from prism_tf.federated import recipe
+from prism_tf.federated.methods import METHODS, Method
+from prism_tf.federated.rundir import RunDir, RunError
 
 
 @dataclasses.dataclass

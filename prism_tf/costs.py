@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from prism_tf.factorize import walk_layers
-from prism_tf.layers import PrincipalConv2D, PrincipalDense
+from prism_tf import kinds
+from prism_tf.kinds import walk_layers
 
 
 def cost(model: tf.keras.Model, input_shape: Sequence[int] | None = None, *, dtype_bytes: int = 4) -> dict:
@@ -55,30 +55,9 @@ def cost(model: tf.keras.Model, input_shape: Sequence[int] | None = None, *, dty
 
 
 def _layer_flops(layer, in_shape, out_shape) -> tuple[int, int]:
-    """Multiply-adds and extra stored activation values of one layer, per example."""
-    pixels = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
-    if isinstance(layer, PrincipalConv2D):
-        kh, kw = layer.kernel_size
-        fan_in = kh * kw * int(in_shape[-1])
-        return pixels * layer.rank * (fan_in + layer.filters), pixels * layer.rank
-    if isinstance(layer, PrincipalDense):
-        rows = int(np.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
-        return rows * layer.rank * (int(in_shape[-1]) + layer.units), rows * layer.rank
-    if isinstance(layer, tf.keras.layers.DepthwiseConv2D):
-        kh, kw = layer.kernel_size
-        return pixels * kh * kw * int(in_shape[-1]) * layer.depth_multiplier, 0
-    if isinstance(layer, tf.keras.layers.SeparableConv2D):
-        kh, kw = layer.kernel_size
-        cin = int(in_shape[-1])
-        depth = cin * layer.depth_multiplier
-        return pixels * (kh * kw * depth + depth * layer.filters), pixels * depth
-    if isinstance(layer, tf.keras.layers.Conv2D):
-        kh, kw = layer.kernel_size
-        return pixels * kh * kw * int(in_shape[-1]) // layer.groups * layer.filters, 0
-    if isinstance(layer, tf.keras.layers.Dense):
-        rows = int(np.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
-        return rows * int(in_shape[-1]) * layer.units, 0
-    return 0, 0
+    """Multiply-adds and extra stored activation values of one layer, per example (its kind's count)."""
+    kind = kinds.covering_kind(layer)
+    return (0, 0) if kind is None else kind.flops(layer, in_shape, out_shape)
 
 
 def _shapes(shape) -> list[tuple]:

@@ -7,7 +7,7 @@ broadcast or ``federated_select`` and the clients' training), "merge" and "after
 clients of a round are split into one sub-round per worker, each worker aggregates its own clients, the partial
 aggregates are merged with the aggregation's own ``merge`` function, and one worker runs the server step. Its limit
 is one aggregation stage per computation (an aggregate that depends on another raises ``ValueError``); a PriSM round
-fits: `tff_pipelines.process` aggregates the clients' sums/counts and their metrics side by side, once.
+fits: `tff_pipelines.round.process` aggregates the clients' sums/counts and their metrics side by side, once.
 
 We write no scheduler: only the connections, and a clear error instead of TFF's endless retry when a worker is
 gone (`WorkerUnavailableError` names it; the driver has not checkpointed the failed round, so `resume` with the
@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import tensorflow_federated as tff
 
-from tff_pipelines import runtime
+from tff_pipelines.workers import runtime
 
 __all__ = ["WorkerUnavailableError", "build_context", "install_worker_context", "parse_workers"]
 

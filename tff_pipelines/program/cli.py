@@ -7,8 +7,8 @@ import dataclasses
 import json
 import sys
 
-import prism_tf  # noqa: F401  (first: it imports TensorFlow without its CPU-only start-up noise)
-from tff_pipelines.methods import METHODS
+import prism_tf
+from prism_tf.federated.methods import METHODS
 
 _FIELD_HELP = {
     "method": f"federated method: {', '.join(METHODS)} (default prism)",
@@ -61,9 +61,9 @@ _FIELD_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     from prism_tf.evaluation import EVAL_NORMS
-    from tff_pipelines import recipe
-    from tff_pipelines.distributor import DISTRIBUTIONS
-    from tff_pipelines.driver import AUGMENTS, MATCHES, NORMALIZE, TrainConfig
+    from prism_tf.federated import recipe
+    from tff_pipelines.program.driver import AUGMENTS, MATCHES, NORMALIZE, TrainConfig
+    from tff_pipelines.round.distributor import DISTRIBUTIONS
 
     choices_of = {
         "method": METHODS, "model": tuple(prism_tf.models.MODELS), "norm": prism_tf.models.zoo.NORMS,
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--workers", default=None, metavar="HOST:PORT,...",
                              help="run each round's clients spread over these TFF workers (started with the "
                                   "`worker` command; docs/deploy.md) instead of one local worker")
-    from tff_pipelines import worker_process
+    from tff_pipelines.workers import worker_process
 
     worker_process.add_arguments(commands.add_parser(
         "worker", help="serve one TFF worker for `train --workers` (loopback unless --bind)",
@@ -104,20 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prism_tf.quiet import import_tensorflow
+
+    import_tensorflow()  # an entry point quiets TensorFlow's CPU-only start-up lines itself
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "worker":  # normally dispatched by __main__ before TensorFlow is imported
-        from tff_pipelines import worker_process
+        from tff_pipelines.workers import worker_process
 
         return worker_process.run(args)
-    from tff_pipelines import driver
-    from tff_pipelines.data import DataError
-    from tff_pipelines.runs import RunError
-    from tff_pipelines.workers import WorkerUnavailableError
+    from prism_tf.federated.data import DataError
+    from prism_tf.federated.rundir import RunError
+    from tff_pipelines.program import driver
+    from tff_pipelines.workers.remote import WorkerUnavailableError
 
     try:
         if args.workers is not None:
-            from tff_pipelines import workers
+            from tff_pipelines.workers import remote as workers
 
             workers.install_worker_context(workers.parse_workers(args.workers))
         if args.command == "train":

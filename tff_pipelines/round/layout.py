@@ -16,7 +16,7 @@ import tensorflow_federated as tff
 
 import prism_tf
 from prism_tf.plan import KERNELS, SubmodelPlan, TensorSlicing
-from tff_pipelines import runtime  # noqa: F401  (our worker context before any computation is built or run)
+from tff_pipelines.workers import runtime  # noqa: F401  (our worker context before any computation is built)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class RoundLayout:
         kernel_groups = plan.kernel_groups()
         channel_groups = [g for g in plan.free_channel_groups() if g in sizes]
         full_sizes = plan.sizes_with(sizes)
-        sub = prism_tf.submodel_architecture(model, plan, full_sizes)
+        sub = prism_tf.submodel.submodel_architecture(model, plan, full_sizes)
         trainable_ids = {id(v) for v in model.trainable_weights}
         return cls(
             plan=plan,
@@ -57,7 +57,7 @@ class RoundLayout:
             sizes=full_sizes,
             scale_layers=tuple(kernel_groups),
             submodel_json=sub.to_json(),
-            trainable=tuple(id(v) in trainable_ids for v in prism_tf.flat_weights(model)),
+            trainable=tuple(id(v) in trainable_ids for v in prism_tf.submodel.flat_weights(model)),
         )
 
     @property

@@ -16,10 +16,10 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf import evaluation
-from tff_pipelines import data as data_lib
-from tff_pipelines import methods as tff_methods
-from tff_pipelines import recipe
-from tff_pipelines.config import (
+from prism_tf.federated import data as data_lib
+from prism_tf.federated import methods as tff_methods
+from prism_tf.federated import recipe
+from prism_tf.federated.config import (
     AUGMENTS,
     LEGACY_DEFAULTS,
     MATCHES,
@@ -32,11 +32,11 @@ from tff_pipelines.config import (
     round_clients,
     stored_config,
 )
-from tff_pipelines.process import PrismProcess, build_prism_process
-from tff_pipelines.replay import RoundReplay
-from tff_pipelines.runs import RunDir, RunError
+from prism_tf.federated.replay import RoundReplay
+from prism_tf.federated.rundir import RunDir, RunError
+from tff_pipelines.round.process import PrismProcess, build_prism_process
 
-# The run's options and budget live in `tff_pipelines.config` (no TFF); they stay importable from here.
+# The run's options and budget live in `prism_tf.federated.config` (no TFF); they stay importable from here.
 __all__ = ["AUGMENTS", "LEGACY_DEFAULTS", "MATCHES", "NORMALIZE", "RunDir", "RunError", "Simulation", "TrainConfig",
            "client_budget", "evaluate", "load_run", "model_builder", "parse_keep_mix", "resume", "round_clients",
            "start", "stored_config"]
@@ -115,7 +115,7 @@ class Simulation:
         return self._calibration
 
     def deployed_models(self, state) -> dict[str, tf.keras.Model]:
-        """The models a user of this method would deploy (`tff_pipelines.methods.deployed_models`)."""
+        """The models a user of this method would deploy (`prism_tf.federated.methods.deployed_models`)."""
         return tff_methods.deployed_models(self.process.method, self.process.assign_to(state))
 
     def client_cost(self) -> dict:

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from prism_tf import server, slicing
-from tff_pipelines.layout import RoundLayout
+from tff_pipelines.round.layout import RoundLayout
 
 WEIGHTINGS = ("examples", "uniform")
 METRICS = ("num_examples", "loss_sum", "correct")  # the client metrics summed over the round's good clients

@@ -11,7 +11,7 @@ Here we start the worker ourselves, before the first computation:
 * its stdin is /dev/null and its stdout/stderr go to a log file, never to the caller's streams;
 * it listens on loopback only (TFF's binary binds every interface and has no authentication): an `LD_PRELOAD`
   shim rewrites its wildcard bind, and we connect to the address it actually bound after checking that no socket
-  of it is wider (`tff_pipelines.loopback`; docs/pitfalls.md, "The TFF worker process");
+  of it is wider (`tff_pipelines.workers.loopback`; docs/pitfalls.md, "The TFF worker process");
 * it gets `prctl(PR_SET_PDEATHSIG, SIGTERM)`, so the kernel terminates it even if Python is SIGKILLed;
 * it runs in its own process group, so a terminal's Ctrl-C or Jupyter's "interrupt kernel" (SIGINT to the
   whole group) does not kill it while Python survives the KeyboardInterrupt;
@@ -54,8 +54,8 @@ import grpc
 import portpicker
 import tensorflow_federated as tff
 
-from tff_pipelines import loopback
-from tff_pipelines.worker_process import (
+from tff_pipelines.workers import loopback
+from tff_pipelines.workers.worker_process import (
     _finish_log,
     _spawn,
     _terminate,
@@ -394,7 +394,7 @@ class _WatchedStub(DelegatingStub):
         except tff.framework.RetryableError as e:
             if _rt.worker is not self._worker or self._worker.proc.poll() is not None:
                 if _rt.shutting_down and _rt.worker is None:
-                    reason = "tff_pipelines.runtime.shutdown() was called"
+                    reason = "tff_pipelines.workers.runtime.shutdown() was called"
                 else:
                     reason = (f"the TFF worker (pid {self._worker.proc.pid}) exited with code "
                               f"{self._worker.proc.returncode}; log: {self._worker.log_path}")
@@ -462,7 +462,7 @@ def install_lazy_context() -> None:
     """Make the calling thread's default TFF context one that starts our worker when a computation first runs.
 
     Importing this module does this (every module that builds TFF computations imports it, through
-    `tff_pipelines.layout`): TFF's stock context never gets to start a worker of its own with our pipes, and a
+    `tff_pipelines.round.layout`): TFF's stock context never gets to start a worker of its own with our pipes, and a
     program that only builds computations, or never runs one, starts no worker at all.
     """
     with _lock:

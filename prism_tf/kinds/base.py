@@ -1,0 +1,211 @@
+"""What the project needs to know about one Keras layer kind, in one place (docs/design.md, "Layer kinds").
+
+A `LayerKind` is declared once per supported kind and registered (`prism_tf.kinds.register`); factorization, the
+sub-model plan, the cost model, the local step and the TFLite training compiler all ask the registry instead of
+testing layer types themselves (the pattern of tfmot's ``prune_registry``). The math it calls lives in
+`prism_tf.spectral`; a kind only says *which* tensors and axes the math applies to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import tensorflow as tf
+
+from prism_tf import spectral
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The eligibility rules of `prism_tf.factorize` (docs/algorithm.md §1), resolved for one model.
+
+    Attributes:
+      first_conv: name of the model's first convolution (kept whole when ``skip_first_conv``), or ``None``.
+      classifiers: names of layers that produce a model output (kept whole when ``skip_classifier``).
+      skip_pointwise: keep 1×1 convolutions whole.
+    """
+
+    first_conv: str | None
+    classifiers: frozenset[str]
+    skip_pointwise: bool
+
+
+class TFLiteOps:
+    """The primitives the TFLite training compiler (`export.tflite`) hands a kind: builtin-op forward and backward.
+
+    Declared here so that a kind's `LayerKind.tflite_layer` can be written without importing the exporter.
+    """
+
+    def conv(self, input_shape: tuple, kernel_size: tuple[int, int], strides: tuple[int, int],
+             padding: str) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+        raise NotImplementedError
+
+    def matmul(self, x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def bias_add(self, x: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def scale_rows(self, omega: tf.Tensor, combination: tf.Tensor) -> tf.Tensor:
+        """``diag(ω)·B`` with ω frozen: the combination a principal layer applies (`prism_tf.layers`)."""
+        raise NotImplementedError
+
+    def activation(self, layer: tf.keras.layers.Layer, activation: Callable) -> Callable[[tf.Tensor], tf.Tensor]:
+        raise NotImplementedError
+
+    def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
+        raise NotImplementedError
+
+
+# (inputs, training, updates) -> output: one compiled layer of the TFLite training module.
+CompiledLayer = Callable[[list, bool, list], tf.Tensor]
+
+
+class LayerKind:
+    """One factorizable Keras layer kind: a plain layer (``source``) and its principal-kernel form (``principal``).
+
+    Subclasses set the class attributes and implement the methods that raise `NotImplementedError`; the rest is
+    shared by every kind whose weights are ``kernel`` (fan-in axes, then the output axis) and ``bias``.
+    """
+
+    name: ClassVar[str]
+    source: ClassVar[type]  # the Keras layer it replaces (matched by exact type for factorization)
+    principal: ClassVar[type]  # the prism_tf layer holding its principal kernels
+    width_key: ClassVar[str]  # the config entry of the output width ("filters", "units")
+    is_conv: ClassVar[bool] = False  # a convolution: the model's first one sees raw inputs (`Rules.first_conv`)
+    is_classifier: ClassVar[bool] = False  # may produce a model output (`Rules.classifiers`)
+
+    # --- matching ------------------------------------------------------------------------------------------
+    def holds(self, layer: tf.keras.layers.Layer) -> bool:
+        """``layer`` is this kind's plain or principal layer (exact type)."""
+        return type(layer) is self.source or type(layer) is self.principal
+
+    def covers(self, layer: tf.keras.layers.Layer) -> bool:
+        """``layer`` is an instance of either form (subclasses included): what cost and weight decay go by."""
+        return isinstance(layer, self.source | self.principal)
+
+    # --- factorization (docs/algorithm.md §1) --------------------------------------------------------------
+    def ineligibility(self, layer: tf.keras.layers.Layer, rules: Rules) -> str | None:
+        """Why the plain ``layer`` is kept whole, or ``None`` if `prism_tf.factorize` replaces it."""
+        raise NotImplementedError
+
+    def kernel_shape(self, layer: tf.keras.layers.Layer) -> tuple[int, ...]:
+        return tuple(int(d) for d in layer.kernel.shape)
+
+    def full_rank(self, layer: tf.keras.layers.Layer) -> int:
+        """``min(rows, out)`` of the kernel as a matrix: the number of principal kernels at full rank."""
+        shape = self.kernel_shape(layer)
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+        return min(rows, shape[-1])
+
+    def to_principal(self, config: dict[str, Any], rank: int) -> tf.keras.layers.Layer:
+        """The principal layer of ``rank`` kernels for a plain layer's ``config`` (a new, unbuilt layer)."""
+        common = dict(rank=rank, activation=config.get("activation"), use_bias=config.get("use_bias", True),
+                      name=config["name"], trainable=config.get("trainable", True), dtype=config.get("dtype"))
+        return self.principal(**self.shape_config(config), **common)
+
+    def shape_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The entries of a plain layer's config that a principal layer of this kind takes as they are."""
+        raise NotImplementedError
+
+    def to_plain(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        """The plain Keras layer a principal ``layer`` represents (unbuilt; `prism_tf.unfactorize`)."""
+        config = {k: v for k, v in layer.get_config().items() if k in self.plain_keys}
+        return self.source(**config, activation=layer.activation, use_bias=layer.use_bias, name=layer.name,
+                           dtype=layer.dtype)
+
+    plain_keys: ClassVar[tuple[str, ...]] = ()
+
+    def load_factors(self, principal: tf.keras.layers.Layer, plain: tf.keras.layers.Layer) -> None:
+        """Set ``principal``'s factors to the SVD of ``plain``'s kernel (exact at full rank) and copy the bias."""
+        a, b, s = spectral.factorize_kernel(plain.kernel)
+        principal.set_factors(a, b, s, bias=plain.bias if plain.use_bias else None)
+
+    def plain_weights(self, principal: tf.keras.layers.Layer) -> list:
+        """``[W, bias]`` of the plain layer ``principal`` represents, ``W = A·diag(ω)·B``."""
+        return [principal.dense_kernel().numpy()] + ([principal.bias.numpy()] if principal.use_bias else [])
+
+    # --- sub-model plan (`prism_tf.plan`) ------------------------------------------------------------------
+    def mixes_channels(self, layer: tf.keras.layers.Layer) -> bool:
+        """Whether ``layer``'s outputs are a fresh channel group (every output mixes every input channel)."""
+        return True
+
+    def out_size(self, layer: tf.keras.layers.Layer) -> int:
+        return int(getattr(layer, self.width_key))
+
+    def weight_axes(self, layer: tf.keras.layers.Layer, weight: str, src: str | None, dst: str | None,
+                    ndim: int) -> list[tuple[int, str | None]]:
+        """The ``(axis, group)`` pairs a selection slices ``weight`` of ``layer`` by (docs/algorithm.md §2)."""
+        if type(layer) is self.principal:
+            k = layer.name
+            if weight == "principal_kernels":
+                return [(ndim - 2, src), (ndim - 1, k)]
+            if weight == "combination":
+                return [(0, k), (1, dst)]
+            if weight == "bias":
+                return [(0, dst)]
+            return [(0, k)]  # singular values, kernel scale
+        if weight == "kernel":
+            return [(ndim - 2, src), (ndim - 1, dst)]
+        return [(0, dst)]
+
+    # --- cost (`prism_tf.cost`, docs/algorithm.md §5) ------------------------------------------------------
+    def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
+        """Multiply-adds per example and the extra activation values backprop keeps (a principal layer's
+        rank-wide response map)."""
+        raise NotImplementedError
+
+    # --- local step (`prism_tf.local_step`, docs/algorithm.md §7) ------------------------------------------
+    def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
+        """The variables weight decay applies to: a plain layer's kernel (a principal layer's factors get the
+        Frobenius decay instead)."""
+        return [] if isinstance(layer, self.principal) else [layer.kernel]
+
+    # --- on-device training (`export.tflite`) --------------------------------------------------------------
+    def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
+        """``layer``'s forward with the exporter's builtin-gradient primitives."""
+        raise ops.unsupported(layer)
+
+    def finish_linear(self, layer: tf.keras.layers.Layer, y: tf.Tensor, ops: TFLiteOps,
+                      act: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+        """After the first product: a principal layer's ``⊛₁ₓ₁ diag(ω)·B`` (the combination `prism_tf.layers`
+        computes), the bias, the activation."""
+        if type(layer) is self.principal:
+            combination = ops.scale_rows(tf.convert_to_tensor(layer.kernel_scale),
+                                         tf.convert_to_tensor(layer.combination))
+            y = ops.matmul(y, combination)
+        if layer.use_bias:
+            y = ops.bias_add(y, tf.convert_to_tensor(layer.bias))
+        return act(y)
+
+    def first_factor(self, layer: tf.keras.layers.Layer) -> tf.Tensor:
+        """The tensor the first product uses: ``A`` for a principal layer, the kernel for a plain one."""
+        return tf.convert_to_tensor(layer.principal_kernels if type(layer) is self.principal else layer.kernel)
+
+
+class WholeKind:
+    """A kind that is never factorized but whose cost `prism_tf.cost` counts (depthwise, separable convs)."""
+
+    name: ClassVar[str]
+    source: ClassVar[type]
+
+    def covers(self, layer: tf.keras.layers.Layer) -> bool:
+        return isinstance(layer, self.source)
+
+    def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
+        return []
+
+
+def pixels(out_shape: Sequence) -> int:
+    """Output positions per example (1 for a vector output)."""
+    n = 1
+    for d in out_shape[1:-1]:
+        n *= int(d)
+    return n
