@@ -219,16 +219,16 @@ def channel_subset(size: int, keep: float, rule: str, rng: np.random.Generator) 
     raise ValueError(f"unknown channel rule {rule!r}; choose 'first' or 'random'")
 
 
-def rolling_window(size: int, keep: float, round_num: int) -> np.ndarray:
+def rolling_window(size: int, keep: float, round_index: int) -> np.ndarray:
     """FedRolex's rolling sub-model extraction (Alam et al., NeurIPS 2022): ``n = ceil(keep · size)`` channels starting
-    at ``round_num mod size`` and wrapping around, returned sorted.
+    at ``round_index mod size`` and wrapping around, returned sorted.
 
     The window advances by one channel per round, so over ``size`` consecutive rounds every channel is kept
     exactly ``n`` times. (The authors' code, ``torch.roll(arange(C), t mod C)[:n]``, rolls the same window the other
     way, start ``(−t) mod C``: the same coverage.)
     """
     n = num_kept(keep, size)
-    return np.sort((int(round_num) % size + np.arange(n)) % size).astype(np.int32)
+    return np.sort((int(round_index) % size + np.arange(n)) % size).astype(np.int32)
 
 
 def sample_from_singular_values(

@@ -143,14 +143,14 @@ def finish_round(
     weights: Sequence[tf.Tensor],
     sums: Sequence[tf.Tensor],
     counts: Sequence[tf.Tensor],
-    round_num: tf.Tensor | int,
+    round_index: tf.Tensor | int,
     refactorize_every: int = 1,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
     """The server step (docs/algorithm.md §1, §3): ``(new weights, kernel coverage)``.
 
     ``weights``: the server's flat weights before the round; ``sums``/``counts``: per travelling tensor (`travelling`
     order), what `Accumulator` or the TFF aggregator summed. Each entry becomes ``sums/counts`` where ``counts > 0``
-    and keeps its value elsewhere; then, on the re-factorization schedule (``(round_num + 1) % refactorize_every ==
+    and keeps its value elsewhere; then, on the re-factorization schedule (``(round_index + 1) % refactorize_every ==
     0``; 0 = never), every principal layer's ``A·B`` is re-factorized by SVD, and ``ω`` is reset to ones.
     Coverage: the share of all principal kernels that some client trained (``B``'s row reached).
     """
@@ -162,12 +162,12 @@ def finish_round(
     factors = principal_positions(plan)
     total = sum(plan.groups[g].size for g in factors)
     covered = tf.constant(0.0)
-    round_num = tf.convert_to_tensor(round_num, tf.int64)
+    round_index = tf.convert_to_tensor(round_index, tf.int64)
     for pos in factors.values():
         b_counts = tf.convert_to_tensor(counts[positions.index(pos[COMBINATION])])
         covered += tf.reduce_sum(tf.cast(tf.reduce_any(b_counts > 0, axis=1), tf.float32))
         if refactorize_every:
-            due = tf.equal(tf.math.floormod(round_num + 1, int(refactorize_every)), 0)
+            due = tf.equal(tf.math.floormod(round_index + 1, int(refactorize_every)), 0)
             a, b = tf.convert_to_tensor(new[pos[PRINCIPAL]]), tf.convert_to_tensor(new[pos[COMBINATION]])
             s = tf.convert_to_tensor(weights[pos[SINGULAR]])
             a, b, s = tf.cond(due, lambda a=a, b=b: spectral.refactorize(a, b), lambda a=a, b=b, s=s: (a, b, s))

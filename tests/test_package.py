@@ -22,7 +22,7 @@ def _run(args: list[str], cwd, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_the_packages_import_from_any_directory(tmp_path):
-    proc = _run(["-c", "import prism_tf, tff_pipelines, export, export.tflite_train; print(prism_tf.__file__)"],
+    proc = _run(["-c", "import prism_tf, tff_pipelines, export, export.tflite; print(prism_tf.__file__)"],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

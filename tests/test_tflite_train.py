@@ -1,4 +1,4 @@
-"""On-device training export (export/tflite_train.py; docs/export.md, "On-device training").
+"""On-device training export (export/tflite/; docs/export.md, "On-device training").
 
 Real conversions and real interpreters: the builtins-only models run in ``ai_edge_litert`` (no Flex) and are compared
 with a plain TensorFlow reference step — `tf.GradientTape` on the Keras sub-model, `prism_tf.local_step.step_gradients`,
@@ -22,7 +22,7 @@ from ai_edge_litert.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as schema
 
 import prism_tf
-from export import tflite_train as tt
+from export import tflite as tt
 from prism_tf.local_step import StepOptions, step_gradients
 
 BATCH = 8

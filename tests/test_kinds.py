@@ -1,0 +1,108 @@
+"""The layer-kind registry (`prism_tf.kinds`): lookups, each kind's factorization, axes and cost, and what adding a
+kind takes (one `LayerKind` subclass, registered: factorize, plan, extract, merge, cost and the local step then
+serve the new layer with no other change)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import prism_tf
+from prism_tf import kinds
+from prism_tf.kinds.dense import DenseKind
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_lookups_by_exact_type_and_by_instance():
+    conv, dense = tf.keras.layers.Conv2D(4, 3), tf.keras.layers.Dense(3)
+    transpose, depthwise = tf.keras.layers.Conv2DTranspose(4, 3), tf.keras.layers.DepthwiseConv2D(3)
+    assert kinds.kind_of(conv).name == "conv2d" and kinds.kind_of(dense).name == "dense"
+    assert kinds.kind_of(prism_tf.PrincipalConv2D(4, 3, rank=2)).name == "conv2d"
+    # A Conv2D subclass is not factorized (exact type), but its cost and weight decay go by Conv2D's rules.
+    assert kinds.kind_of(transpose) is None and kinds.covering_kind(transpose).name == "conv2d"
+    assert kinds.kind_of(depthwise) is None and kinds.covering_kind(depthwise).name == "depthwise_conv2d"
+    assert kinds.covering_kind(tf.keras.layers.BatchNormalization()) is None
+    assert kinds.CUSTOM_OBJECTS == {"PrincipalConv2D": prism_tf.PrincipalConv2D,
+                                    "PrincipalDense": prism_tf.PrincipalDense}
+    with pytest.raises(ValueError, match="already registered"):
+        kinds.register(DenseKind())
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (tf.keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu"), (9, 9, 5)),
+    (tf.keras.layers.Dense(7, activation="relu"), (11,)),
+])
+def test_every_kind_is_exact_at_full_rank_and_back(layer, shape):
+    inputs = tf.keras.Input(shape)
+    model = tf.keras.Model(inputs, layer(inputs))
+    kind = kinds.kind_of(layer)
+    principal = kind.to_principal(layer.get_config(), kind.full_rank(layer))
+    principal.build((None, *shape))
+    kind.load_factors(principal, layer)
+    x = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)
+    assert _rel(principal(x), model(x)) < 1e-5
+    plain = kind.to_plain(principal)
+    plain.build((None, *shape))
+    plain.set_weights(kind.plain_weights(principal))
+    assert type(plain) is type(layer) and _rel(plain(x), model(x)) < 1e-5
+    # A principal layer's axes: A by (input channels, kernels), B by (kernels, output channels), s and ω by kernels.
+    ndim = len(principal.principal_kernels.shape)
+    assert kind.weight_axes(principal, "principal_kernels", "in", "out", ndim) == [(ndim - 2, "in"),
+                                                                                   (ndim - 1, principal.name)]
+    assert kind.weight_axes(principal, "combination", "in", "out", 2) == [(0, principal.name), (1, "out")]
+    assert kind.weight_axes(layer, "kernel", "in", "out", ndim) == [(ndim - 2, "in"), (ndim - 1, "out")]
+
+
+def test_costs_are_the_analytic_counts():
+    conv = kinds.kind_of(tf.keras.layers.Conv2D(6, 3))
+    layer = tf.keras.layers.Conv2D(6, 3, padding="same")
+    layer.build((None, 8, 8, 5))
+    assert conv.flops(layer, (None, 8, 8, 5), (None, 8, 8, 6)) == (64 * 9 * 5 * 6, 0)
+    principal = prism_tf.PrincipalConv2D(6, 3, rank=2, padding="same")
+    principal.build((None, 8, 8, 5))
+    assert conv.flops(principal, (None, 8, 8, 5), (None, 8, 8, 6)) == (64 * 2 * (9 * 5 + 6), 64 * 2)
+    dense = prism_tf.PrincipalDense(7, rank=3)
+    dense.build((None, 4, 11))  # a token axis multiplies the count
+    assert kinds.kind_of(dense).flops(dense, (None, 4, 11), (None, 4, 7)) == (4 * 3 * (11 + 7), 4 * 3)
+    separable = tf.keras.layers.SeparableConv2D(6, 3, depth_multiplier=2)
+    assert kinds.covering_kind(separable).flops(separable, (None, 8, 8, 5), (None, 6, 6, 6)) == (
+        36 * (9 * 10 + 10 * 6), 36 * 10)
+
+
+class MyDense(tf.keras.layers.Dense):
+    """A user's own Dense subclass: no kind serves it until one is registered."""
+
+
+class MyDenseKind(DenseKind):
+    """The whole of what a new kind needs: its types and what differs from a kind it resembles."""
+
+    name = "my_dense"
+    source = MyDense
+
+
+def test_a_new_kind_is_one_registered_class(monkeypatch):
+    def build():
+        inputs = tf.keras.Input((12,))
+        hidden = MyDense(10, activation="relu", name="mine")(inputs)
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
+
+    model = build()
+    with pytest.raises(ValueError, match="no factorizable layer"):
+        prism_tf.factorize(model)
+    monkeypatch.setattr(kinds, "KINDS", [*kinds.KINDS, MyDenseKind()])
+    fm = prism_tf.factorize(model)
+    assert [f.name for f in fm.prism_report.factorized] == ["mine"]
+    x = np.random.default_rng(1).normal(size=(5, 12)).astype(np.float32)
+    assert _rel(fm(x), model(x)) < 1e-5
+    sub = prism_tf.extract(fm, prism_tf.sample(fm, keep_ratio=0.3, seed=2))
+    assert sub.get_layer("mine").rank == 3  # ceil(0.3 · 10)
+    assert prism_tf.cost(sub)["layers"]["mine"] == 3 * (12 + 10)
+    prism_tf.merge(fm, sub, prism_tf.sample(fm, keep_ratio=0.3, seed=2))
+    plain = prism_tf.unfactorize(fm)  # a principal class shared by two kinds comes back as the first one's layer
+    assert isinstance(plain.get_layer("mine"), tf.keras.layers.Dense)
+    assert _rel(plain(x), fm(x)) < 1e-5
