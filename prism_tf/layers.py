@@ -199,6 +199,81 @@ class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="prism_tf")
+class PrincipalConv1D(_PrincipalMixin, tf.keras.layers.Layer):
+    """A ``Conv1D`` as ``rank`` principal kernels (``k×Cin`` filters) followed by a pointwise combination
+    (docs/algorithm.md §1): keyword spotting and text CNNs.
+
+    Supports the ``Conv1D`` options of the layer it replaces: ``strides``, ``padding`` (``valid``/``same``/
+    ``causal``), ``dilation_rate``, bias and activation; ``channels_last`` and ``groups=1`` only.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int],
+        rank: int,
+        strides: int | tuple[int] = 1,
+        padding: str = "valid",
+        dilation_rate: int | tuple[int] = 1,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "he_normal",
+        combination_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = _single(kernel_size)
+        self.strides = _single(strides)
+        self.dilation_rate = _single(dilation_rate)
+        self.padding = padding.lower()
+        if self.padding not in ("valid", "same", "causal"):
+            raise ValueError(f"PrincipalConv1D '{self.name}': padding must be 'valid', 'same' or 'causal', got "
+                             f"{padding!r}")
+        self._init_factor_args(
+            rank, activation, use_bias, kernel_initializer, combination_initializer, bias_initializer,
+            kernel_regularizer,
+        )
+        self.input_spec = tf.keras.layers.InputSpec(ndim=3)
+
+    def build(self, input_shape: tf.TensorShape) -> None:
+        channels = tf.TensorShape(input_shape)[-1]
+        if channels is None:
+            raise ValueError(f"PrincipalConv1D '{self.name}': the channel dimension of the input must be known")
+        self._add_factor_weights((*self.kernel_size, int(channels)), self.filters)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=3, axes={-1: int(channels)})
+        self.built = True
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        padding = self.padding.upper()
+        if self.padding == "causal":  # Keras's causal padding: (k − 1)·d zeros on the left, then a valid conv
+            inputs = tf.pad(inputs, [[0, 0], [(self.kernel_size[0] - 1) * self.dilation_rate[0], 0], [0, 0]])
+            padding = "VALID"
+        responses = tf.nn.convolution(
+            inputs, tf.cast(self.principal_kernels, inputs.dtype), strides=self.strides, padding=padding,
+            dilations=self.dilation_rate,
+        )
+        return self._combine(responses)
+
+    def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
+        shape = tf.TensorShape(input_shape).as_list()
+        length = shape[1]
+        if self.padding == "causal":
+            length = None if length is None else length + (self.kernel_size[0] - 1) * self.dilation_rate[0]
+        length = _conv_output_length(length, self.kernel_size[0], "valid" if self.padding == "causal" else
+                                     self.padding, self.strides[0], self.dilation_rate[0])
+        return tf.TensorShape([shape[0], length, self.filters])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+                      dilation_rate=self.dilation_rate, **self._factor_config())
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package="prism_tf")
 class PrincipalDense(_PrincipalMixin, tf.keras.layers.Layer):
     """A ``Dense`` layer as ``rank`` principal kernels (rank-one terms) and their combination (docs/algorithm.md §1)."""
 
@@ -249,6 +324,15 @@ def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     value = tuple(int(v) for v in value)
     if len(value) != 2:
         raise ValueError(f"expected an int or a pair, got {value}")
+    return value  # type: ignore[return-value]
+
+
+def _single(value: int | tuple[int, ...] | list[int]) -> tuple[int]:
+    if isinstance(value, int):
+        return (value,)
+    value = tuple(int(v) for v in value)
+    if len(value) != 1:
+        raise ValueError(f"expected an int or a 1-tuple, got {value}")
     return value  # type: ignore[return-value]
 
 

@@ -33,6 +33,8 @@ _CHANNELWISE = (
     tf.keras.layers.ReLU, tf.keras.layers.Activation, tf.keras.layers.LeakyReLU, tf.keras.layers.Dropout,
     tf.keras.layers.SpatialDropout2D, tf.keras.layers.MaxPooling2D, tf.keras.layers.AveragePooling2D,
     tf.keras.layers.GlobalAveragePooling2D, tf.keras.layers.GlobalMaxPooling2D, tf.keras.layers.ZeroPadding2D,
+    tf.keras.layers.SpatialDropout1D, tf.keras.layers.MaxPooling1D, tf.keras.layers.AveragePooling1D,
+    tf.keras.layers.GlobalAveragePooling1D, tf.keras.layers.GlobalMaxPooling1D, tf.keras.layers.ZeroPadding1D,
 )
 _MERGES = (tf.keras.layers.Add, tf.keras.layers.Subtract, tf.keras.layers.Average, tf.keras.layers.Maximum,
            tf.keras.layers.Minimum, tf.keras.layers.Multiply)

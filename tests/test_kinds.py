@@ -28,7 +28,8 @@ def test_lookups_by_exact_type_and_by_instance():
     assert kinds.kind_of(depthwise) is None and kinds.covering_kind(depthwise).name == "depthwise_conv2d"
     assert kinds.covering_kind(tf.keras.layers.BatchNormalization()) is None
     assert kinds.CUSTOM_OBJECTS == {"PrincipalConv2D": prism_tf.PrincipalConv2D,
-                                    "PrincipalDense": prism_tf.PrincipalDense}
+                                    "PrincipalDense": prism_tf.PrincipalDense,
+                                    "PrincipalConv1D": prism_tf.layers.PrincipalConv1D}
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(DenseKind())
 
@@ -36,6 +37,10 @@ def test_lookups_by_exact_type_and_by_instance():
 @pytest.mark.parametrize("layer, shape", [
     (tf.keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu"), (9, 9, 5)),
     (tf.keras.layers.Dense(7, activation="relu"), (11,)),
+    (tf.keras.layers.Dense(7), (5, 11)),  # tokens
+    (tf.keras.layers.Conv1D(6, 5, padding="same", activation="relu"), (20, 4)),
+    (tf.keras.layers.Conv1D(6, 3, strides=2, dilation_rate=1), (21, 4)),
+    (tf.keras.layers.Conv1D(6, 3, padding="causal", dilation_rate=2), (16, 4)),
 ])
 def test_every_kind_is_exact_at_full_rank_and_back(layer, shape):
     inputs = tf.keras.Input(shape)
@@ -106,3 +111,34 @@ def test_a_new_kind_is_one_registered_class(monkeypatch):
     plain = prism_tf.unfactorize(fm)  # a principal class shared by two kinds comes back as the first one's layer
     assert isinstance(plain.get_layer("mine"), tf.keras.layers.Dense)
     assert _rel(plain(x), fm(x)) < 1e-5
+
+
+def test_a_conv1d_model_factorizes_samples_trains_and_merges():
+    """A keyword-spotting style Conv1D net: every step of a round on the registry's Conv1D kind."""
+    inputs = tf.keras.Input((49, 10))  # 49 frames of 10 MFCCs
+    x = tf.keras.layers.Conv1D(16, 5, padding="same", activation="relu", name="c1")(inputs)
+    x = tf.keras.layers.Conv1D(32, 3, padding="same", activation="relu", name="c2")(x)
+    x = tf.keras.layers.Conv1D(32, 3, padding="causal", activation="relu", name="c3")(x)
+    x = tf.keras.layers.GlobalAveragePooling1D()(x)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(4, name="head")(x))
+    fm = prism_tf.factorize(model)
+    assert [f.name for f in fm.prism_report.factorized] == ["c2", "c3"]  # c1 sees the raw features
+    x = np.random.default_rng(3).normal(size=(6, 49, 10)).astype(np.float32)
+    assert _rel(fm(x), model(x)) < 1e-5
+    selection = prism_tf.sample(fm, keep_ratio=0.2, seed=4)
+    sub = prism_tf.extract(fm, selection)
+    assert [sub.get_layer(n).rank for n in ("c2", "c3")] == [7, 7]  # ceil(0.2 · 32)
+    # The analytic count of the factorized part: 49 positions · k · (kernel·Cin + Cout).
+    assert prism_tf.cost(sub)["layers"]["c2"] == 49 * 7 * (3 * 16 + 32)
+    assert prism_tf.cost(model)["layers"]["c2"] == 49 * 3 * 16 * 32
+    sub.compile(optimizer=tf.keras.optimizers.SGD(0.1),
+                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    sub.fit(x, np.arange(6) % 4, epochs=1, verbose=0)
+    before = fm.get_layer("c2").combination.numpy()
+    prism_tf.merge(fm, sub, selection)
+    kept = selection.layers["c2"].indices
+    np.testing.assert_array_equal(fm.get_layer("c2").combination.numpy()[kept], sub.get_layer("c2").combination.numpy())
+    untouched = np.setdiff1d(np.arange(32), kept)
+    np.testing.assert_array_equal(fm.get_layer("c2").combination.numpy()[untouched], before[untouched])
+    restored = tf.keras.models.clone_model(fm)  # get_config / from_config of PrincipalConv1D
+    assert restored.get_layer("c3").get_config() == fm.get_layer("c3").get_config()

@@ -45,3 +45,19 @@ def test_a_tiny_run_prints_no_start_up_noise_but_real_warnings_still_show(shapes
     # A real warning raised after start-up reaches stderr unchanged.
     proc = _run(["-c", "import prism_tf, warnings; warnings.warn('a real warning')"], tmp_path)
     assert "a real warning" in proc.stderr
+
+
+def test_importing_the_library_has_no_side_effects(tmp_path):
+    """No TensorFlow import, no environment change, no descriptor redirected, no worker: entry points do those."""
+    code = ("import os, sys; before = dict(os.environ); fd2 = os.fstat(2).st_ino\n"
+            "import prism_tf, tff_pipelines, export, prism_tf.federated\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+            "assert dict(os.environ) == before, 'environment changed'\n"
+            "assert os.fstat(2).st_ino == fd2\n"
+            "assert 'factorize' in prism_tf.__all__ and 'walk_layers' not in prism_tf.__all__\n"
+            "print(len(prism_tf.__all__))")
+    proc = _run(["-c", code], tmp_path, env={k: v for k, v in __import__("os").environ.items()
+                                             if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert int(proc.stdout) == 20
