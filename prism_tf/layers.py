@@ -318,6 +318,57 @@ class PrincipalDense(_PrincipalMixin, tf.keras.layers.Layer):
         return config
 
 
+@tf.keras.utils.register_keras_serializable(package="prism_tf")
+class PrincipalEmbedding(_PrincipalMixin, tf.keras.layers.Layer):
+    """An ``Embedding`` table as ``E = A·diag(ω)·B`` (docs/algorithm.md §1, the factorized-embedding form): a token
+    looks up its row of ``A`` (``rank`` principal kernels, ``[input_dim, rank]``) and the ``rank → output_dim``
+    combination ``B`` maps it to the embedding. Supports ``mask_zero``."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        rank: int,
+        mask_zero: bool = False,
+        kernel_initializer: Any = "uniform",
+        combination_initializer: Any = "orthogonal",
+        kernel_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("activation", None)
+        kwargs.pop("use_bias", None)
+        kwargs.pop("bias_initializer", None)
+        super().__init__(**kwargs)
+        self.input_dim, self.output_dim = int(input_dim), int(output_dim)
+        self.mask_zero = bool(mask_zero)
+        self._init_factor_args(rank, None, False, kernel_initializer, combination_initializer, "zeros",
+                               kernel_regularizer)
+
+    def build(self, input_shape: tf.TensorShape) -> None:
+        self._add_factor_weights((self.input_dim,), self.output_dim)
+        self.built = True
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        if inputs.dtype not in (tf.int32, tf.int64):
+            inputs = tf.cast(inputs, tf.int32)
+        rows = tf.gather(self.principal_kernels, inputs)
+        return self._combine(tf.cast(rows, self.compute_dtype))
+
+    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor | None:
+        return tf.not_equal(inputs, 0) if self.mask_zero else None
+
+    def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
+        return tf.TensorShape(input_shape).concatenate([self.output_dim])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        factors = self._factor_config()
+        for key in ("activation", "use_bias", "bias_initializer"):
+            factors.pop(key)
+        config.update(input_dim=self.input_dim, output_dim=self.output_dim, mask_zero=self.mask_zero, **factors)
+        return config
+
+
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)

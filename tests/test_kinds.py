@@ -29,7 +29,8 @@ def test_lookups_by_exact_type_and_by_instance():
     assert kinds.covering_kind(tf.keras.layers.BatchNormalization()) is None
     assert kinds.CUSTOM_OBJECTS == {"PrincipalConv2D": prism_tf.PrincipalConv2D,
                                     "PrincipalDense": prism_tf.PrincipalDense,
-                                    "PrincipalConv1D": prism_tf.layers.PrincipalConv1D}
+                                    "PrincipalConv1D": prism_tf.layers.PrincipalConv1D,
+                                    "PrincipalEmbedding": prism_tf.layers.PrincipalEmbedding}
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(DenseKind())
 
@@ -142,3 +143,28 @@ def test_a_conv1d_model_factorizes_samples_trains_and_merges():
     np.testing.assert_array_equal(fm.get_layer("c2").combination.numpy()[untouched], before[untouched])
     restored = tf.keras.models.clone_model(fm)  # get_config / from_config of PrincipalConv1D
     assert restored.get_layer("c3").get_config() == fm.get_layer("c3").get_config()
+
+
+def test_an_embedding_is_a_factorized_table():
+    """``E = A·B``: exact at full rank, masks kept, a client holds ``vocabulary × k`` of ``A``."""
+    inputs = tf.keras.Input((12,), dtype=tf.int32)
+    x = tf.keras.layers.Embedding(1000, 64, mask_zero=True, name="embed")(inputs)
+    x = tf.keras.layers.GlobalAveragePooling1D()(x)  # honours the mask
+    x = tf.keras.layers.Dense(32, activation="relu", name="hidden")(x)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(2, name="head")(x))
+    tokens = np.random.default_rng(5).integers(0, 1000, (8, 12)).astype(np.int32)
+    tokens[:, 9:] = 0  # padding
+    fm = prism_tf.factorize(model)
+    assert sorted(f.name for f in fm.prism_report.factorized) == ["embed", "hidden"]
+    assert _rel(fm(tokens), model(tokens)) < 1e-5
+    selection = prism_tf.sample(fm, keep_ratio=0.2, seed=6)
+    sub = prism_tf.extract(fm, selection)
+    layer = sub.get_layer("embed")
+    assert layer.rank == 13 and tuple(layer.principal_kernels.shape) == (1000, 13)  # ceil(0.2 · 64)
+    assert prism_tf.cost(sub)["layers"]["embed"] == 12 * 13 * 64 and "embed" not in prism_tf.cost(model)["layers"]
+    kept = selection.layers["embed"].indices
+    full = fm.get_layer("embed")
+    expected = (full.principal_kernels.numpy()[:, kept] @ full.combination.numpy()[kept])[tokens]
+    np.testing.assert_allclose(layer(tokens), expected, rtol=1e-5, atol=1e-6)
+    plain = prism_tf.unfactorize(fm)
+    assert type(plain.get_layer("embed")) is tf.keras.layers.Embedding and _rel(plain(tokens), model(tokens)) < 1e-5

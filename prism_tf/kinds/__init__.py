@@ -17,6 +17,7 @@ from prism_tf.kinds.base import LayerKind, Rules, TFLiteOps, WholeKind
 from prism_tf.kinds.conv1d import Conv1DKind
 from prism_tf.kinds.conv2d import Conv2DKind
 from prism_tf.kinds.dense import DenseKind
+from prism_tf.kinds.embedding import EmbeddingKind
 from prism_tf.kinds.whole import DepthwiseConv2DKind, SeparableConv2DKind
 
 KINDS: list[LayerKind] = []
@@ -36,7 +37,8 @@ def register(kind: LayerKind | WholeKind) -> LayerKind | WholeKind:
     return kind
 
 
-for _kind in (Conv2DKind(), DenseKind(), Conv1DKind(), DepthwiseConv2DKind(), SeparableConv2DKind()):
+for _kind in (Conv2DKind(), DenseKind(), Conv1DKind(), EmbeddingKind(), DepthwiseConv2DKind(),
+              SeparableConv2DKind()):
     register(_kind)
 
 

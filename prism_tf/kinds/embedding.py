@@ -1,0 +1,60 @@
+"""``Embedding`` ↔ `PrincipalEmbedding` (docs/algorithm.md §1): the ``[vocabulary, dim]`` table is the matrix; a
+principal kernel is one column of ``A`` (a value per token) with its row of ``B`` (a direction in embedding space).
+
+A client downloads ``vocabulary × k + k × dim`` numbers instead of ``vocabulary × dim``; the lookup itself was free,
+so the sub-model's embedding costs ``k × dim`` multiply-adds per token that the full model's did not (counted by
+`prism_tf.cost`). Embeddings are not weight-decayed (as before the registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from prism_tf import spectral
+from prism_tf.kinds.base import LayerKind, Rules
+from prism_tf.layers import PrincipalEmbedding
+
+
+class EmbeddingKind(LayerKind):
+    name = "embedding"
+    source = tf.keras.layers.Embedding
+    principal = PrincipalEmbedding
+    width_key = "output_dim"
+
+    def ineligibility(self, layer: tf.keras.layers.Layer, rules: Rules) -> str | None:
+        return None
+
+    def kernel_shape(self, layer: tf.keras.layers.Layer) -> tuple[int, ...]:
+        return (int(layer.input_dim), int(layer.output_dim))
+
+    def to_principal(self, config: dict[str, Any], rank: int) -> tf.keras.layers.Layer:
+        return PrincipalEmbedding(config["input_dim"], config["output_dim"], rank, mask_zero=config["mask_zero"],
+                                  name=config["name"], trainable=config.get("trainable", True),
+                                  dtype=config.get("dtype"))
+
+    def shape_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"input_dim": config["input_dim"], "output_dim": config["output_dim"]}
+
+    def to_plain(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        return tf.keras.layers.Embedding(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero,
+                                         name=layer.name, dtype=layer.dtype)
+
+    def load_factors(self, principal: tf.keras.layers.Layer, plain: tf.keras.layers.Layer) -> None:
+        a, b, s = spectral.factorize_kernel(plain.embeddings)
+        principal.set_factors(a, b, s)
+
+    def plain_weights(self, principal: tf.keras.layers.Layer) -> list:
+        return [principal.dense_kernel().numpy()]
+
+    def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
+        tokens = 1
+        for d in in_shape[1:]:
+            tokens *= int(d)
+        if isinstance(layer, self.principal):
+            return tokens * layer.rank * layer.output_dim, tokens * layer.rank
+        return 0, 0
+
+    def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
+        return []
