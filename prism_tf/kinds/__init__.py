@@ -18,7 +18,7 @@ from prism_tf.kinds.conv1d import Conv1DKind
 from prism_tf.kinds.conv2d import Conv2DKind
 from prism_tf.kinds.dense import DenseKind
 from prism_tf.kinds.embedding import EmbeddingKind
-from prism_tf.kinds.whole import DepthwiseConv2DKind, SeparableConv2DKind
+from prism_tf.kinds.whole import DepthwiseConv2DKind, MultiHeadAttentionKind, SeparableConv2DKind
 
 KINDS: list[LayerKind] = []
 WHOLE_KINDS: list[WholeKind] = []
@@ -38,7 +38,7 @@ def register(kind: LayerKind | WholeKind) -> LayerKind | WholeKind:
 
 
 for _kind in (Conv2DKind(), DenseKind(), Conv1DKind(), EmbeddingKind(), DepthwiseConv2DKind(),
-              SeparableConv2DKind()):
+              SeparableConv2DKind(), MultiHeadAttentionKind()):
     register(_kind)
 
 

@@ -116,6 +116,81 @@ def small_cnn(
     return tf.keras.Model(inputs, outputs, name=f"small_cnn_w{width}")
 
 
+@tf.keras.utils.register_keras_serializable(package="prism_tf")
+class PositionEmbedding(tf.keras.layers.Layer):
+    """Adds a learned ``[tokens, dim]`` position table to ``[batch, tokens, dim]`` inputs (ViT; travels whole)."""
+
+    def __init__(self, initializer: str = "random_normal", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.initializer = tf.keras.initializers.get(initializer)
+
+    def build(self, input_shape: tf.TensorShape) -> None:
+        _, tokens, dim = tf.TensorShape(input_shape).as_list()
+        self.table = self.add_weight(name="table", shape=(tokens, dim), initializer=self.initializer)
+        self.built = True
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return inputs + tf.cast(self.table, inputs.dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "initializer": tf.keras.initializers.serialize(self.initializer)}
+
+
+# (dim, depth, heads, mlp ratio): the authors' DeiT-tiny shape and smaller ones for CPU benches.
+VIT_PRESETS = {"deit_tiny": (192, 12, 3, 4.0), "small": (96, 6, 3, 4.0), "tiny": (64, 4, 2, 2.0),
+               "micro": (32, 2, 2, 2.0)}
+
+
+def vit(
+    width: int = 64, num_classes: int = 10, input_shape: Sequence[int] = (32, 32, 3), norm: str = "layer", *,
+    depth: int = 4, heads: int | None = None, mlp_ratio: float = 2.0, patch: int = 4, preset: str | None = None,
+) -> tf.keras.Model:
+    """A Vision Transformer for small images (Dosovitskiy et al. 2021): ``patch×patch`` patches (a strided conv,
+    kept whole as a first conv), learned positions, ``depth`` pre-norm blocks ``x + MHA(LN(x))``, ``x +
+    MLP(LN(x))`` (MLP: ``Dense(mlp_ratio·width, gelu) → Dense(width)``), mean over tokens, a linear classifier.
+
+    ``width`` is the embedding dimension; ``preset`` (`VIT_PRESETS`: ``deit_tiny`` is the authors' DeiT-tiny
+    shape, 192 × 12 blocks × 3 heads) sets ``width``, ``depth``, ``heads`` and ``mlp_ratio``. `prism_tf.factorize`
+    factorizes the MLP Dense layers (the authors' DeiT runs); the attention projections travel whole.
+    """
+    if preset is not None:
+        if preset not in VIT_PRESETS:
+            raise ValueError(f"unknown ViT preset {preset!r}; choose one of {', '.join(VIT_PRESETS)}")
+        width, depth, heads, mlp_ratio = VIT_PRESETS[preset]
+    _check(width, num_classes, input_shape)
+    if norm not in ("layer", "none"):
+        raise ValueError(f"a ViT normalizes with LayerNorm: norm must be 'layer' or 'none', got {norm!r}")
+    heads = heads or max(1, width // 32)
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by heads {heads}")
+    height, side = int(input_shape[0]), int(input_shape[1])
+    if height % patch or side % patch:
+        raise ValueError(f"input {height}x{side} is not divisible into {patch}x{patch} patches")
+    tokens = (height // patch) * (side // patch)
+
+    def layer_norm(x, name):
+        return tf.keras.layers.LayerNormalization(epsilon=1e-6, name=name)(x) if norm == "layer" else x
+
+    inputs = tf.keras.Input(shape=tuple(input_shape), name="image")
+    x = tf.keras.layers.Conv2D(width, patch, strides=patch, name="patch_embed")(inputs)
+    x = tf.keras.layers.Reshape((tokens, width), name="tokens")(x)
+    x = PositionEmbedding(name="position")(x)
+    hidden = int(round(mlp_ratio * width))
+    for block in range(1, depth + 1):
+        name = f"block{block}"
+        y = layer_norm(x, f"{name}_norm1")
+        y = tf.keras.layers.MultiHeadAttention(heads, width // heads, name=f"{name}_attention")(y, y)
+        x = tf.keras.layers.Add(name=f"{name}_add1")([x, y])
+        y = layer_norm(x, f"{name}_norm2")
+        y = tf.keras.layers.Dense(hidden, activation="gelu", name=f"{name}_mlp1")(y)
+        y = tf.keras.layers.Dense(width, name=f"{name}_mlp2")(y)
+        x = tf.keras.layers.Add(name=f"{name}_add2")([x, y])
+    x = layer_norm(x, "final_norm")
+    x = tf.keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = tf.keras.layers.Dense(num_classes, name="classifier")(x)
+    return tf.keras.Model(inputs, outputs, name=f"vit_w{width}_d{depth}")
+
+
 MODELS: dict[str, Callable[..., tf.keras.Model]] = {"resnet18": resnet18, "vgg11": vgg11, "small_cnn": small_cnn}
 
 
