@@ -29,7 +29,7 @@ def measure(width: int, which: str, runtime: str, steps: int, batch: int) -> dic
     import tensorflow as tf
 
     import prism_tf
-    from export import tflite_train
+    from export import tflite
     from export.files import npz_bytes
 
     tf.keras.utils.set_random_seed(0)
@@ -39,10 +39,10 @@ def measure(width: int, which: str, runtime: str, steps: int, batch: int) -> dic
     else:
         fm = prism_tf.factorize(full)
         model = prism_tf.extract(fm, prism_tf.sample(fm, keep_ratio=0.2, seed=(0, 0, 0)))
-    step = tflite_train.TrainStep(0.01, 0.9, prism_tf.local_step.StepOptions(frobenius_decay=2e-4, weight_decay=5e-4))
+    step = tflite.TrainStep(0.01, 0.9, prism_tf.local_step.StepOptions(frobenius_decay=2e-4, weight_decay=5e-4))
     began = time.perf_counter()
-    module = tflite_train.build_training_module(model, step, runtime, batch_size=batch)
-    flatbuffer = tflite_train.convert(module, runtime)
+    module = tflite.build_training_module(model, step, runtime, batch_size=batch)
+    flatbuffer = tflite.convert(module, runtime)
     convert_s = time.perf_counter() - began
     if runtime == "builtins":
         from ai_edge_litert.interpreter import Interpreter
@@ -63,7 +63,7 @@ def measure(width: int, which: str, runtime: str, steps: int, batch: int) -> dic
     cost = prism_tf.cost(model)
     # What a phone that already has the graph downloads each round (export client's weights.npz).
     values = [w.numpy() for w in prism_tf.submodel.flat_weights(model)]
-    weights = npz_bytes(dict(zip(tflite_train.weight_names(model), values, strict=True)))
+    weights = npz_bytes(dict(zip(tflite.weight_names(model), values, strict=True)))
     return dict(width=width, model=which, runtime=runtime, bytes=len(flatbuffer), weights_npz_bytes=len(weights),
                 interpreter=where, load_average_1min=os.getloadavg()[0],
                 train_step_ms=1000 * float(np.median(times)), steps=steps, batch=batch, convert_seconds=convert_s,

@@ -257,6 +257,46 @@ def test_norm_none_step_in_tensorflow_matches_the_reference():
     check_step(exported, reference, module.train, lambda: {k: v.numpy() for k, v in module.get_weights().items()})
 
 
+def omega_spread(sub: tf.keras.Model) -> float:
+    """The largest ``|ω − 1|`` over the sub-model's principal layers (0 for the default prism strategy)."""
+    return max(float(np.max(np.abs(layer.kernel_scale.numpy() - 1.0)))
+               for layer in prism_tf.kinds.principal_layers(sub))
+
+
+def test_principal_forward_forms_the_scaled_combination_as_keras_does():
+    # ω != 1 (strategy "unbiased"): a principal layer's TFLite forward multiplies ω into the [rank, out]
+    # combination before the product (`BuiltinOps.scale_rows`), in the order of `prism_tf.layers`'s `_combine`.
+    # Without normalization every op of the compiled graph is the Keras layer's own, in the same order, so the two
+    # forwards agree bit for bit in TensorFlow (scaling the response maps instead was 1e-6 off). Then one step.
+    exported = Exported.__new__(Exported)
+    exported.sub, exported.step = make_submodel("small_cnn", "none", strategy="unbiased"), STEP_SMALL_CLIP
+    assert omega_spread(exported.sub) > 1.0
+    exported.weights = [w.numpy() for w in prism_tf.submodel.flat_weights(exported.sub)]
+    exported.names = tt.weight_names(exported.sub)
+    reference = Reference(exported)
+    module = tt.build_training_module(exported.sub, exported.step, "builtins")
+    (x, _), = synthetic_batches(1, seed=3)
+    logits = module.infer(x)["logits"].numpy()
+    assert np.array_equal(logits, exported.sub(x, training=False).numpy())
+    check_step(exported, reference, module.train, lambda: {k: v.numpy() for k, v in module.get_weights().items()})
+
+
+def test_litert_forward_with_omega_not_one_matches_keras_to_round_off(cnn_gn):
+    # The converted model (LiteRT's kernels, not TensorFlow's) on a sub-model with ω of 2-7: infer's logits and
+    # train's loss are Keras's to float32 round-off (measured 4e-7 on logits of size 1.2). The step's weights are
+    # the reference's: test_one_train_step_matches_the_tensorflow_reference[cnn_gn] (this model) checks them.
+    assert omega_spread(cnn_gn.sub) > 1.0
+    runners = cnn_gn.interpreter()
+    (x, y), = synthetic_batches(1, seed=3)
+    want = cnn_gn.sub(x, training=False).numpy()
+    got = runners["infer"](x=x)["logits"]
+    assert np.max(np.abs(got - want)) < 2e-6 * max(1.0, float(np.max(np.abs(want))))
+    # GroupNorm has no batch statistics: the training forward is the inference one, so train's loss (taken before
+    # its step) is the cross-entropy of Keras's logits.
+    keras_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, want)
+    assert float(runners["train"](x=x, y=y)["loss"]) == pytest.approx(float(keras_loss), abs=2e-6)
+
+
 def test_twenty_steps_lower_the_loss_and_track_the_reference(cnn_gn):
     # small_cnn/GroupNorm: its trajectory is stable (a 1e-6 relative perturbation of the initial weights moves the
     # 20-step losses by ~3e-4). The width-4 ResNet-18/BatchNorm sub-model is chaotic at batch 8 (the same

@@ -1,0 +1,353 @@
+"""The builtins runtime's primitives: each layer's forward and backward pass with TFLite builtin kernels only
+(docs/export.md, "On-device training").
+
+Every primitive is a `tf.custom_gradient` whose backward pass avoids the TF kernels TFLite lacks
+(``Conv2DBackpropFilter``, ``ReluGrad``, ``FusedBatchNorm*``, ``SparseSoftmaxCrossEntropyWithLogits``,
+``BroadcastGradientArgs``). `BuiltinOps` hands the ones a factorizable layer kind needs to
+`prism_tf.kinds.LayerKind.tflite_layer` (the `prism_tf.kinds.TFLiteOps` interface); `export.tflite.compiler` calls
+the others (normalization, ReLU, Add, pooling) itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from prism_tf.kinds.base import CompiledLayer, TFLiteOps
+
+_Tensor = tf.Tensor
+Updates = list  # (variable, new value) pairs a training forward pass assigns (BatchNorm moving statistics)
+
+SUPPORTED = ("Conv2D, PrincipalConv2D, Dense, PrincipalDense, BatchNormalization, GroupNormalization, ReLU, "
+             "Activation, Add, GlobalAveragePooling2D")
+
+
+def unsupported_layer(layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
+    """The error for a layer on-device training cannot compile, naming the layer, its type and ``why``."""
+    detail = f": {why}" if why else ""
+    return ValueError(
+        f"on-device training does not support layer '{layer.name}' of type {type(layer).__name__}{detail} "
+        f"(supported: {SUPPORTED})"
+    )
+
+
+def activation_function(layer: tf.keras.layers.Layer, function: Callable) -> Callable[[_Tensor], _Tensor]:
+    """``layer``'s activation ``function`` as a primitive: ``linear`` or ``relu``; anything else is refused."""
+    name = getattr(function, "__name__", repr(function))
+    if name == "linear":
+        return lambda x: x
+    if name == "relu":
+        return relu
+    raise unsupported_layer(layer, f"activation '{name}' (only relu and linear)")
+
+
+class BuiltinOps(TFLiteOps):
+    """`prism_tf.kinds.TFLiteOps` with this module's primitives, for one model's compilation.
+
+    Attributes:
+      batch_size: the batch size a conv's filter-gradient patch budget is sized for (`Conv`).
+      max_patch_bytes: above this many bytes of patches (at ``batch_size``), filter gradients go in batch chunks.
+    """
+
+    def __init__(self, batch_size: int, max_patch_bytes: int) -> None:
+        self.batch_size = int(batch_size)
+        self.max_patch_bytes = int(max_patch_bytes)
+
+    def conv(self, input_shape: tuple, kernel_size: tuple[int, int], strides: tuple[int, int],
+             padding: str) -> Callable[[_Tensor, _Tensor], _Tensor]:
+        """A `Conv` for inputs of ``input_shape`` (``[None, H, W, C]``): ``(x, kernel) -> y``."""
+        return Conv(input_shape, kernel_size, strides, padding, self.batch_size, self.max_patch_bytes)
+
+    def matmul(self, x: _Tensor, w: _Tensor) -> _Tensor:
+        """`matmul`: ``x @ w`` over the last axis of a 2-D or 4-D ``x``."""
+        return matmul(x, w)
+
+    def bias_add(self, x: _Tensor, b: _Tensor) -> _Tensor:
+        """`bias_add`."""
+        return bias_add(x, b)
+
+    def scale_rows(self, omega: _Tensor, combination: _Tensor) -> _Tensor:
+        """`scale_rows`: ``diag(ω)·B`` with ω frozen."""
+        return scale_rows(omega, combination)
+
+    def activation(self, layer: tf.keras.layers.Layer, activation: Callable) -> Callable[[_Tensor], _Tensor]:
+        """`activation_function`: relu or linear, else the `unsupported_layer` error."""
+        return activation_function(layer, activation)
+
+    def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
+        """`unsupported_layer`: the error naming ``layer`` (returned, for the caller to raise)."""
+        return unsupported_layer(layer, why)
+
+
+@tf.custom_gradient
+def relu(x):
+    """ReLU with a mask gradient (GREATER, CAST, MUL instead of ReluGrad)."""
+    y = tf.nn.relu(x)
+
+    def grad(dy):
+        return dy * tf.cast(y > 0, dy.dtype)
+
+    return y, grad
+
+
+@tf.custom_gradient
+def add(*xs):
+    """Keras's ``Add`` of equally shaped inputs, summed in input order (no BroadcastGradientArgs)."""
+    y = xs[0]
+    for x in xs[1:]:
+        y = y + x
+
+    def grad(dy):
+        return [dy for _ in xs]
+
+    return y, grad
+
+
+@tf.custom_gradient
+def bias_add(x, b):
+    """``x + b`` over the last axis; b's gradient is ``dy`` summed over every other axis."""
+    y = tf.nn.bias_add(x, b)
+
+    def grad(dy):
+        return dy, tf.reduce_sum(dy, axis=list(range(len(x.shape) - 1)))
+
+    return y, grad
+
+
+@tf.custom_gradient
+def scale_rows(omega, combination):
+    """``diag(ω)·B``: row ``k`` of the ``[rank, out]`` combination times ``ω_k``; ω is frozen (zero gradient).
+
+    The combination a principal layer applies (`prism_tf.layers`), formed before the product as the Keras layer
+    forms it. ω as a ``[rank, 1]`` column (a RESHAPE) broadcasts in the MUL; the gradient needs no
+    BroadcastGradientArgs.
+    """
+    column = tf.reshape(omega, [-1, 1])
+    y = column * combination
+
+    def grad(dy):
+        return tf.zeros_like(omega), dy * column
+
+    return y, grad
+
+
+@tf.custom_gradient
+def matmul(x, w):
+    """``x @ w`` over the last axis of a 2-D or 4-D ``x`` (Dense, and the 1×1 combination of a principal conv)."""
+    shape = x.shape
+    x2 = x if shape.rank == 2 else tf.reshape(x, [-1, shape[-1]])
+    y2 = tf.matmul(x2, w)
+    y = y2 if shape.rank == 2 else tf.reshape(y2, [-1, *shape[1:-1], w.shape[-1]])
+
+    def grad(dy):
+        dy2 = dy if shape.rank == 2 else tf.reshape(dy, [-1, w.shape[-1]])
+        dx2 = tf.matmul(dy2, w, transpose_b=True)
+        dx = dx2 if shape.rank == 2 else tf.reshape(dx2, [-1, *shape[1:]])
+        return dx, tf.matmul(x2, dy2, transpose_a=True)
+
+    return y, grad
+
+
+def global_average_pool(x: _Tensor, height: int, width: int) -> _Tensor:
+    """The mean over the ``height × width`` positions of a 4-D ``x``; the gradient is a TILE."""
+
+    @tf.custom_gradient
+    def pool(x):
+        def grad(dy):
+            return tf.tile(dy[:, tf.newaxis, tf.newaxis, :], [1, height, width, 1]) / float(height * width)
+
+        return tf.reduce_mean(x, axis=[1, 2]), grad
+
+    return pool(x)
+
+
+def cross_entropy(logits: _Tensor, onehot: _Tensor) -> _Tensor:
+    """Mean sparse softmax cross-entropy, ``−Σ onehot·log_softmax / N``, with gradient ``(softmax − onehot)/N``."""
+
+    @tf.custom_gradient
+    def loss(logits):
+        count = tf.cast(tf.shape(logits)[0], logits.dtype)
+        log_probs = tf.nn.log_softmax(logits)
+        value = -tf.reduce_sum(onehot * log_probs) / count
+
+        def grad(dl):
+            return dl * (tf.exp(log_probs) - onehot) / count
+
+        return value, grad
+
+    return loss(logits)
+
+
+class Conv:
+    """2-D convolution (NHWC, no dilation) with a builtin-only backward pass (docs/export.md, "On-device training").
+
+    Input gradient: ``conv2d_transpose`` (TRANSPOSE_CONV; a MatMul for stride-1 1×1). Filter gradient: the
+    ``[N·Ho·Wo, k·k·Cin]`` patch matrix times the output gradient — one PAD, k·k strided slices (stride handled by
+    the slice step) and a CONCATENATION, or just a strided slice for 1×1 — in one MatMul; when the patches of
+    ``batch_size`` examples exceed ``max_patch_bytes``, summed over batch chunks in a WHILE loop.
+    """
+
+    def __init__(self, input_shape: tuple, kernel: tuple[int, int], strides: tuple[int, int], padding: str,
+                 batch_size: int, max_patch_bytes: int) -> None:
+        _, self.height, self.width, self.channels = (int(d) if d is not None else None for d in input_shape)
+        self.kernel, self.strides, self.padding = kernel, strides, padding.upper()
+        if self.padding not in ("SAME", "VALID"):
+            raise ValueError(f"unsupported padding {padding!r}")
+        out, pads = [], []
+        for size, k, s in ((self.height, kernel[0], strides[0]), (self.width, kernel[1], strides[1])):
+            if self.padding == "SAME":
+                o = -(-size // s)
+                total = max((o - 1) * s + k - size, 0)
+                pads.append((total // 2, total - total // 2))
+            else:
+                o = (size - k) // s + 1
+                pads.append((0, 0))
+            out.append(o)
+        self.out_height, self.out_width = out
+        self.pads = pads
+        self.pointwise = kernel == (1, 1)
+        patch_bytes = self.out_height * self.out_width * kernel[0] * kernel[1] * self.channels * 4
+        self.chunk = None  # examples per chunk, None for one shot
+        if not self.pointwise and patch_bytes * batch_size > max_patch_bytes:
+            self.chunk = max(1, max_patch_bytes // patch_bytes)
+
+    def __call__(self, x: _Tensor, w: _Tensor) -> _Tensor:
+        """``conv2d(x, w)`` with the builtin-only gradient."""
+
+        @tf.custom_gradient
+        def conv(x, w):
+            y = tf.nn.conv2d(x, w, strides=[1, *self.strides, 1], padding=self.padding)
+
+            def grad(dy):
+                return self.input_gradient(x, w, dy), self.filter_gradient(x, dy, w.shape)
+
+            return y, grad
+
+        return conv(x, w)
+
+    def input_gradient(self, x: _Tensor, w: _Tensor, dy: _Tensor) -> _Tensor:
+        """``∂loss/∂x`` from the output gradient ``dy``."""
+        if self.pointwise and self.strides == (1, 1):
+            cout = w.shape[-1]
+            dx = tf.matmul(tf.reshape(dy, [-1, cout]), tf.reshape(w, [self.channels, cout]), transpose_b=True)
+            return tf.reshape(dx, [-1, self.height, self.width, self.channels])
+        return tf.nn.conv2d_transpose(dy, w, tf.shape(x), strides=[1, *self.strides, 1], padding=self.padding)
+
+    def _patches(self, x: _Tensor) -> _Tensor:
+        """``[n, Ho, Wo, k·k·Cin]``: the (padded) input window of each output position, in kernel order."""
+        (top, bottom), (left, right) = self.pads
+        if top or bottom or left or right:
+            x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        sh, sw = self.strides
+        span_h, span_w = (self.out_height - 1) * sh + 1, (self.out_width - 1) * sw + 1
+        columns = [x[:, i:i + span_h:sh, j:j + span_w:sw, :]
+                   for i in range(self.kernel[0]) for j in range(self.kernel[1])]
+        return columns[0] if len(columns) == 1 else tf.concat(columns, axis=-1)
+
+    def filter_gradient(self, x: _Tensor, dy: _Tensor, kernel_shape: tf.TensorShape) -> _Tensor:
+        """``∂loss/∂w``: patches times ``dy``, in batch chunks beyond the patch budget."""
+        rows = self.kernel[0] * self.kernel[1] * self.channels
+        cout = int(kernel_shape[-1])
+
+        def chunk_gradient(xs, dys):
+            patches = tf.reshape(self._patches(xs), [-1, rows])
+            return tf.matmul(patches, tf.reshape(dys, [-1, cout]), transpose_a=True)
+
+        if self.chunk is None:
+            grad = chunk_gradient(x, dy)
+        else:
+            size = self.chunk
+            count = (tf.shape(x)[0] + size - 1) // size
+
+            def body(i, total):
+                start = i * size
+                return i + 1, total + chunk_gradient(x[start:start + size], dy[start:start + size])
+
+            _, grad = tf.while_loop(lambda i, total: i < count, body,
+                                    [tf.constant(0), tf.zeros([rows, cout], dy.dtype)])
+        return tf.reshape(grad, kernel_shape)
+
+
+def batch_norm(layer: tf.keras.layers.BatchNormalization, axes: list[int], examples: int) -> CompiledLayer:
+    """Keras BatchNormalization: batch statistics and a moving-average update in training, moving ones otherwise.
+
+    ``axes`` are the reduced axes (all but the last); ``examples`` the positions per example (the batch size
+    multiplies it) for the Bessel correction of the moving variance.
+    """
+    momentum, epsilon = float(layer.momentum), float(layer.epsilon)
+
+    def params(channels: int) -> tuple[_Tensor, _Tensor]:
+        gamma = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([channels])
+        beta = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([channels])
+        return gamma, beta
+
+    def apply(inputs, training, updates):
+        (x,) = inputs
+        gamma, beta = params(x.shape[-1])
+        if not training:
+            inv = tf.math.rsqrt(tf.convert_to_tensor(layer.moving_variance) + epsilon) * gamma
+            return x * inv + (beta - tf.convert_to_tensor(layer.moving_mean) * inv)
+        mean = tf.stop_gradient(tf.reduce_mean(x, axes))
+        variance = tf.stop_gradient(tf.reduce_mean(tf.math.squared_difference(x, mean), axes))
+
+        @tf.custom_gradient
+        def normalize(x, gamma, beta):
+            rstd = tf.math.rsqrt(variance + epsilon)
+            xhat = (x - mean) * rstd
+            y = xhat * gamma + beta
+
+            def grad(dy):
+                dxhat = dy * gamma
+                dx = (dxhat - tf.reduce_mean(dxhat, axes) - xhat * tf.reduce_mean(dxhat * xhat, axes)) * rstd
+                return dx, tf.reduce_sum(dy * xhat, axes), tf.reduce_sum(dy, axes)
+
+            return y, grad
+
+        y = normalize(x, gamma, beta)
+        # Keras's fused BN: the moving variance takes the Bessel-corrected batch variance n/(n-1).
+        n = tf.cast(tf.shape(x)[0], tf.float32) * float(examples)
+        unbiased = variance * (n / tf.maximum(n - 1.0, 1.0))
+        updates.append((layer.moving_mean, layer.moving_mean * momentum + mean * (1.0 - momentum)))
+        updates.append((layer.moving_variance, layer.moving_variance * momentum + unbiased * (1.0 - momentum)))
+        return y
+
+    return apply
+
+
+def group_norm(layer: tf.keras.layers.GroupNormalization, shape: tuple) -> CompiledLayer:
+    """Keras GroupNormalization over ``[N, H·W, G, C/G]`` (4-D throughout), training and inference alike."""
+    _, height, width, channels = shape
+    groups, epsilon = int(layer.groups), float(layer.epsilon)
+    grouped = [-1, height * width, groups, channels // groups]
+    axes = [1, 3]
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        xg = tf.reshape(x, grouped)
+        mean = tf.reduce_mean(xg, axes, keepdims=True)
+        variance = tf.reduce_mean(tf.math.squared_difference(xg, mean), axes, keepdims=True)
+        rstd = tf.math.rsqrt(variance + epsilon)
+        xhat = tf.reshape((xg - mean) * rstd, [-1, height, width, channels])
+        y = xhat * gamma + beta
+
+        def grad(dy):
+            dxhat = tf.reshape(dy * gamma, grouped)
+            xhat_g = tf.reshape(xhat, grouped)
+            dx = (dxhat - tf.reduce_mean(dxhat, axes, keepdims=True)
+                  - xhat_g * tf.reduce_mean(dxhat * xhat_g, axes, keepdims=True)) * rstd
+            return (tf.reshape(dx, [-1, height, width, channels]), tf.reduce_sum(dy * xhat, [0, 1, 2]),
+                    tf.reduce_sum(dy, [0, 1, 2]))
+
+        return y, grad
+
+    def apply(inputs, training, updates):
+        gamma = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([channels])
+        beta = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([channels])
+        return normalize(inputs[0], gamma, beta)
+
+    return apply
+
+
+__all__ = ["SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "batch_norm", "bias_add",
+           "cross_entropy", "global_average_pool", "group_norm", "matmul", "relu", "scale_rows", "unsupported_layer"]
