@@ -6,7 +6,7 @@ SGD with momentum ``a ← μ·a + g``, ``w ← w − lr·a`` (`tff.learning.opti
 the Frobenius term before ``clip_grad_norm_`` and let ``torch.optim.SGD`` add weight decay after it.
 
 Pure TensorFlow ops on the model's variables: the same functions run inside the TFF client computation
-(`tff_pipelines.round.client_work`) and inside the exported TFLite ``train`` signature (`export.tflite_train`), so a
+(`tff_pipelines.round.client_work`) and inside the exported TFLite ``train`` signature (`export.tflite`), so a
 phone and a simulated client take the same step.
 """
 
