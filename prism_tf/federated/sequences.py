@@ -168,6 +168,31 @@ def texts_to_dataset(texts: dict[str, str], length: int, test_share: float, sour
                            client_names=tuple(names), vocabulary=vocabulary)
 
 
+def split_texts_to_dataset(train: dict[str, str], test: dict[str, str], length: int,
+                           source: str) -> SequenceDataset:
+    """Next-character windows of texts already split per client (``train[name]``, ``test[name]``): one client per
+    name, the vocabulary from the training texts (`OOV` for characters only the test texts have)."""
+    vocabulary = char_vocabulary(list(train.values()))
+    xs, ys, tx, ty, clients, names = [], [], [], [], [], []
+    for name, text in train.items():
+        x, y = next_token_windows(encode(text, vocabulary), length)
+        if not len(x):
+            continue
+        xs.append(x)
+        ys.append(y)
+        clients.append(np.full(len(x), len(names), np.int32))
+        names.append(name)
+        x, y = next_token_windows(encode(test.get(name, ""), vocabulary), length)
+        tx.append(x)
+        ty.append(y)
+    if not names or not sum(len(x) for x in tx):
+        raise DataError(f"{source}: no client has {length + 1} characters of text in both splits")
+    return SequenceDataset(np.concatenate(xs), np.concatenate(ys), np.concatenate(tx), np.concatenate(ty),
+                           vocabulary_size=len(vocabulary), num_classes=len(vocabulary), task="next_token",
+                           source=source, clients_train=np.concatenate(clients), client_names=tuple(names),
+                           vocabulary=vocabulary)
+
+
 def load_text_folder(path: str | os.PathLike[str], length: int = 80, test_share: float = 0.1) -> SequenceDataset:
     """Every ``*.txt`` file of the folder ``path`` (UTF-8) is one client's text, cut into next-character windows
     of ``length``."""
@@ -228,4 +253,5 @@ def load_sequence_npz(path: str | os.PathLike[str], task: str | None = None) -> 
 
 
 __all__ = ["SequenceDataset", "TASKS", "char_vocabulary", "encode", "load_imdb", "load_python_source",
-           "load_sequence_npz", "load_text_folder", "next_token_windows", "pad_front", "texts_to_dataset"]
+           "load_sequence_npz", "load_text_folder", "next_token_windows", "pad_front", "split_texts_to_dataset",
+           "texts_to_dataset"]
