@@ -175,9 +175,10 @@ def independent_accuracy(path: Path, x_test, y_test) -> float:
     import tensorflow as tf
 
     from prism_tf.evaluation import batch_norm_layers, canonical_order
+    from prism_tf.federated.rundir import RunDir
 
-    model = tf.keras.models.load_model(path / "model.keras", compile=False)
-    config = json.loads((path / "config.json").read_text())
+    model = tf.keras.models.load_model(RunDir(path).model_path, compile=False)
+    config = RunDir(path).read_config()
     order = np.random.default_rng(2024).permutation(len(x_test))
     x, y = x_test[order], y_test[order]
     x = preprocess(x, config, path)
@@ -197,18 +198,22 @@ def preprocess(x, config: dict, path: Path):
     """The run's input scaling, recomputed from its config (uint8 / 255, then its channel normalization)."""
     import numpy as np
 
+    from prism_tf.federated.rundir import RunDir
+
     x = x.astype(np.float32) / 255.0
-    stats = path / "input_stats.json"
-    if config.get("normalize", "none") != "none" and stats.exists():
-        s = json.loads(stats.read_text())
-        x = (x - np.asarray(s["mean"], np.float32)) / np.asarray(s["std"], np.float32)
+    stats = RunDir(path).read_input_stats()
+    if config.get("normalize", "none") != "none" and stats is not None:
+        x = (x - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
     return x
 
 
 def record(profile: Profile, partition: str, name: str, path: Path, args: list[str], x_test, y_test) -> dict:
-    summary = json.loads((path / "summary.json").read_text())
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    config = json.loads((path / "config.json").read_text())
+    from prism_tf.federated.config import stored_config
+    from prism_tf.federated.rundir import RunDir
+
+    run = RunDir(path)
+    summary, rows, config = run.read_summary(), run.read_metrics(), run.read_config()
+    method = stored_config(run).method_spec()
     full_test = config.get("eval_examples") in (None, len(x_test))
     check = independent_accuracy(path, x_test, y_test)
     final = summary["final_accuracy"]
@@ -218,8 +223,7 @@ def record(profile: Profile, partition: str, name: str, path: Path, args: list[s
     last = rows[-1]
     return dict(
         name=name, partition=partition, method=config["method"],
-        strategy=config.get("strategy") if config["method"] == "prism" else ("top" if config["method"] == "fedhm"
-                                                                             else None),
+        strategy=getattr(method, "strategy", None),  # the sampling rule of spectral methods (FedHM: top)
         keep_ratio=config["keep_ratio"], rounds=summary["rounds"], final_accuracy=final,
         best_accuracy=summary["best_accuracy"], independent_accuracy=check,
         final_accuracy_server=rows[-1].get("eval_accuracy_server"),

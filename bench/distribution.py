@@ -17,6 +17,8 @@ import tensorflow as tf  # noqa: E402
 
 import prism_tf  # noqa: E402
 import tff_pipelines  # noqa: E402,F401  (our TFF worker)
+from prism_tf.federated.methods import Method  # noqa: E402
+from tff_pipelines.round import distributor  # noqa: E402
 from tff_pipelines.round.process import build_prism_process  # noqa: E402
 
 
@@ -37,8 +39,9 @@ def main() -> None:
         for _ in range(args.clients)]
     seconds, down = {}, {}
     for distribution in ("select", "broadcast"):
-        process = build_prism_process(lambda: prism_tf.models.resnet18(width=args.width), keep_ratio=args.keep_ratio,
-                                      batch_size=args.batch_size, distribution=distribution)
+        process = build_prism_process(lambda: prism_tf.models.resnet18(width=args.width),
+                                      method=Method("prism", keep_ratio=args.keep_ratio), batch_size=args.batch_size,
+                                      model_distributor=distributor.named(distribution))
         state = process.initialize()
         state, metrics = process.next(state, datasets)  # warm-up: traces the computations
         began = time.perf_counter()

@@ -16,7 +16,7 @@ each measured three ways, in order:
   server step, split over the workers), wall time, with ``worker_cpu_s`` (CPU time the worker processes spent:
   the clients' work) and ``trainer_cpu_s`` (CPU time of this process meanwhile: serializing the weights and client
   data to the workers and the sums back, i.e. the transfer's cost on the trainer's side);
-- ``server_s``: the server step alone (`PrismProcess._finish`, aggregation finish, server optimizer,
+- ``server_s``: the server step alone (`PrismProcess.finish`, aggregation finish, server optimizer,
   re-factorization), wall time.
 
 ``clients_per_s`` = clients per round / median ``round_s``. Medians over the timed rounds. The machine has 2 cores:
@@ -121,11 +121,11 @@ def _measure(simulation, process, rounds: int, worker_cpu) -> dict:
         key = process.layout.sizes_key
         inputs = process.client_inputs(process.layout, datasets, selections, process.round_num(state))
         cpu0, wcpu0, began = time.process_time(), worker_cpu(), time.perf_counter()
-        acc, metrics = process._phase(key)(state["weights"], inputs)
+        acc, metrics = process.client_phase(key)(state["weights"], inputs)
         clients_s = time.perf_counter() - began
         trainer_cpu_s, worker_cpu_s = time.process_time() - cpu0, worker_cpu() - wcpu0
         began = time.perf_counter()
-        process._finish(state, acc, metrics)
+        process.finish(state, acc, metrics)
         server_s = time.perf_counter() - began
         if r > 0:
             rows.append(dict(round_s=round_s, clients_s=clients_s, worker_cpu_s=worker_cpu_s,

@@ -15,8 +15,9 @@ Sections (each resumable: a finished unit is kept in ``results.json`` and skippe
 - ``keras_step``: one training step (SGD with momentum, batch 32) of the keep-0.1/0.2/0.4 sub-models, the
   ``output_keep`` variant, the rank rounded up to a multiple of 8 and the equal-flops width baseline, against the
   full model, plain Keras in a ``tf.function``;
-- ``tff_step``: the same steps inside the TFF client computation (`tff_pipelines.round.client_work.build_client_work`,
-  called with datasets of two lengths: the slope is the per-step time, the intercept what TFF adds per client);
+- ``tff_step``: the same steps inside the TFF client computation
+  (`tff_pipelines.round.client_work.build_client_training`, called with datasets of two lengths: the slope is the
+  per-step time, the intercept what TFF adds per client);
 - ``memory``: one client's training in a subprocess, after one warm-up step: peak RSS over what the process held
   before the measured steps, and ``tf.config.experimental.get_memory_info`` where TensorFlow reports it;
 - ``rounds``: PriSM rounds (``select`` and ``broadcast``) and FedAvg rounds at the bench settings
@@ -296,23 +297,23 @@ def _client_computation(variants: Variants, name: str):
     """The TFF client computation (broadcast) of a variant and a function making its argument for a dataset."""
     import prism_tf
     from tff_pipelines.round import client_work
-    from tff_pipelines.round.layout import RoundLayout
+    from tff_pipelines.round.layout import ClientAssignment, ClientStart, Received, RoundLayout
     from tff_pipelines.round.process import batch_spec
 
     source, sizes = variants.sizes(name)
     layout = RoundLayout.build(source, sizes)
-    training = client_work.ClientTraining()
-    work = client_work.build_client_work(layout, batch_spec(INPUT, BATCH), training, "broadcast")
+    # The same steps as `sgd_step` (SGD with momentum; the gradient clip as the process has it): no decay terms.
+    training = client_work.ClientTraining(frobenius_decay=0.0, weight_decay=0.0)
+    work = client_work.build_client_training(layout, batch_spec(INPUT, BATCH), training)
     server = [w.numpy() for w in prism_tf.submodel.flat_weights(source)]
-    whole = [server[p] for p in layout.travelling()]
-    indices, scale = [], []
+    received = Received([], [server[p] for p in layout.travelling()])
+    assignment = ClientAssignment([], [])
     if name != "full":  # a PriSM client: its index vectors and ω from one sampled selection
         keep = float(name[len("prism_k"):].split("_")[0])
-        indices, scale = layout.client_inputs(prism_tf.sample(source, keep_ratio=keep, seed=(0, 0, 0)))
+        assignment = layout.assignment(prism_tf.sample(source, keep_ratio=keep, seed=(0, 0, 0)))
 
-    def argument(dataset):
-        return collections.OrderedDict(received=collections.OrderedDict(whole=whole), client=collections.OrderedDict(
-            data=dataset, indices=indices, scale=scale))
+    def argument(dataset):  # the computation's two arguments
+        return ClientStart(received, assignment), dataset
 
     return work, argument
 
@@ -336,10 +337,10 @@ def tff_step(width: int, profile: Profile) -> dict:
     for name in [*names, "prism_k0.2_dataset_loop"]:
         with legacy_dataset_loop() if name.endswith("_dataset_loop") else contextlib.nullcontext():
             work, argument = _client_computation(variants, name.replace("_dataset_loop", ""))
-        work(argument(data[short]))  # the first call starts the worker and loads the computation
+        work(*argument(data[short]))  # the first call starts the worker and loads the computation
         for n in (short, long):
             arg = argument(data[n])
-            calls[f"{name}@{n}"] = (lambda w=work, a=arg: w(a))
+            calls[f"{name}@{n}"] = (lambda w=work, a=arg: w(*a))
     load = load_average()
     times = interleaved(calls, profile.tff_repeats)
     rows = {}
@@ -435,14 +436,16 @@ def _process(method: str, distribution: str, profile: Profile, width: int):
     import tensorflow_federated as tff
 
     import prism_tf
-    from tff_pipelines.round import process
+    from prism_tf.federated.methods import Method
+    from tff_pipelines.round import client_work, distributor, process
 
-    # The bench recipe's client training (bench/accuracy.py RECIPE; augmentation is data-side and left out).
+    # The bench recipe's client training (bench/accuracy.py RECIPE, constant rate; augmentation is data-side and
+    # left out).
     optimizer = tff.learning.optimizers.build_sgdm(learning_rate=0.1, momentum=0.9)
     return process.build_prism_process(
-        lambda: prism_tf.models.build_model("resnet18", width=width, num_classes=10, input_shape=INPUT),
-        method=method, keep_ratio=0.2, batch_size=BATCH, distribution=distribution, client_optimizer=optimizer,
-        frobenius_decay=2e-4, weight_decay=5e-4)
+        lambda: prism_tf.models.build_model("resnet18", width=width, num_classes=10, input_shape=INPUT), optimizer,
+        method=Method(method, keep_ratio=0.2), batch_size=BATCH, model_distributor=distributor.named(distribution),
+        client_training=client_work.ClientTraining(frobenius_decay=2e-4, weight_decay=5e-4), lr_schedule=None)
 
 
 def _keras_local(proc, state, datasets, ids) -> Callable[[], None]:

@@ -26,7 +26,7 @@ from typing import Any
 import tensorflow as tf
 
 import prism_tf
-from export import tflite_train
+from export import tflite as tflite_train
 from export.files import npz_bytes, write_atomic
 from prism_tf.federated.replay import RoundReplay
 

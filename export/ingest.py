@@ -3,15 +3,15 @@
 docs/export.md, "The way back". `ingest` checks an upload against the manifest it was exported with and against
 the run as it is now (run, round, client, server weights, names, shapes, dtypes, finite values), adds it to the
 round's accumulator by the same pure path a simulated client's update takes (`prism_tf.server.Accumulator`) as a
-dry run, and only then stores it in ``RUN/device_updates/round_<N>/``; anything that fails is refused with one
-message and changes nothing. `finish_round` aggregates the stored uploads (`prism_tf.server.finish_round`) and
-writes the round's checkpoint and metrics row, so ``python -m tff_pipelines resume`` continues after it.
+dry run, and only then stores it in the run directory (`prism_tf.federated.rundir.RunDir.write_device_update`);
+anything that fails is refused with one message and changes nothing. `finish_round` aggregates the stored uploads
+(`prism_tf.server.finish_round`) and writes the round's checkpoint and metrics row through the same `RunDir`, so
+``python -m tff_pipelines resume`` continues after it. Rounds are numbered from 1, as users see them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -21,10 +21,9 @@ import numpy as np
 
 import prism_tf
 from export.client import read_manifest
-from export.files import npz_bytes, write_atomic
 from prism_tf.federated.config import stored_config
 from prism_tf.federated.replay import RoundReplay
-from prism_tf.federated.rundir import RunDir, RunError
+from prism_tf.federated.rundir import RunDir, RunError, ServerState
 
 
 class IngestError(ValueError):
@@ -80,6 +79,7 @@ class Ingested:
     examples: float
 
     def report(self) -> str:
+        """One line for the user."""
         return (f"accepted client {self.client}'s update for round {self.round} (weight {self.examples:g}): "
                 f"{self.path}")
 
@@ -108,7 +108,11 @@ def ingest(
         raise IngestError(str(e)) from None
     if not run.config_path.exists():
         raise IngestError(f"no run in {run.path}")
-    run_id = (run.path / "run_id").read_text().strip() if (run.path / "run_id").exists() else None
+    try:
+        run.check_format()
+    except RunError as e:
+        raise IngestError(str(e)) from None
+    run_id = run.read_run_id()
     if manifest["run_id"] != run_id:
         raise IngestError(f"the manifest belongs to run {manifest['run_id']}, not to {run.path} (run {run_id})")
     round_num, client = int(manifest["round"]), int(manifest["client"])
@@ -139,33 +143,33 @@ def ingest(
         prism_tf.server.Accumulator(replay.plan).add(values, selection, weight, name=f"client {client}")
     except ValueError as e:
         raise IngestError(str(e)) from None
-    target = run.device_updates_dir(round_num)
-    target.mkdir(parents=True, exist_ok=True)
-    path = target / f"client_{client}.npz"
-    if path.exists() and not replace:
-        raise IngestError(f"client {client}'s update for round {round_num} is stored already ({path}); "
-                          "pass --replace to overwrite it")
     names = [w["name"] for w in manifest["weights"]]
-    write_atomic(path, npz_bytes(dict(zip(names, values, strict=True))))
-    write_atomic(path.with_suffix(".json"), json.dumps(
-        {"client": client, "round": round_num, "examples": examples, "weight": weight,
-         "selection": manifest["selection"]}).encode())
+    try:
+        path = run.write_device_update(round_num, client, dict(zip(names, values, strict=True)),
+                                       selection=manifest["selection"], weight=weight, examples=examples,
+                                       replace=replace)
+    except RunError as e:  # stored already
+        raise IngestError(str(e)) from None
     return Ingested(str(path), round_num, client, weight)
 
 
 def stored_updates(run: RunDir, round_num: int) -> list[tuple[int, list[np.ndarray], prism_tf.Selection, float]]:
-    """The uploads `ingest` stored for ``round_num``: ``(client, values, selection, weight)``, by client."""
+    """The uploads `ingest` stored for round ``round_num`` (1-based): ``(client, values, selection, weight)``, by
+    client (`RunDir.read_device_updates`, the selection parsed)."""
     return [(c, values, prism_tf.Selection.from_dict(selection), weight)
             for c, values, selection, weight in run.read_device_updates(round_num)]
 
 
 @dataclasses.dataclass
 class FinishedRound:
+    """A round `finish_round` aggregated from device updates."""
+
     round: int
     clients: list[int]
     kernel_coverage: float
 
     def report(self) -> str:
+        """One line for the user."""
         return (f"finished round {self.round} with {len(self.clients)} device update(s) (clients "
                 f"{', '.join(map(str, self.clients))}); kernel coverage {self.kernel_coverage:.3f}. Continue with "
                 "`python -m tff_pipelines resume --out RUN`")
@@ -196,9 +200,8 @@ def finish_round(
         accumulator.add(values, selection, weight, name=f"client {client}")
     refactorize_every = replay.config.refactorize_every if replay.method.spectral else 0
     new, coverage = prism_tf.server.finish_round(replay.plan, replay.weights, accumulator.sums, accumulator.counts,
-                                                 replay.index, refactorize_every)
-    flat = [np.asarray(w, np.float32) for w in new] + [np.asarray(round_num, np.int64)]
-    run.write_checkpoint(flat, round_num)
+                                                 replay.round_index, refactorize_every)
+    run.write_server_state(ServerState(list(new), rounds=round_num), round_num)
     # No training loss or timing: a device reports only its weights (the table and plot skip what a row lacks).
     run.append_metrics({"round": round_num, "clients": len(updates), "device_clients": [u[0] for u in updates],
                         "kernel_coverage": float(coverage), "finished_by": "export finish-round"})

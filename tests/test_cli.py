@@ -502,7 +502,8 @@ def test_train_prism_end_to_end(prism_run):
     assert 0 < summary["bytes_down_ratio"] < 1 and 0 < summary["flops_ratio"] < 1
 
     config = json.loads((out / "config.json").read_text())
-    assert {f.name for f in dataclasses.fields(driver.TrainConfig)} == set(config)
+    assert {f.name for f in dataclasses.fields(driver.TrainConfig)} | {"format_version"} == set(config)
+    assert config["format_version"] == 1
     assert config["method"] == "prism" and config["model"] == "resnet18" and config["width"] == 4
     assert config["keep_ratio"] == 0.25 and config["rounds"] == 2 and config["batch_size"] == BATCH
     assert config["dataset"].endswith("shapes")

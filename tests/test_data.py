@@ -1,5 +1,5 @@
 """Tests for prism_tf.federated.data: loading (shared CIFAR-10 archive, synthetic class folders), cache, errors,
-partitions and TFF ClientData."""
+partitions; and the partitions as TFF ClientData (tff_pipelines.program.client_data.make_client_data)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from prism_tf.federated.data import (
     ImageDataset,
     find_cifar10,
     load_dataset,
-    make_client_data,
     partition,
     to_float,
 )
+from tff_pipelines.program.client_data import make_client_data
 
 # ----------------------------------------------------------------------------------------- helpers
 

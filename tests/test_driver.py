@@ -37,23 +37,3 @@ def test_batch_norm_modes_leave_moving_statistics_untouched():
     assert moving[0] != pytest.approx(batch[0])  # a shifted moving mean only matters in moving mode
     with pytest.raises(ValueError, match="norm must be one of"):
         evaluate(model, x, y, norm="running")
-
-
-def test_a_run_from_before_the_recipe_options_resumes_as_it_was_trained(tmp_path):
-    import dataclasses
-    import json
-
-    from tff_pipelines.program.driver import LEGACY_DEFAULTS, RunDir, RunError, TrainConfig, stored_config
-
-    current = dataclasses.asdict(TrainConfig())
-    old = {k: v for k, v in current.items() if k not in LEGACY_DEFAULTS}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    config = stored_config(RunDir(tmp_path))
-    assert (config.augment, config.normalize, config.lr_schedule, config.match) == ("none", "none", "constant",
-                                                                                    "nominal")
-    assert config.frobenius_decay == 0.0 and config.weight_decay == 0.0
-    (tmp_path / "config.json").write_text(json.dumps(current))  # a current run keeps what it stored
-    assert stored_config(RunDir(tmp_path)) == TrainConfig()
-    (tmp_path / "config.json").write_text(json.dumps({**current, "warp_drive": 1}))
-    with pytest.raises(RunError, match="unknown options"):
-        stored_config(RunDir(tmp_path))

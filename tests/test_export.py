@@ -105,14 +105,20 @@ def test_a_round_with_phones_equals_the_same_round_in_tff(device_round):
 
 
 def test_tff_reads_the_checkpoint_of_a_round_finished_by_phones(device_round):
-    """TFF's own checkpoint manager (what `resume` uses) loads what `finish_round` wrote, as the latest round."""
+    """TFF's own checkpoint manager loads what `finish_round` wrote, as the latest round, and so does the run's
+    `load_state` (what `resume` uses)."""
+    import asyncio
+
+    import tensorflow_federated as tff
+
     run = RunDir(device_round["device_run"])
     flat, _ = run.read_checkpoint(ROUND)
     template = [np.zeros_like(w) for w in flat]
-    loaded, version = run.load_state(run.state_manager(), template)
-    assert version == ROUND
-    for a, b in zip(loaded, flat, strict=True):
-        np.testing.assert_array_equal(a, b)
+    manager = tff.program.FileProgramStateManager(str(run.checkpoint_dir), keep_total=3, keep_first=False)
+    assert asyncio.run(manager.get_versions())[-1] == ROUND
+    for loaded in (asyncio.run(manager.load(ROUND, template)), run.load_state(template)[0]):
+        for a, b in zip(loaded, flat, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_infer_equals_the_keras_submodel(device_round):

@@ -16,6 +16,9 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from conftest import max_weight_difference
 
+from prism_tf.federated.methods import Method
+from tff_pipelines.round import client_work
+from tff_pipelines.round.layout import ClientAssignment, ClientInput
 from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
@@ -53,15 +56,16 @@ def _corrupt_images(n: int) -> tf.data.Dataset:
 def process():
     """The PriSM process on the tiny model: SGD clients, the round's learning rate in each client's input (so one
     client can get a huge one) and no re-factorization (entries stay comparable one by one)."""
-    return build_prism_process(_tiny_model, keep_ratio=0.5, batch_size=BATCH, clip_norm=None,
-                               client_optimizer=tff.learning.optimizers.build_sgdm(LR),
+    return build_prism_process(_tiny_model, tff.learning.optimizers.build_sgdm(LR),
+                               method=Method("prism", keep_ratio=0.5), batch_size=BATCH,
+                               client_training=client_work.ClientTraining(clip_norm=None, frobenius_decay=0.0,
+                                                                          weight_decay=0.0),
                                lr_schedule=lambda round_num: LR, factorize_options={"min_rank": 1},
                                refactorize_every=0)
 
 
 def _input(data, kernels, lr=LR):
-    return collections.OrderedDict(data=data, indices=[np.array(kernels, np.int32)], scale=[np.ones(2, np.float32)],
-                                   lr=np.float32(lr))
+    return ClientInput(data, ClientAssignment([np.array(kernels, np.int32)], [np.ones(2, np.float32)], np.float32(lr)))
 
 
 @pytest.mark.parametrize("fault", ["nan_pixel", "huge_lr"])
@@ -69,13 +73,13 @@ def test_a_non_finite_client_contributes_nothing(process, fault):
     """Good client: kernels {0, 1}; faulty client: kernels {1, 2}. The round equals the good client's round alone:
     kernel 1 is its average, kernel 2 (only the faulty client had it) and kernel 3 (nobody) keep their values."""
     state = process.initialize()
-    w0 = process.get_model_weights(state)
+    w0 = process.flat_weights(state)
     good = _input(_dataset(12, 0), [0, 1])
     bad = (_input(_dataset(8, 1, nan_pixel=True), [1, 2]) if fault == "nan_pixel"
            else _input(_dataset(8, 1), [1, 2], lr=1e38))  # overflows to Inf, then NaN, within two steps
     alone = process.learning_process.next(state, [good])
     faulty = process.learning_process.next(state, [good, bad])
-    w_alone, w_faulty = process.get_model_weights(alone.state), process.get_model_weights(faulty.state)
+    w_alone, w_faulty = process.flat_weights(alone.state), process.flat_weights(faulty.state)
     for a, b in zip(w_alone, w_faulty, strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
         assert np.all(np.isfinite(b))
@@ -96,8 +100,8 @@ def test_a_raising_client_is_dropped_and_the_round_equals_the_round_without_it(p
     without, m_without = process.next(state, [_dataset(8, 0), _dataset(8, 2)], [0, 2])
     datasets = [_dataset(8, 0), _corrupt_images(8), _dataset(8, 2)]
     with_fault, metrics = process.next(state, datasets, [0, 1, 2])
-    assert max_weight_difference(process.plan, process.get_model_weights(with_fault),
-                                 process.get_model_weights(without)) < 1e-6
+    assert max_weight_difference(process.plan, process.flat_weights(with_fault),
+                                 process.flat_weights(without)) < 1e-6
     assert metrics["clients_dropped"] == 1 and metrics["failed_clients"] == [1] and not metrics["skipped"]
     assert "png" in metrics["failure"].lower()  # the client's own error, for the console
     assert m_without["clients_dropped"] == 0 and m_without["failed_clients"] == [] and m_without["failure"] is None
@@ -105,7 +109,7 @@ def test_a_raising_client_is_dropped_and_the_round_equals_the_round_without_it(p
     assert metrics["loss"] == pytest.approx(m_without["loss"], rel=1e-6)
     assert metrics["clients"] == 3  # the faulty client was sampled and sent its sub-model (traffic counts it)
     again, _ = process.next(state, datasets, [0, 1, 2])  # the isolation re-run is deterministic
-    for a, b in zip(process.get_model_weights(again), process.get_model_weights(with_fault), strict=True):
+    for a, b in zip(process.flat_weights(again), process.flat_weights(with_fault), strict=True):
         np.testing.assert_array_equal(a, b)
     assert process.round_num(with_fault) == 1
 
@@ -119,7 +123,7 @@ def test_too_few_good_clients_keep_the_state_bit_identical(process):
                                         [0, 1, 2])
     finally:
         process.min_clients = 1
-    for a, b in zip(process.get_model_weights(skipped), process.get_model_weights(trained), strict=True):
+    for a, b in zip(process.flat_weights(skipped), process.flat_weights(trained), strict=True):
         np.testing.assert_array_equal(a, b)
     assert process.round_num(skipped) == process.round_num(trained) + 1
     assert metrics["skipped"] and metrics["clients_dropped"] == 1 and metrics["kernel_coverage"] == 0.0
@@ -127,7 +131,7 @@ def test_too_few_good_clients_keep_the_state_bit_identical(process):
     # every client faulty: nothing to average even at the default min_clients=1
     nothing, metrics = process.next(trained, [_dataset(8, 1, nan_pixel=True)], [1])
     assert metrics["skipped"] and metrics["clients_dropped"] == 1 and np.isnan(metrics["loss"])
-    for a, b in zip(process.get_model_weights(nothing), process.get_model_weights(trained), strict=True):
+    for a, b in zip(process.flat_weights(nothing), process.flat_weights(trained), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -1,6 +1,10 @@
-"""PriSM's peers as selection rules on the same harness (docs/algorithm.md §4)."""
+"""PriSM's peers as selection rules on the same harness (docs/algorithm.md §4): one class per method, a registry
+by name, and the interface the process, replay, export and the driver ask (never a method's name)."""
 
+import ast
 import collections
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +12,25 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf import budget, sampling, streams
-from prism_tf.federated.methods import METHODS, Method, equal_cost_method
-from tff_pipelines.program.driver import TrainConfig, client_budget, parse_keep_mix
+from prism_tf.federated import methods
+from prism_tf.federated.methods import (
+    METHODS,
+    REGISTRY,
+    FedAvg,
+    FedDropout,
+    FedHM,
+    FedRolex,
+    FjORD,
+    HeteroFL,
+    Method,
+    PriSM,
+    Small,
+    deployed_models,
+    equal_cost_method,
+    register,
+)
+from prism_tf.federated.methods.whole import WholeModelMethod
+from tff_pipelines.round import distributor
 from tff_pipelines.round.process import build_prism_process
 
 
@@ -36,7 +57,7 @@ def test_fjord_draws_nested_widths_per_client(plain):
     method = Method("fjord", keep_ratio=1.0)
     widths = set()
     for client in range(40):  # 4 widths, uniform: all four appear (a width is missed with probability 4e-5)
-        keep = method.client_keep_ratio(0, client, round_num=0)
+        keep = method.client_keep_ratio(0, client, round_index=0)
         assert keep == streams.rng((0, 0, client), "fjord_width").choice(method.fjord_widths)
         sel = method.select(plan, {}, (0, 0, client), keep_ratio=keep)
         stem = sel.channels["stage1_block2_2_conv:out"]
@@ -44,7 +65,7 @@ def test_fjord_draws_nested_widths_per_client(plain):
         widths.add(len(stem))
     assert widths == {2, 4, 6, 8}
     # a new width every round (ordered dropout), not a fixed capacity
-    assert len({method.client_keep_ratio(0, 3, round_num=t) for t in range(20)}) > 1
+    assert len({method.client_keep_ratio(0, 3, round_index=t) for t in range(20)}) > 1
 
 
 def test_spectral_methods_and_fedavg(plain):
@@ -61,31 +82,6 @@ def test_spectral_methods_and_fedavg(plain):
     assert set(METHODS) == {"prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm", "fedrolex"}
 
 
-def test_driver_budget_gives_small_and_width_methods_prisms_client_flops():
-    """The run's budget: `small` is the width closest to PriSM's flops, HeteroFL the matched channel fraction."""
-    fm = prism_tf.factorize(prism_tf.models.resnet18(width=16))
-    plan = prism_tf.SubmodelPlan.of(fm)
-    sizes = plan.sizes_with(Method("prism").sizes(plan))
-    target = prism_tf.cost(prism_tf.submodel.submodel_architecture(fm, plan, sizes))
-    _, width, info = client_budget(TrainConfig(method="small", width=16, keep_ratio=0.2), (32, 32, 3), 10)
-    flops = {w: prism_tf.cost(prism_tf.models.resnet18(width=w))["flops"] for w in range(1, 17)}
-    assert width == min(flops, key=lambda w: abs(flops[w] - target["flops"]))
-    assert info["small_width"] == width and info["prism_flops_ratio"] == pytest.approx(0.2646, abs=1e-4)
-    heterofl, _, info = client_budget(TrainConfig(method="heterofl", width=16, keep_ratio=0.2), (32, 32, 3), 10)
-    assert heterofl.width_fraction == 0.5 and abs(info["flops_ratio"] / info["prism_flops_ratio"] - 1) <= 0.05
-    nominal, _, info = client_budget(TrainConfig(method="heterofl", width=16, keep_ratio=0.2, match="nominal"),
-                                     (32, 32, 3), 10)
-    assert nominal.width_fraction is None and nominal.channel_fraction() == 0.2 and info["metric"] == "nominal"
-
-
-def test_keep_mix_parsing():
-    assert parse_keep_mix("0.2:0.6,0.4:0.4") == ((0.2, 0.6), (0.4, 0.4))
-    with pytest.raises(ValueError, match="keep-mix"):
-        parse_keep_mix("0.2-0.6")
-    with pytest.raises(ValueError, match="keep-mix ratio"):
-        parse_keep_mix("1.2:1")
-
-
 @pytest.mark.parametrize("method", ["heterofl", "fed_dropout", "fedhm", "fedrolex"])
 def test_baselines_run_real_rounds(method):
     shape = (8, 8, 3)
@@ -93,17 +89,18 @@ def test_baselines_run_real_rounds(method):
     data = [tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
         x=rng.random((8, *shape), dtype=np.float32), y=rng.integers(0, 10, 8).astype(np.int32)))
         for _ in range(2)]
-    process = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), method=method,
-                                  keep_ratio=0.5, batch_size=4, distribution="broadcast")
+    process = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape),
+                                  method=Method.create(method, keep_ratio=0.5), batch_size=4,
+                                  model_distributor=distributor.build_broadcast_distributor)
     state = process.initialize()
     with pytest.raises(ValueError, match="drop_remainder=True"):
         process.next(state, [ds.batch(4) for ds in data])
-    before = process.get_model_weights(state)
+    before = process.flat_weights(state)
     batched = [ds.batch(4, drop_remainder=True) for ds in data]
     with pytest.raises(ValueError, match="3 client ids for 2"):
         process.next(state, batched, client_ids=[5, 2, 1])
     state, metrics = process.next(state, batched, client_ids=[5, 2])
-    after = process.get_model_weights(state)
+    after = process.flat_weights(state)
     assert metrics["num_examples"] == 16 and np.isfinite(metrics["loss"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
     assert metrics["client_flops_per_example"] < process.full_cost["flops"]
@@ -116,8 +113,9 @@ def test_strategies_and_memory_efficient_variant_run_real_rounds(strategy, outpu
     data = [tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
         x=rng.random((8, *shape), dtype=np.float32), y=rng.integers(0, 10, 8).astype(np.int32)))
         .batch(4, drop_remainder=True) for _ in range(3)]
-    process = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), keep_ratio=0.5,
-                                  strategy=strategy, output_keep=output_keep, batch_size=4)
+    process = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape),
+                                  method=PriSM(keep_ratio=0.5, strategy=strategy, output_keep=output_keep),
+                                  batch_size=4)
     state = process.initialize()
     selections = process.selections(state, 3)
     if strategy != "uniform":
@@ -152,7 +150,7 @@ def test_library_sample_equals_method_select(plain, strategy):
 def test_capacity_is_a_fixed_function_of_seed_and_client():
     method = Method("prism", keep_ratio=0.2, keep_mix=((0.2, 0.6), (0.4, 0.4)))
     for client in range(50):
-        ratios = {method.client_keep_ratio(1, client, round_num=t) for t in range(6)}
+        ratios = {method.client_keep_ratio(1, client, round_index=t) for t in range(6)}
         assert len(ratios) == 1 and ratios <= {0.2, 0.4}
     n = 4000
     share = np.mean([method.capacity(1, c) == 0.2 for c in range(n)])
@@ -165,8 +163,8 @@ def test_capacity_is_a_fixed_function_of_seed_and_client():
 
 @pytest.fixture(scope="module")
 def mixed_collective():
-    return build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=(8, 8, 1)), keep_ratio=0.25,
-                               strategy="collective", keep_mix=((0.25, 0.5), (0.5, 0.5)), batch_size=4)
+    return build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=(8, 8, 1)), batch_size=4,
+                               method=PriSM(keep_ratio=0.25, strategy="collective", keep_mix=((0.25, 0.5), (0.5, 0.5))))
 
 
 def test_process_capacity_is_fixed_across_rounds_and_seeds_by_client_id(mixed_collective):
@@ -220,7 +218,7 @@ def test_collective_C_is_the_clients_sharing_a_keep_ratio(mixed_collective):
 def test_fedrolex_window_rolls_with_the_round(plain):
     plan = prism_tf.SubmodelPlan.of(plain)
     method = Method("fedrolex", keep_ratio=0.5)
-    sel = {t: method.select(plan, {}, (0, t, 1), round_num=t) for t in (0, 1, 8, 64)}
+    sel = {t: method.select(plan, {}, (0, t, 1), round_index=t) for t in (0, 1, 8, 64)}
     group = "stage1_block2_2_conv:out"  # 8 channels: windows of 4
     np.testing.assert_array_equal(sel[0].channels[group], [0, 1, 2, 3])
     np.testing.assert_array_equal(sel[1].channels[group], [1, 2, 3, 4])
@@ -229,12 +227,12 @@ def test_fedrolex_window_rolls_with_the_round(plain):
         size = plan.groups[g].size
         seen = np.zeros(size, int)
         for t in range(size):
-            seen[method.select(plan, {}, (0, t, 0), round_num=t).channels[g]] += 1
+            seen[method.select(plan, {}, (0, t, 0), round_index=t).channels[g]] += 1
         np.testing.assert_array_equal(seen, np.full(size, size // 2))  # every channel trained in turn
     # clients of a round share the window; it is the server's round, not the seed, that moves it
-    assert all(np.array_equal(method.select(plan, {}, (9, 3, c), round_num=3).channels[group],
+    assert all(np.array_equal(method.select(plan, {}, (9, 3, c), round_index=3).channels[group],
                               [3, 4, 5, 6]) for c in range(3))
-    with pytest.raises(ValueError, match="round_num"):
+    with pytest.raises(ValueError, match="round_index"):
         method.select(plan, {}, (0, 0, 0))
 
 
@@ -268,10 +266,161 @@ def test_equal_cost_method_matches_prism_flops():
     assert fjord.width_fraction == pytest.approx(0.5 / 0.8)  # its widest width, 0.8·w, is the matched 0.5
     assert fjord_info["flops_ratio"] == info["flops_ratio"]
     prism, prism_info = equal_cost_method(Method("prism", keep_ratio=0.2), server)
-    assert prism.width_fraction is None and prism_info["flops_ratio"] == prism_info["prism_flops_ratio"]
+    assert prism == PriSM(keep_ratio=0.2) and prism_info["width_fraction"] is None
+    assert prism_info["flops_ratio"] == prism_info["prism_flops_ratio"]
     _, small = equal_cost_method(Method("small", keep_ratio=0.2), server,
                                  build_model=lambda w: prism_tf.models.resnet18(width=w), max_width=16)
     assert small["small_width"] == budget.match_small_width(
         lambda w: prism_tf.models.resnet18(width=w), small["target"], 16)[0]
     with pytest.raises(ValueError, match="keep_mix"):
         equal_cost_method(Method("heterofl", keep_mix=((0.2, 0.5), (0.4, 0.5))), server)
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
+def test_registry_holds_one_class_per_method_in_the_cli_order():
+    assert METHODS == ("prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm", "fedrolex")
+    assert set(REGISTRY) == set(METHODS)
+    classes = {"prism": PriSM, "fedavg": FedAvg, "small": Small, "heterofl": HeteroFL, "fjord": FjORD,
+               "fed_dropout": FedDropout, "fedhm": FedHM, "fedrolex": FedRolex}
+    for name in METHODS:
+        method = Method.create(name, keep_ratio=0.3)
+        assert type(method) is REGISTRY[name] is classes[name] and method.name == name
+        assert isinstance(method, Method) and method.keep_ratio == 0.3
+        assert Method(name, keep_ratio=0.3) == method  # calling the base class by name is `create`
+    assert {n for n in METHODS if REGISTRY[n].spectral} == {"prism", "fedhm"}
+    assert {n for n in METHODS if REGISTRY[n].width} == {"heterofl", "fjord", "fed_dropout", "fedrolex"}
+    assert {n for n in METHODS if REGISTRY[n].always_matched} == {"small"}
+
+
+def test_create_takes_every_run_option_and_keeps_only_its_own():
+    """A run's options build any method (the driver passes them all); each class keeps the options it has."""
+    run_options = dict(keep_ratio=0.25, strategy="unbiased", gamma=3.0, output_keep=0.5, keep_mix=None)
+    assert Method.create("fedavg", **run_options) == FedAvg(keep_ratio=0.25, output_keep=0.5)
+    assert Method.create("heterofl", **run_options, fjord_widths=(0.5, 1.0)) == HeteroFL(keep_ratio=0.25,
+                                                                                         output_keep=0.5)
+    assert Method.create("prism", **run_options) == PriSM(keep_ratio=0.25, strategy="unbiased", gamma=3.0,
+                                                         output_keep=0.5)
+    fedhm = Method.create("fedhm", **run_options)
+    assert fedhm.strategy == "top" and fedhm.gamma == 3.0  # FedHM's rule is the top-k kernels, whatever is asked
+    assert Method.create("fjord", fjord_widths=(0.5, 1.0)).fjord_widths == (0.5, 1.0)
+    assert PriSM.options() == ("keep_ratio", "output_keep", "keep_mix", "strategy", "gamma", "output_rule")
+    assert FedHM.options() == ("keep_ratio", "output_keep", "keep_mix", "gamma", "output_rule")
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: Method.create("fedprox"), ValueError, ("unknown method 'fedprox'", "prism, fedavg, small")),
+    (lambda: Method.create("prism", warp=1), TypeError, ("unknown option(s) warp", "keep_ratio")),
+    (lambda: Method.create("prism", keep_ratio=0), ValueError, ("keep_ratio must be in (0, 1], got 0",)),
+    (lambda: Method.create("prism", strategy="best"), ValueError, ("unknown strategy 'best'",)),
+    (lambda: Method.create("fedavg", keep_mix=((0.2, 0.0),)), ValueError, ("keep_mix shares must be positive",)),
+    (lambda: Method.create("fedavg", keep_mix=((1.5, 1.0),)), ValueError, ("keep_mix ratio",)),
+    (lambda: HeteroFL(width_fraction=0), ValueError, ("width_fraction",)),
+    (lambda: FedHM(strategy="prism"), TypeError, ("strategy",)),
+])
+def test_bad_options_are_one_line_errors(call, error, words):
+    with pytest.raises(error) as raised:
+        call()
+    assert "\n" not in str(raised.value)
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_small_is_trained_whole_as_fedavg_and_sized_by_its_budget(plain):
+    small = Small(keep_ratio=0.3, keep_mix=((0.3, 1.0),))
+    assert small.trained_method() == FedAvg(keep_ratio=0.3, keep_mix=((0.3, 1.0),))
+    plan = prism_tf.SubmodelPlan.of(plain)
+    assert small.trained_method().select(plan, {}, (0, 0, 0)).strategy == "fedavg"
+    assert small.model_width({"small_width": 7}, 16) == 7 and small.model_width({}, 16) == 16
+    for name in METHODS:
+        method = Method.create(name)
+        if not isinstance(method, Small):
+            assert method.trained_method() is method and method.model_width({"small_width": 7}, 16) == 16
+
+
+def test_with_budget_restores_a_matched_width_fraction():
+    assert HeteroFL().with_budget({"width_fraction": 0.5}) == HeteroFL(width_fraction=0.5)
+    assert FjORD().with_budget({"width_fraction": 0.625}).width_fraction == 0.625
+    assert HeteroFL().with_budget({"width_fraction": None}) == HeteroFL()  # --match nominal
+    for method in (PriSM(), FedAvg(), Small(), FedHM()):
+        assert method.with_budget({"width_fraction": 0.5}) is method
+
+
+def test_nested_width_methods_deploy_their_widest_slice(plain):
+    plan = prism_tf.SubmodelPlan.of(plain)
+    for method, fraction in ((HeteroFL(keep_ratio=0.5), 0.5), (FjORD(keep_ratio=0.5, fjord_widths=(0.5, 1.0)), 0.5),
+                             (FjORD(keep_ratio=1.0, fjord_widths=(0.25, 0.5)), 0.5),
+                             (HeteroFL(keep_ratio=0.2, width_fraction=0.5), 0.5)):
+        models = deployed_models(method, plain)
+        assert set(models) == {"deployed", "server"} and models["server"] is plain
+        widest = prism_tf.extract(plain, method.select(plan, {}, (0, 0, 0), keep_ratio=method.keep_ratio
+                                                       * method.widest))
+        assert [w.shape for w in models["deployed"].weights] == [w.shape for w in widest.weights]
+        assert prism_tf.cost(models["deployed"])["params"] == prism_tf.cost(widest)["params"]
+        stem = "stage1_block2_2_conv:out"
+        assert models["deployed"].get_layer("stage1_block2_2_conv").filters == plan.groups[stem].size * fraction
+    for method in (PriSM(), FedHM(), FedAvg(), Small(), FedDropout(), FedRolex()):
+        assert method.deployed_models(plain) == {"deployed": plain}
+
+
+@pytest.fixture
+def scratch_method():
+    """A method registered by one class, as a new module would; unregistered afterwards."""
+
+    @register
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class EveryOther(WholeModelMethod):
+        """Test method: clients train the whole model, the server deploys it (a renamed FedAvg)."""
+
+        name = "every_other"
+
+    yield EveryOther
+    del REGISTRY["every_other"]
+
+
+def test_a_new_method_is_one_registered_class(scratch_method, plain):
+    method = Method.create("every_other", keep_ratio=0.5, strategy="top")
+    assert type(method) is scratch_method and isinstance(method, Method)
+    plan = prism_tf.SubmodelPlan.of(plain)
+    selections = methods.round_selections(method, plan, {}, 0, 3, [2, 1])
+    assert [s.strategy for s in selections] == ["every_other"] * 2 and method.sizes(plan) == {}
+    with pytest.raises(ValueError, match="'every_other' is .*EveryOther already"):
+        register(dataclasses.make_dataclass("Clash", [], bases=(scratch_method,), namespace={"name": "every_other"},
+                                            frozen=True))
+    with pytest.raises(TypeError, match="needs a class attribute `name`"):
+        register(dataclasses.make_dataclass("Nameless", [], bases=(WholeModelMethod,), frozen=True))
+    with pytest.raises(TypeError, match="abstract"):
+        register(dataclasses.make_dataclass("Abstract", [], bases=(Method,), namespace={"name": "abstract"},
+                                            frozen=True))
+
+
+def _compared_to_method_names(tree: ast.AST) -> list[int]:
+    """Lines comparing something's ``.name`` / ``.method`` / ``["method"]`` with method names."""
+
+    def names(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in METHODS
+        return isinstance(node, ast.Tuple | ast.List | ast.Set) and any(names(e) for e in node.elts)
+
+    def subject(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr in ("name", "method")) or (
+            isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "method")
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(names(o) for o in operands) and any(subject(o) for o in operands):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_code_tests_a_method_by_its_name():
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{path.relative_to(root)}:{line}"
+                 for package in ("prism_tf", "tff_pipelines", "export", "bench")
+                 for path in sorted((root / package).rglob("*.py"))
+                 for line in _compared_to_method_names(ast.parse(path.read_text()))]
+    assert not offenders, offenders
+    assert _compared_to_method_names(ast.parse("if method.name == 'small': pass\nx = cfg['method'] in ('fjord',)"))

@@ -9,6 +9,8 @@ import tensorflow_federated as tff
 
 import prism_tf
 from prism_tf.federated.methods import Method
+from tff_pipelines.round import client_work, distributor
+from tff_pipelines.round.layout import ClientAssignment, ClientInput
 from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
@@ -38,9 +40,12 @@ def _dataset(n, seed=0, shape=(5,), classes=3):
     return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(BATCH, drop_remainder=True)
 
 
+PLAIN = client_work.ClientTraining(clip_norm=None, frobenius_decay=0.0, weight_decay=0.0)  # no gradient terms
+
+
 def _tiny_process(**kwargs):
-    options = dict(keep_ratio=0.5, batch_size=BATCH, client_optimizer=PlusOne(), clip_norm=None,
-                   factorize_options={"min_rank": 1}, refactorize_every=0)
+    options = dict(method=Method("prism", keep_ratio=0.5), batch_size=BATCH, client_optimizer=PlusOne(),
+                   client_training=PLAIN, lr_schedule=None, factorize_options={"min_rank": 1}, refactorize_every=0)
     options.update(kwargs)
     return build_prism_process(_tiny_model, **options)
 
@@ -48,21 +53,21 @@ def _tiny_process(**kwargs):
 @pytest.mark.parametrize("distribution", ["select", "broadcast"])
 def test_per_kernel_aggregation_by_hand(distribution):
     """Two clients, overlapping kernels, 12 vs 4 examples: each kernel averaged over the clients that had it."""
-    process = _tiny_process(distribution=distribution)
+    process = _tiny_process(model_distributor=distributor.named(distribution))
     layout = process.layout
     state = process.initialize()
-    w0 = process.get_model_weights(state)
+    w0 = process.flat_weights(state)
     names = [(t.layer, t.weight) for t in layout.tensors]
     a_pos, b_pos = names.index(("hidden", "principal_kernels")), names.index(("hidden", "combination"))
     head_pos = names.index(("head", "kernel"))
     # client 1: kernels {0, 1}, 12 examples = 3 batches (+3); client 2: kernels {1, 2}, 4 examples = 1 batch (+1)
     ones = [np.ones(2, np.float32)]
     inputs = [
-        collections.OrderedDict(data=_dataset(12), indices=[np.array([0, 1], np.int32)], scale=ones),
-        collections.OrderedDict(data=_dataset(4, 1), indices=[np.array([1, 2], np.int32)], scale=ones),
+        ClientInput(_dataset(12), ClientAssignment([np.array([0, 1], np.int32)], ones)),
+        ClientInput(_dataset(4, 1), ClientAssignment([np.array([1, 2], np.int32)], ones)),
     ]
     out = process.learning_process.next(state, inputs)
-    w1 = process.get_model_weights(out.state)
+    w1 = process.flat_weights(out.state)
     expected_shift = np.array([3.0, (12 * 3 + 4 * 1) / 16, 1.0, 0.0])  # kernel 3: nobody -> unchanged
     np.testing.assert_allclose(w1[a_pos] - w0[a_pos], np.broadcast_to(expected_shift, (5, 4)), atol=1e-5)
     np.testing.assert_allclose(w1[b_pos] - w0[b_pos], np.broadcast_to(expected_shift[:, None], (4, 4)), atol=1e-5)
@@ -90,11 +95,12 @@ def test_select_and_broadcast_give_identical_rounds():
     for distribution in ("select", "broadcast"):
         tf.keras.utils.set_random_seed(1)
         process = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=(8, 8, 1)),
-                                      keep_ratio=0.5, batch_size=BATCH, distribution=distribution, seed=3)
+                                      method=Method("prism", keep_ratio=0.5), batch_size=BATCH,
+                                      model_distributor=distributor.named(distribution), seed=3)
         state = process.initialize()
         for _ in range(2):
             state, metrics = process.next(state, [_dataset(8, c, (8, 8, 1), 10) for c in range(3)])
-        results.append((process.get_model_weights(state), metrics))
+        results.append((process.flat_weights(state), metrics))
     (w_sel, m_sel), (w_bc, m_bc) = results
     for a, b in zip(w_sel, w_bc, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -116,14 +122,15 @@ def test_refactorization_keeps_function_and_orthogonality():
 
 def test_fedavg_traffic_is_the_full_model_and_prism_is_smaller():
     shape = (8, 8, 3)
-    fedavg = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), method="fedavg",
-                                 batch_size=BATCH, distribution="broadcast")
+    fedavg = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape),
+                                 method=Method("fedavg"), batch_size=BATCH,
+                                 model_distributor=distributor.build_broadcast_distributor)
     state = fedavg.initialize()
     state, m = fedavg.next(state, [_dataset(8, c, shape, 10) for c in range(2)])
     assert m["bytes_down_per_client"] == pytest.approx(fedavg.server_model_bytes, rel=0.001)
     assert m["client_flops_per_example"] == fedavg.full_cost["flops"]
-    prism = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape), keep_ratio=0.25,
-                                batch_size=BATCH)
+    prism = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape),
+                                method=Method("prism", keep_ratio=0.25), batch_size=BATCH)
     state = prism.initialize()
     state, m = prism.next(state, [_dataset(8, c, shape, 10) for c in range(2)])
     assert m["bytes_down_per_client"] / fedavg.server_model_bytes < 0.5
@@ -139,9 +146,9 @@ def test_tier_path_equals_the_learning_process_for_one_size():
     fused, fused_metrics = process.next(state, datasets)
     selections = process.selections(state, 3)
     tiered, tiered_metrics = process._next_in_tiers(state, datasets, selections, {process.layout.sizes_key: [0, 1, 2]})
-    for a, b in zip(process.get_model_weights(fused), process.get_model_weights(tiered), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    assert tiered_metrics["loss"] == pytest.approx(fused_metrics["loss"], rel=1e-6)
+    for a, b in zip(process.flat_weights(fused), process.flat_weights(tiered), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same parts: bit for bit
+    assert tiered_metrics["loss"] == fused_metrics["loss"] and tiered_metrics["failed"] == []
 
 
 def test_heterogeneous_sizes_run_in_tiers():
@@ -155,7 +162,7 @@ def test_heterogeneous_sizes_run_in_tiers():
     state, m = process.next(state, [_dataset(8, c, shape, 10) for c in range(6)])
     assert m["num_examples"] == 48 and np.isfinite(m["loss"])
     mixed = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=shape), batch_size=BATCH,
-                                keep_mix=((0.25, 0.5), (0.5, 0.5)))
+                                method=Method("prism", keep_mix=((0.25, 0.5), (0.5, 0.5))))
     state = mixed.initialize()
     assert len({s.sizes()["conv2_conv"] for s in mixed.selections(state, 6)}) == 2
     state, m = mixed.next(state, [_dataset(8, c, shape, 10) for c in range(6)])
@@ -168,7 +175,7 @@ def test_models_still_run_after_tff_traced_a_keras_submodel():
     x = np.zeros((2, 8, 8, 1), np.float32)
     model(x)
     process = build_prism_process(lambda: prism_tf.models.small_cnn(width=4, input_shape=(8, 8, 1)),
-                                  batch_size=BATCH, distribution="broadcast")
+                                  batch_size=BATCH, model_distributor=distributor.build_broadcast_distributor)
     assert model(x).shape == (2, 10)
     assert process.server_model(x).shape == (2, 10)
 
@@ -187,32 +194,27 @@ def test_odd_batch_sizes_are_refused_while_onednn_is_on(monkeypatch):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="distribution"):
-        _tiny_process(distribution="carrier-pigeon")
+    with pytest.raises(ValueError, match="distribution must be one of .*'carrier-pigeon'"):
+        distributor.named("carrier-pigeon")
+    with pytest.raises(TypeError, match="model_distributor must be a function"):
+        _tiny_process(model_distributor="select")
+    with pytest.raises(TypeError, match="method must be a prism_tf.federated.methods.Method"):
+        _tiny_process(method="prism")
+    with pytest.raises(TypeError, match="client_weighting must be a tff.learning.ClientWeighting"):
+        _tiny_process(client_weighting="uniform")
     with pytest.raises(ValueError, match="unknown method"):
         Method("fedprox")
     with pytest.raises(ValueError, match="keep_ratio"):
         Method("prism", keep_ratio=0)
 
 
-def test_server_optimizer_acts_on_rebuilt_kernels():
-    """SGD(lr) on the server: W_new = W_old + lr·(W_avg − W_old) for the rebuilt kernel, then SVD."""
-    results = {}
-    for name, optimizer in [("plain", None), ("sgd1", tff.learning.optimizers.build_sgdm(1.0)),
-                            ("sgd_half", tff.learning.optimizers.build_sgdm(0.5))]:
-        process = _tiny_process(refactorize_every=1, server_optimizer=optimizer, seed=4)
-        state = process.initialize()
-        before = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
-        w_old = before.get_layer("hidden").dense_kernel().numpy()
-        head_old = before.get_layer("head").kernel.numpy()
-        state, _ = process.next(state, [_dataset(8, c) for c in range(2)])
-        after = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
-        results[name] = (w_old, after.get_layer("hidden").dense_kernel().numpy(), head_old,
-                         after.get_layer("head").kernel.numpy())
-    w_old, w_plain, head_old, head_plain = results["plain"]
-    np.testing.assert_allclose(results["sgd1"][1], w_plain, atol=1e-4)
-    np.testing.assert_allclose(results["sgd_half"][1], w_old + 0.5 * (w_plain - w_old), atol=1e-4)
-    np.testing.assert_allclose(results["sgd_half"][3], head_old + 0.5 * (head_plain - head_old), atol=1e-5)
+def test_the_server_optimizer_reaches_the_finalizer():
+    """(Its arithmetic, on the rebuilt kernels: tests/test_finalizer.py.)"""
+    process = _tiny_process(refactorize_every=1, server_optimizer=tff.learning.optimizers.build_sgdm(0.5))
+    state = process.initialize()
+    assert float(state["optimizer_state"]["learning_rate"]) == 0.5
+    state, _ = process.next(state, [_dataset(8, c) for c in range(2)])
+    assert process.round_num(state) == 1 and float(state["optimizer_state"]["learning_rate"]) == 0.5
     with pytest.raises(ValueError, match="refactorize_every=1"):
         _tiny_process(refactorize_every=2, server_optimizer=tff.learning.optimizers.build_sgdm(1.0))
 
@@ -221,16 +223,94 @@ def test_next_uses_the_learning_rate_of_the_current_round():
     """`next` passes the round number: a cosine schedule to 0 over 2 rounds trains in round 1, freezes in round 2."""
     from prism_tf.federated.recipe import Schedule
 
-    process = build_prism_process(_tiny_model, method="fedavg", batch_size=BATCH, clip_norm=None,
-                                  client_optimizer=tff.learning.optimizers.build_sgdm(0.05),
-                                  lr_schedule=Schedule("cosine", 0.3, 0.0, 2))
+    process = build_prism_process(_tiny_model, tff.learning.optimizers.build_sgdm(0.05), method=Method("fedavg"),
+                                  batch_size=BATCH, client_training=PLAIN, lr_schedule=Schedule("cosine", 0.3, 0.0, 2))
     state = process.initialize()
     data = [_dataset(8, seed=1), _dataset(8, seed=2)]
-    start = process.get_model_weights(state)
+    start = process.flat_weights(state)
     state, _ = process.next(state, data)
-    after_one = process.get_model_weights(state)
+    after_one = process.flat_weights(state)
     state, _ = process.next(state, data)
-    after_two = process.get_model_weights(state)
+    after_two = process.flat_weights(state)
     assert max(float(np.abs(a - b).max()) for a, b in zip(start, after_one, strict=True)) > 1e-3
     for a, b in zip(after_one, after_two, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_model_weights_are_tffs_model_weights_and_flat_weights_the_server_models():
+    process = _tiny_process()
+    state = process.initialize()
+    ours, tffs = process.get_model_weights(state), process.learning_process.get_model_weights(state)
+    assert isinstance(ours, tff.learning.models.ModelWeights) and isinstance(tffs, tff.learning.models.ModelWeights)
+    for mine, theirs in [(ours.trainable, tffs.trainable), (ours.non_trainable, tffs.non_trainable)]:
+        assert len(mine) == len(theirs) > 0
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # ModelWeights fits Keras: assign_weights_to writes exactly what assign_to (flat order) writes
+    by_tff = tf.keras.models.clone_model(process.server_model)
+    ours.assign_weights_to(by_tff)
+    by_flat = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
+    for a, b in zip(by_tff.get_weights(), by_flat.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    flat = process.flat_weights(state)
+    assert [w.shape for w in flat] == [tuple(t.shape) for t in process.layout.tensors]
+    doubled = tff.learning.models.ModelWeights([2 * w for w in ours.trainable], list(ours.non_trainable))
+    for new_state in (process.set_model_weights(state, doubled),
+                      process.learning_process.set_model_weights(state, doubled)):
+        for w, old, trainable in zip(process.flat_weights(new_state), flat, process.layout.trainable, strict=True):
+            np.testing.assert_array_equal(w, 2 * old if trainable else old)
+        assert process.round_num(new_state) == 0
+    with pytest.raises(ValueError, match=r"expected ModelWeights with \d+ trainable and \d+ non-trainable arrays"):
+        process.set_model_weights(state, tff.learning.models.ModelWeights(flat, []))
+    with pytest.raises(ValueError, match=r"weight 0 \(hidden/principal_kernels\) has shape \(2,\), the server model"):
+        process.set_flat_weights(state, [np.zeros(2, np.float32)] + flat[1:])
+
+
+def test_the_parts_are_tff_templates_that_tffs_composer_cannot_chain():
+    """docs/design.md, "The round as TFF templates": the parts are TFF's template processes (the distributor with
+    one more argument), and `compose_learning_process` cannot take them, for the two reasons the design names."""
+    process = _tiny_process()
+    distribute, work, aggregate = process.parts(process.layout.sizes_key)
+    assert isinstance(distribute, distributor.SubmodelDistributionProcess)
+    assert isinstance(work, tff.learning.templates.ClientWorkProcess)
+    assert isinstance(aggregate, tff.templates.AggregationProcess) and aggregate.is_weighted
+    assert isinstance(process.finalizer, tff.learning.templates.FinalizerProcess)
+    assert len(distribute.next.type_signature.parameter) == 3  # <state, weights@SERVER, assignments@CLIENTS>
+    initial = process.initial_model_weights
+    # 1. the composer takes a DistributionProcess, whose next has no CLIENTS argument to key federated_select
+    with pytest.raises(TypeError, match="DistributionProcess"):
+        tff.learning.templates.compose_learning_process(initial, distribute, work, aggregate, process.finalizer)
+    # 2. the composer's client data is client work's third argument, which must be sequences only: the process's
+    #    client inputs carry index vectors, ω and the learning rate
+    client_type = process.learning_process.next.type_signature.parameter[1]
+
+    @tff.federated_computation(work.initialize.type_signature.result, work.next.type_signature.parameter[1],
+                               client_type)
+    def next_with_client_inputs(state, start, clients):
+        return work.next(state, start, clients.data)
+
+    with pytest.raises(TypeError, match="third input argument of `next_fn` must be a sequence"):  # ClientDataTypeError
+        tff.learning.templates.ClientWorkProcess(work.initialize, next_with_client_inputs)
+
+
+def test_defaults_are_the_clis():
+    """`build_prism_process`'s and `ClientTraining`'s defaults are `TrainConfig`'s, through the driver's mapping."""
+    from prism_tf.federated.config import TrainConfig
+    from prism_tf.federated.recipe import Schedule
+
+    config = TrainConfig()
+    process = build_prism_process(_tiny_model, factorize_options={"min_rank": 1})
+    assert process.lr_schedule == client_work.lr_schedule_of(config) == Schedule("cosine", 0.1, 1e-4, 10)
+    expected = client_work.ClientTraining.of(config)
+    for training in (process.training, client_work.ClientTraining()):
+        assert (training.clip_norm, training.clip_lr_tau, training.frobenius_decay, training.weight_decay) == (
+            expected.clip_norm, expected.clip_lr_tau, expected.frobenius_decay, expected.weight_decay) == (
+            5.0, 10.0, 2e-4, 5e-4)
+        state = training.optimizer.initialize((tf.TensorSpec([1], tf.float32),))
+        hparams = training.optimizer.get_hparams(state)
+        assert (float(hparams["learning_rate"]), float(hparams["momentum"])) == pytest.approx((0.1, 0.9))
+    assert process.training.round_lr
+    assert process.model_distributor is distributor.build_select_distributor
+    assert process.client_weighting is tff.learning.ClientWeighting.NUM_EXAMPLES
+    assert (process.seed, process.min_clients, process.refactorize_every) == (0, 1, 1)
+    assert process.method.spectral and process.element_type.x.shape == (32, 5)

@@ -122,8 +122,8 @@ def test_unreadable_latest_checkpoint_falls_back_with_a_warning_naming_it(tiny_r
     template = [np.zeros_like(x) for x in expected]
     capfd.readouterr()
 
-    # TFF's manager (what `resume` uses) ...
-    state, version = run.load_state(run.state_manager(), template)
+    # The run's state (what `resume` loads) ...
+    state, version = run.load_state(template)
     warning = capfd.readouterr().err
     assert version == 1
     assert all(np.array_equal(a, b) for a, b in zip(state, expected, strict=True))
@@ -146,7 +146,7 @@ def test_no_readable_checkpoint_is_an_error_naming_each(tiny_run, tmp_path):
     for version in (1, 2):
         _truncate(run.checkpoint_path(version) / DATA)
     template = [np.zeros_like(x) for x in RunDir(tiny_run).read_checkpoint(1)[0]]
-    for call in (lambda: run.load_state(run.state_manager(), template), run.read_checkpoint):
+    for call in (lambda: run.load_state(template), run.read_checkpoint):
         with pytest.raises(RunError, match="no readable checkpoint") as error:
             call()
         assert str(run.checkpoint_path(1)) in str(error.value) and str(run.checkpoint_path(2)) in str(error.value)
@@ -159,14 +159,16 @@ def test_saving_again_sets_the_bad_checkpoint_aside_and_removes_leftover_tempora
     planted = _plant_interrupted_saves(run.path, 2)
     assert _leftovers(run.path) == sorted(planted)
     # TFF ignores its own leftovers: they are no version, for it and for us.
-    manager = run.state_manager()
     import asyncio
 
+    import tensorflow_federated as tff
+
+    manager = tff.program.FileProgramStateManager(str(run.checkpoint_dir), keep_total=3, keep_first=False)
     assert asyncio.run(manager.get_versions()) == [1, 2] and run.checkpoint_versions() == [1, 2]
 
-    state, version = run.load_state(manager, [np.zeros_like(x) for x in RunDir(tiny_run).read_checkpoint(1)[0]],
-                                     warn=lambda _: None)
-    run.save_state(manager, state, version + 1)  # round 2 again (here: round 1's state, saved as round 2)
+    state, version = run.load_state([np.zeros_like(x) for x in RunDir(tiny_run).read_checkpoint(1)[0]],
+                                    warn=lambda _: None)
+    run.save_state(state, version + 1)  # round 2 again (here: round 1's state, saved as round 2)
     assert _leftovers(run.path) == []
     assert (run.checkpoint_dir / "program_state_2.corrupt" / DATA).read_bytes() == damaged
     assert run.checkpoint_versions() == [1, 2]
@@ -175,7 +177,7 @@ def test_saving_again_sets_the_bad_checkpoint_aside_and_removes_leftover_tempora
 
     # A readable checkpoint is never overwritten.
     with pytest.raises(RunError, match="exists and is readable"):
-        run.save_state(manager, state, 2)
+        run.save_state(state, 2)
 
 
 def test_every_reader_agrees_on_the_open_round_when_the_latest_checkpoint_is_damaged(tiny_run, tmp_path):

@@ -53,9 +53,9 @@ def test_replay_needs_no_tff_and_draws_the_process_selections(tiny_run, loaded):
     simulation = loaded
     flat, _ = RunDir(tiny_run).read_checkpoint(1)
     process = simulation.process
-    state = process.set_model_weights(process.initialize(), flat[:len(process.layout.tensors)])
+    state = process.set_flat_weights(process.initialize(), flat[:len(process.layout.tensors)])
     state["round_num"] = np.int64(1)
-    clients = simulation.round_clients(1)
+    clients = simulation.round_clients(1)  # round 2: index 1
     assert got["clients"] == clients
     expected = simulation.process.selections(state, clients)
     for c, selection in zip(clients, expected, strict=True):
@@ -73,7 +73,7 @@ def test_pure_server_path_equals_the_tff_round(tiny_run, loaded):
     replay = RoundReplay(tiny_run, 2)
     accumulator = prism_tf.server.Accumulator(replay.plan)
     clients = replay.clients()
-    datasets = simulation.client_datasets(replay.index, clients)
+    datasets = simulation.client_datasets(replay.round_index, clients)
     for client, dataset in zip(clients, datasets, strict=True):
         selection = replay.selection(client)
         sub = prism_tf.extract(replay.server_model, selection)
@@ -86,9 +86,9 @@ def test_pure_server_path_equals_the_tff_round(tiny_run, loaded):
         values = list(weights)
         for position, upload in zip(layout.travelling(), uploads, strict=True):
             values[position] = upload.numpy()
-        accumulator.add(values, selection, float(metrics["num_examples"]))
+        accumulator.add(values, selection, float(metrics.num_examples))
     new, coverage = prism_tf.server.finish_round(replay.plan, replay.weights, accumulator.sums, accumulator.counts,
-                                                 replay.index, process.refactorize_every)
+                                                 replay.round_index, process.refactorize_every)
     tff_round = RunDir(tiny_run).read_checkpoint(2)[0][:len(replay.plan.tensors)]
     assert 0 < float(coverage) <= 1
     worst = max_weight_difference(replay.plan, new, tff_round)

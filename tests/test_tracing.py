@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import prism_tf
+from prism_tf.federated.methods import Method
 from tff_pipelines.round import client_work, process
 
 BATCH = 4
@@ -47,7 +48,7 @@ def test_three_rounds_trace_client_and_server_once(monkeypatch):
     # Module attributes: the client computation and the finalizer look them up when they trace.
     monkeypatch.setattr(client_work, "train_submodel", counting("client", client_work.train_submodel))
     monkeypatch.setattr(prism_tf.server, "finish_round", counting("server", prism_tf.server.finish_round))
-    proc = process.build_prism_process(_tiny_model, keep_ratio=0.5, batch_size=BATCH,
+    proc = process.build_prism_process(_tiny_model, method=Method("prism", keep_ratio=0.5), batch_size=BATCH,
                                        factorize_options={"min_rank": 1})
     built = dict(calls)
     state = proc.initialize()

@@ -217,7 +217,7 @@ def _final_weights(out: Path):
     from tff_pipelines.program import driver
 
     simulation, state, round_num = driver.load_run(str(out))
-    return simulation.process, simulation.process.get_model_weights(state), round_num
+    return simulation.process, simulation.process.flat_weights(state), round_num
 
 
 def _metrics(out: Path) -> list[dict]:

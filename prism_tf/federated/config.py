@@ -17,15 +17,18 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf.evaluation import EVAL_NORMS
-from prism_tf.federated import methods as tff_methods
 from prism_tf.federated import recipe
-from prism_tf.federated.methods import METHODS, Method
+from prism_tf.federated.methods import METHODS, Method, PriSM, equal_cost_method
 from prism_tf.federated.rundir import RunDir, RunError
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every option of a simulated run (the CLI's flags; stored as ``config.json``)."""
+    """Every option of a simulated run (the CLI's flags; stored as ``config.json``).
+
+    The one definition of the options' defaults: the CLI's ``--help`` states them from these fields
+    (`tff_pipelines.program.cli`), and runs written before an option existed get `LEGACY_DEFAULTS` instead.
+    """
 
     method: str = "prism"
     model: str = "resnet18"
@@ -68,6 +71,7 @@ class TrainConfig:
     calibration_examples: int = 1000
 
     def validate(self) -> None:
+        """Raise `ValueError` naming the first option (as its CLI flag) whose value a run cannot use."""
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.model not in prism_tf.models.MODELS:
@@ -109,8 +113,9 @@ class TrainConfig:
         parse_keep_mix(self.keep_mix)
 
     def method_spec(self) -> Method:
-        return Method(self.method, keep_ratio=self.keep_ratio, strategy=self.strategy, gamma=self.gamma,
-                      output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix))
+        """The run's `Method` at its nominal keep ratio (before `client_budget` matches it to PriSM's cost)."""
+        return Method.create(self.method, keep_ratio=self.keep_ratio, strategy=self.strategy, gamma=self.gamma,
+                             output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix))
 
 
 AUGMENTS = ("none", "crop_flip")
@@ -133,6 +138,9 @@ def parse_keep_mix(text: str | None) -> tuple[tuple[float, float], ...] | None:
 
 
 def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int | None = None) -> Callable:
+    """A function building the run's model (at ``width``, default ``--width``), seeded by the run: every call,
+    and every method of the same config, starts from the same initial weights."""
+
     def build() -> tf.keras.Model:
         tf.keras.utils.set_random_seed(config.seed)  # the same initial server model for every method
         return prism_tf.models.build_model(config.model, width=width or config.width, num_classes=num_classes,
@@ -148,19 +156,20 @@ def client_budget(config: TrainConfig, input_shape, num_classes: int) -> tuple[M
     """The method at the run's client budget (docs/algorithm.md §5): its `Method`, model width and budget record.
 
     ``--match flops`` (default) / ``activations`` give every width method the channel fraction, and ``small`` the
-    model width, whose client flops (activation bytes) are closest to PriSM's sub-model at ``--keep-ratio``;
-    ``nominal`` uses ``--keep-ratio`` as the channel fraction (``small`` is still matched by flops).
+    model width, whose client flops (activation bytes) are closest to PriSM's sub-model at ``--keep-ratio``
+    (`Method.match_cost`); ``nominal`` uses ``--keep-ratio`` as the channel fraction and records PriSM's budget
+    (a method that is `Method.always_matched`, ``small``, is still matched by flops).
     """
     method = config.method_spec()
     metric = "activation_bytes" if config.match == "activations" else "flops"
     full = model_builder(config, input_shape, num_classes)()
-    if config.match == "nominal" and method.name != "small":
-        _, info = tff_methods.equal_cost_method(dataclasses.replace(method, name="prism"), full, metric)
+    if config.match == "nominal" and not method.always_matched:
+        _, info = equal_cost_method(PriSM(keep_ratio=method.keep_ratio, output_keep=method.output_keep), full, metric)
         info.update(metric="nominal", width_fraction=None)
         return method, config.width, info
     build = lambda width: model_builder(config, input_shape, num_classes, width)()  # noqa: E731
-    matched, info = tff_methods.equal_cost_method(method, full, metric, build_model=build, max_width=config.width)
-    return matched, int(info.get("small_width", config.width)), info
+    matched, info = equal_cost_method(method, full, metric, build_model=build, max_width=config.width)
+    return matched, matched.model_width(info, config.width), info
 
 
 def onednn_enabled() -> bool:
@@ -185,10 +194,11 @@ def check_batch_size(batch_size: int) -> None:
         )
 
 
-def round_clients(config: TrainConfig, round_num: int) -> list[int]:
-    """The clients of round ``round_num`` (0-based): ``clients_per_round`` of ``clients`` drawn without replacement
-    from the stream ``((seed, round), "participants")`` (`prism_tf.streams`), sorted."""
-    rng = prism_tf.streams.rng((config.seed, round_num), "participants")
+def round_clients(config: TrainConfig, round_index: int) -> list[int]:
+    """The clients of the round of index ``round_index`` (0-based; round ``round_index + 1`` as users count):
+    ``clients_per_round`` of ``clients`` drawn without replacement from the stream ``((seed, round_index),
+    "participants")`` (`prism_tf.streams`), sorted."""
+    rng = prism_tf.streams.rng((config.seed, round_index), "participants")
     return [int(c) for c in np.sort(rng.choice(config.clients, config.clients_per_round, replace=False))]
 
 

@@ -18,14 +18,12 @@ Decoded arrays are cached as uncompressed ``.npz`` files under ``$PRISM_CACHE`` 
 plain ``np.load``.
 
 :func:`partition` splits the training set over clients (``iid``, ``dirichlet:<alpha>`` label skew,
-``shards:<k>``); :func:`make_client_data` wraps the result as a ``tff.simulation.datasets.ClientData`` whose
-client datasets yield unbatched ``OrderedDict(x=float32[H, W, C] in [0, 1], y=int32[])`` (the caller batches;
-keep batch shapes fixed where training happens, see docs/pitfalls.md, "oneDNN and batch shapes").
+``shards:<k>``); `tff_pipelines.program.client_data.make_client_data` wraps the result as a TFF ``ClientData``
+(this module imports no TFF: docs/design.md).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io
@@ -37,20 +35,16 @@ import tarfile
 import tempfile
 import warnings
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:  # heavy imports only where needed (TensorFlow / TFF load in seconds)
-    import tensorflow_federated as tff
 
 __all__ = [
     "CIFAR10_CLASSES",
     "DataError",
+    "PIXEL_MAX",
     "ImageDataset",
     "find_cifar10",
     "load_dataset",
-    "make_client_data",
     "partition",
     "to_float",
 ]
@@ -63,7 +57,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SPLITS = ("train", "test")
 _CACHE_VERSION = 1
-_PIXEL_MAX = 255.0
+PIXEL_MAX = 255.0
+"""The largest pixel value: `to_float` maps ``0..PIXEL_MAX`` to ``[0, 1]``."""
 
 
 class DataError(ValueError):
@@ -107,7 +102,7 @@ class ImageDataset:
 
 def to_float(x: np.ndarray) -> np.ndarray:
     """Scale uint8 pixels to float32 in ``[0, 1]`` (the one place that defines the input scaling)."""
-    return np.asarray(x).astype(np.float32) / np.float32(_PIXEL_MAX)
+    return np.asarray(x).astype(np.float32) / np.float32(PIXEL_MAX)
 
 
 # --------------------------------------------------------------------------------------------- locating data
@@ -601,58 +596,3 @@ def _dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np
             parts[client] = parts[donor][j:j + 1]
             parts[donor] = np.delete(parts[donor], j)
     return parts
-
-
-# ------------------------------------------------------------------------------------------- TFF client data
-
-
-def make_client_data(
-    ds: ImageDataset,
-    num_clients: int,
-    scheme: str = "iid",
-    *,
-    seed: int = 0,
-    examples_per_client: int | None = None,
-) -> tff.simulation.datasets.ClientData:
-    """Partition ``ds``'s training set (see :func:`partition`) into a TFF ``ClientData``.
-
-    Client ids are ``"0" .. str(num_clients - 1)``; client ``i`` holds ``partition(...)[i]`` (same
-    arguments), in that order. Each client dataset yields unbatched
-    ``OrderedDict(x=float32[H, W, C] in [0, 1], y=int32[])``. Built with
-    ``ClientData.from_clients_and_tf_fn``: the dataset function is traceable (``dataset_computation`` works);
-    only the images used by some client are embedded in it.
-    """
-    import tensorflow as tf
-    import tensorflow_federated as tff
-
-    parts = partition(ds.y_train, num_clients, scheme, seed=seed, examples_per_client=examples_per_client)
-    used = np.concatenate(parts)
-    splits = np.zeros(num_clients + 1, dtype=np.int64)
-    splits[1:] = np.cumsum([len(p) for p in parts])
-    x_np = np.ascontiguousarray(ds.x_train[used])
-    y_np = ds.y_train[used].astype(np.int32)
-    captured: list[tf.Tensor] = []  # eager copies, made once, captured by tf.function traces
-
-    def scale(x: tf.Tensor, y: tf.Tensor) -> collections.OrderedDict:
-        return collections.OrderedDict(x=tf.cast(x, tf.float32) / _PIXEL_MAX, y=y)
-
-    def dataset_fn(client_id: str | tf.Tensor) -> tf.data.Dataset:
-        if tf.executing_eagerly():  # create_tf_dataset_for_client: slice in numpy, copy one client only
-            cid = client_id.numpy() if isinstance(client_id, tf.Tensor) else client_id
-            i = int(cid)
-            start, stop = splits[i], splits[i + 1]
-            return tf.data.Dataset.from_tensor_slices((x_np[start:stop], y_np[start:stop])).map(scale)
-        if tf.inside_function():  # tf.function / Dataset.flat_map traces: capture eager tensors
-            if not captured:
-                with tf.init_scope():
-                    captured.extend([tf.constant(x_np), tf.constant(y_np), tf.constant(splits)])
-            x_all, y_all, bounds = captured
-        else:  # a plain graph (TFF's dataset_computation): the data become graph constants
-            x_all, y_all, bounds = tf.constant(x_np), tf.constant(y_np), tf.constant(splits)
-        i = tf.strings.to_number(client_id, out_type=tf.int32)
-        start, stop = bounds[i], bounds[i + 1]
-        return tf.data.Dataset.from_tensor_slices((x_all[start:stop], y_all[start:stop])).map(scale)
-
-    return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-        [str(i) for i in range(num_clients)], dataset_fn
-    )

@@ -20,8 +20,8 @@ import tensorflow as tf
 SCHEDULES = ("constant", "cosine")
 
 
-def cosine_lr(round_num: int, total_rounds: int, base_lr: float, final_lr: float = 1e-4) -> float:
-    """Cosine-annealed learning rate of round ``round_num`` (0-based) out of ``total_rounds``.
+def cosine_lr(round_index: int, total_rounds: int, base_lr: float, final_lr: float = 1e-4) -> float:
+    """Cosine-annealed learning rate of the round of index ``round_index`` (0-based) out of ``total_rounds``.
 
     ``final + (base − final)·(1 + cos(π·t/(T − 1)))/2``: round 0 trains at ``base_lr`` and the last round
     (``T − 1``) exactly at ``final_lr``; rounds past the end stay at ``final_lr``. (PyTorch's ``CosineAnnealingLR``
@@ -29,11 +29,11 @@ def cosine_lr(round_num: int, total_rounds: int, base_lr: float, final_lr: float
     """
     if total_rounds < 1:
         raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
-    if round_num < 0:
-        raise ValueError(f"round_num must be >= 0, got {round_num}")
+    if round_index < 0:
+        raise ValueError(f"round_index must be >= 0, got {round_index}")
     if total_rounds == 1:
         return float(base_lr)
-    progress = min(round_num, total_rounds - 1) / (total_rounds - 1)
+    progress = min(round_index, total_rounds - 1) / (total_rounds - 1)
     return float(final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -58,10 +58,11 @@ class Schedule:
         if self.total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {self.total_rounds}")
 
-    def __call__(self, round_num: int) -> float:
+    def __call__(self, round_index: int) -> float:
+        """The learning rate of the round of index ``round_index`` (0-based)."""
         if self.kind == "constant":
             return float(self.base)
-        return cosine_lr(round_num, self.total_rounds, self.base, self.final)
+        return cosine_lr(round_index, self.total_rounds, self.base, self.final)
 
 
 # --- augmentation ---------------------------------------------------------------------------------------------
@@ -110,9 +111,10 @@ def augment_dataset(ds: tf.data.Dataset, seed: int, pad: int = 4) -> tf.data.Dat
     return ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def client_seed(run_seed: int, round_num: int, client: int) -> int:
-    """A 63-bit augmentation seed for ``client`` in ``round_num`` of a run (independent of the sampling streams)."""
-    sequence = np.random.SeedSequence([int(run_seed), int(round_num), int(client), 0xA06])
+def client_seed(run_seed: int, round_index: int, client: int) -> int:
+    """A 63-bit augmentation seed for ``client`` in the round of index ``round_index`` (0-based) of a run
+    (independent of the sampling streams)."""
+    sequence = np.random.SeedSequence([int(run_seed), int(round_index), int(client), 0xA06])
     return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 

@@ -1,15 +1,15 @@
 """Any round of a run, rebuilt from its directory without TFF: the server model, each client's `Selection`.
 
-A round ``t`` (1-based, as the run's table numbers them) starts from the server weights after ``t − 1`` rounds
-(checkpoint ``t − 1``; round 1 starts from the seeded initial model, which is rebuilt) and draws its clients
-(`prism_tf.federated.config.round_clients`) and their selections (`prism_tf.federated.methods.round_selections`)
-exactly as the process did. The exporter (`export`) builds device sub-models from it and device ingest checks uploads
-against it; nothing here imports TFF or starts a worker.
+A round ``t`` (1-based, as the run's table numbers them; its 0-based ``round_index`` is ``t − 1``) starts from the
+server weights after ``t − 1`` rounds (checkpoint ``t − 1``; round 1 starts from the seeded initial model, which is
+rebuilt) and draws its clients (`prism_tf.federated.config.round_clients`) and their selections
+(`prism_tf.federated.methods.round_selections`) exactly as the process did. Every file of the run is read through
+`prism_tf.federated.rundir.RunDir`. The exporter (`export`) builds device sub-models from it and device ingest
+checks uploads against it; nothing here imports TFF or starts a worker.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
@@ -45,7 +45,7 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 
 class RoundReplay:
-    """Round ``round_num`` of the run in ``run_dir``: its server model, clients and selections.
+    """Round ``round_num`` (1-based) of the run in ``run_dir``: its server model, clients and selections.
 
     Args:
       run_dir: a run directory (`prism_tf.federated.rundir.RunDir`).
@@ -71,48 +71,41 @@ class RoundReplay:
         if self.round_num < 1:
             raise RunError(f"rounds are numbered from 1, got {round_num}")
         if self.round_num > 1:
-            flat, _ = self.run.read_checkpoint(self.round_num - 1)
-            n = len(self.plan.tensors)
-            if len(flat) < n + 1:
-                raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match its config")
+            saved = self.run.read_server_state(self.round_num - 1, len(self.plan.tensors))
             try:
-                prism_tf.submodel.set_flat_weights(self.server_model, flat[:n])
+                prism_tf.submodel.set_flat_weights(self.server_model, saved.weights)
             except ValueError as e:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} does not match the model its "
                                f"config.json describes ({e}): was config.json edited, or written by another "
                                "version?") from None
-            if int(flat[n]) != self.round_num - 1:
-                raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} holds round {int(flat[n])}")
+            if saved.rounds != self.round_num - 1:
+                raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} holds round {saved.rounds}")
         self.weights = [w.numpy() for w in prism_tf.submodel.flat_weights(self.server_model)]
         self.server_digest = weights_digest(self.weights)
 
     def _method(self) -> tuple[Method, int]:
-        budget = self.run.budget_path
-        if budget.exists():
-            import json
-
-            info = json.loads(budget.read_text())
-            method = self.config.method_spec()
-            if method.width and info.get("width_fraction") is not None:
-                method = dataclasses.replace(method, width_fraction=float(info["width_fraction"]))
-            width = int(info.get("small_width") or self.config.width)
-        else:
+        """The method the run's server trained (`Method.trained_method`) at its stored budget, and the model width."""
+        info = self.run.read_budget()
+        if info is not None:
+            method = self.config.method_spec().with_budget(info)
+            width = method.model_width(info, self.config.width)
+        else:  # a run from before budget.json existed: the budget is computed again
             method, width, _ = client_budget(self.config, self.input_shape, self.num_classes)
-        if method.name == "small":  # trained whole, like FedAvg
-            method = dataclasses.replace(method, name="fedavg")
-        return method, width
+        return method.trained_method(), width
 
     # --- the round -----------------------------------------------------------------------------------------
     @property
-    def index(self) -> int:
-        """The round's 0-based index: what seeds its participants and selections (the process's ``round_num``)."""
+    def round_index(self) -> int:
+        """The round's 0-based index, ``round_num − 1``: what seeds its participants and selections (the process's
+        round counter)."""
         return self.round_num - 1
 
     def clients(self) -> list[int]:
         """The global ids of the clients the run draws for this round."""
-        return round_clients(self.config, self.index)
+        return round_clients(self.config, self.round_index)
 
     def singular_values(self) -> dict[str, np.ndarray]:
+        """Each principal layer's singular values at the round's server weights (what spectral methods sample)."""
         layers = prism_tf.kinds.principal_layers(self.server_model)
         return {layer.name: layer.singular_values.numpy() for layer in layers}
 
@@ -123,7 +116,8 @@ class RoundReplay:
         for c in ids:
             if not 0 <= c < self.config.clients:
                 raise ValueError(f"client {c} does not exist: the run has clients 0..{self.config.clients - 1}")
-        chosen = round_selections(self.method, self.plan, self.singular_values(), self.config.seed, self.index, ids)
+        chosen = round_selections(self.method, self.plan, self.singular_values(), self.config.seed, self.round_index,
+                                  ids)
         return dict(zip(ids, chosen, strict=True))
 
     def selection(self, client_id: int) -> prism_tf.Selection:
@@ -137,12 +131,9 @@ class RoundReplay:
 
     def input_stats(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The run's per-channel input mean and std (``None, None``: pixels / 255 only)."""
-        path = self.run.input_stats_path
-        if not path.exists():
+        stats = self.run.read_input_stats()
+        if stats is None:
             return None, None
-        import json
-
-        stats = json.loads(path.read_text())
         return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
@@ -171,7 +162,7 @@ class RoundReplay:
                 f"its {cfg.lr_schedule} learning-rate schedule is defined over that total: extend the run first "
                 f"(python -m tff_pipelines resume --out {self.run.path} --rounds {self.round_num} trains up to it), "
                 "or start runs meant for devices with --rounds covering every round")
-        return float(recipe.Schedule(cfg.lr_schedule, cfg.client_lr, cfg.final_lr, cfg.rounds)(self.index))
+        return float(recipe.Schedule(cfg.lr_schedule, cfg.client_lr, cfg.final_lr, cfg.rounds)(self.round_index))
 
 
 __all__ = ["RoundReplay", "weights_digest"]

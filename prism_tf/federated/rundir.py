@@ -1,15 +1,25 @@
-"""The run directory: config, per-round metrics, summary, checkpoints and plots.
+"""The run directory: every file of a run is read and written here, and only here (docs/design.md).
 
-    DIR/config.json        every option of the run (what `resume` re-reads)
+    DIR/config.json        every option of the run (what `resume` re-reads) and the run's ``format_version``
     DIR/metrics.jsonl      one JSON object per round, appended and flushed as the round ends
     DIR/summary.json       final and best accuracy, cost ratios, time
-    DIR/checkpoints/       `tff.program.FileProgramStateManager` versions (atomic renames)
+    DIR/checkpoints/       one SavedModel per round, ``program_state_<round>`` (atomic renames), in the format of
+                           `tff.program.FileProgramStateManager`, written and read with TensorFlow alone
     DIR/accuracy.png       test accuracy and training loss per round
     DIR/budget.json        the client budget: PriSM's cost at the keep ratio, the matched sizes, cost ratios
     DIR/input_stats.json   per-channel mean/std of the inputs (when the run normalizes them)
     DIR/data_spec.json     per-example input shape and number of classes (what replay and export rebuild from)
-    DIR/device_updates/    devices' trained weights per round (`python -m export ingest`)
+    DIR/run_id             the run's identity, made once (what exported client manifests name)
+    DIR/device_updates/    devices' trained weights per round (`python -m export ingest`):
+                           ``round_<N>/client_<c>.npz`` (the weights by exchange name) and ``client_<c>.json``
     DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
+
+Format versions: ``config.json`` records ``format_version`` (`FORMAT_VERSION`; a run written before the field
+existed is version 1). A run directory of another version is refused with a `RunError` naming both versions, before
+anything else of it is read or written.
+
+A checkpoint holds the flattened process state (`ServerState`): the server weights, then the round counter (the
+rounds finished, int64), then any server-optimizer state.
 
 Nothing is lost on failure: metrics and a checkpoint are written at the end of every round, and `resume` drops the
 metrics of rounds newer than the checkpoint it continues from.
@@ -23,20 +33,25 @@ directories an interrupted save leaves behind (TFF's ``program_state_<round>_tem
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
+import dataclasses
+import io
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+FORMAT_VERSION = 1
+"""The run-directory format this version writes and reads (``config.json``'s ``format_version``)."""
+KEEP_CHECKPOINTS = 3
+"""Checkpoints a training run keeps (`RunDir.save_state`): the newest ones."""
 
 _CHECKPOINT = re.compile(r"program_state_(\d+)")
 # What an interrupted save leaves: TFF's `file_utils.write_saved_model` temp directory, and `write_checkpoint`'s.
@@ -49,26 +64,61 @@ def warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _run_sync(coroutine: Any) -> Any:
-    """Run one of TFF's program-state coroutines to completion. `asyncio.run` refuses inside a running event loop
-    (a Jupyter kernel has one), so there the coroutine runs in a helper thread with its own loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
 class RunError(ValueError):
     """A problem with a run directory (missing, incompatible, corrupt)."""
 
 
+@dataclasses.dataclass
+class ServerState:
+    """What a checkpoint holds, by name (docs/design.md, "Interrupted runs"): the flat server weights (in
+    `prism_tf.plan.SubmodelPlan.tensors` order), the round counter (rounds finished; ``None`` if that position is
+    no integer scalar, a checkpoint of another model) and the server optimizer's state (empty without one)."""
+
+    weights: list[np.ndarray]
+    rounds: int | None
+    optimizer_state: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_flat(cls, flat: Sequence[np.ndarray], num_weights: int) -> ServerState:
+        """Split a checkpoint's flat arrays; ``num_weights``: the model's number of weight tensors.
+
+        Raises:
+          RunError: fewer arrays than the weights and the round counter.
+        """
+        if len(flat) < num_weights + 1:
+            raise RunError(f"the checkpoint holds {len(flat)} arrays, fewer than the model's {num_weights} weights "
+                           "and the round counter")
+        counter = np.asarray(flat[num_weights])
+        rounds = int(counter) if counter.ndim == 0 and np.issubdtype(counter.dtype, np.integer) else None
+        return cls(list(flat[:num_weights]), rounds, list(flat[num_weights + 1:]))
+
+    def flat(self) -> list[np.ndarray]:
+        """The checkpoint's arrays: weights (float32), the round counter (int64), optimizer state."""
+        if self.rounds is None:
+            raise ValueError("ServerState.flat: the round counter is unknown")
+        return ([np.asarray(w, np.float32) for w in self.weights] + [np.asarray(self.rounds, np.int64)]
+                + [np.asarray(v) for v in self.optimizer_state])
+
+
+class DeviceUpdate(NamedTuple):
+    """A device's stored update for a round (`RunDir.write_device_update`): its client, the values in the
+    sub-model's weight order, its `prism_tf.Selection` as a dict, and its aggregation weight."""
+
+    client: int
+    values: list[np.ndarray]
+    selection: dict
+    weight: float
+
+
 class RunDir:
-    """Paths and I/O of one run directory."""
+    """Paths and I/O of one run directory: the only code that reads or writes its files (see the module docstring).
+
+    Every read and write checks the run's format version once (`check_format`).
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._format_checked = False
 
     config_path = property(lambda self: self.path / "config.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
@@ -79,6 +129,34 @@ class RunDir:
     input_stats_path = property(lambda self: self.path / "input_stats.json")
     budget_path = property(lambda self: self.path / "budget.json")
     data_spec_path = property(lambda self: self.path / "data_spec.json")
+
+    # --- format --------------------------------------------------------------------------------------------------
+    def format_version(self) -> int | None:
+        """The run's ``format_version`` (1 for a run written before the field existed), ``None`` without a run.
+
+        Raises:
+          RunError: ``config.json`` is not valid JSON, or its version is no integer.
+        """
+        if not self.config_path.exists():
+            return None
+        version = self._read_config_file().get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise RunError(f"{self.config_path} has format_version {version!r}, not an integer")
+        return version
+
+    def check_format(self) -> None:
+        """Raise `RunError` if this run was written in another format than `FORMAT_VERSION` (naming both). A
+        directory without ``config.json`` passes (there is nothing to check yet)."""
+        if self._format_checked:
+            return
+        version = self.format_version()
+        if version is None:
+            return
+        if version != FORMAT_VERSION:
+            newer = "a newer" if version > FORMAT_VERSION else "an older"
+            raise RunError(f"{self.path} is a run directory of format version {version}, written by {newer} "
+                           f"prism-tf; this prism-tf reads format version {FORMAT_VERSION} only")
+        self._format_checked = True
 
     # --- config ----------------------------------------------------------------------------------------------
     def check_writable(self, *, overwrite: bool) -> None:
@@ -94,10 +172,18 @@ class RunDir:
         """Raise `RunError` if this directory (or where it would be made) cannot be written: read-only, full."""
         _probe_writable(self.path)
 
-    def write_config(self, config: dict[str, Any], *, overwrite: bool) -> None:
+    def write_config(self, config: Mapping[str, Any], *, overwrite: bool) -> None:
+        """Write the run's options (``config.json``) with this version's ``format_version``.
+
+        Raises:
+          RunError: a run is here already and not ``overwrite``; the directory cannot be written.
+        """
         self.check_writable(overwrite=overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True))
+        stored = {k: v for k, v in config.items() if k != "format_version"}
+        _atomic_write(self.config_path, json.dumps({**stored, "format_version": FORMAT_VERSION}, indent=2,
+                                                   sort_keys=True))
+        self._format_checked = True
 
     def clear_results(self) -> None:
         """Remove the metrics, summary, plot and checkpoints of a previous run in this directory."""
@@ -106,21 +192,37 @@ class RunDir:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def read_config(self) -> dict[str, Any]:
+        """The run's options as stored (``config.json`` without its ``format_version``).
+
+        Raises:
+          RunError: no run here, not valid JSON, or another format version.
+        """
         if not self.config_path.exists():
             raise RunError(f"no run in {self.path}: {self.config_path} is missing")
+        self.check_format()
+        return {k: v for k, v in self._read_config_file().items() if k != "format_version"}
+
+    def _read_config_file(self) -> dict[str, Any]:
         try:
-            return json.loads(self.config_path.read_text())
-        except json.JSONDecodeError as e:
+            stored = json.loads(self.config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunError(f"{self.config_path} is not valid JSON: {e}") from None
+        if not isinstance(stored, dict):
+            raise RunError(f"{self.config_path} is not a JSON object of options")
+        return stored
 
     # --- metrics ---------------------------------------------------------------------------------------------
-    def append_metrics(self, row: dict[str, Any]) -> None:
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one round's row to ``metrics.jsonl``, flushed and fsynced (it survives a kill)."""
+        self.check_format()
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every row of ``metrics.jsonl`` (a torn last line from a killed run is ignored)."""
+        self.check_format()
         if not self.metrics_path.exists():
             return []
         rows = []
@@ -138,41 +240,65 @@ class RunDir:
         _atomic_write(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
         return rows
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """The run's summary (``summary.json``)."""
+        self.check_format()
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, default=_json_default))
 
-    def write_input_stats(self, stats: dict[str, Any] | None) -> None:
+    def read_summary(self) -> dict[str, Any] | None:
+        """``summary.json`` (``None``: the run has not finished)."""
+        return self._read_json(self.summary_path)
+
+    def write_input_stats(self, stats: Mapping[str, Any] | None) -> None:
         """The per-channel input normalization the run trained with (``None``: pixels / 255 only)."""
+        self.check_format()
         if stats is None:
             self.input_stats_path.unlink(missing_ok=True)
         else:
             _atomic_write(self.input_stats_path, json.dumps(stats, indent=2))
 
-    def write_budget(self, budget: dict[str, Any]) -> None:
+    def read_input_stats(self) -> dict[str, Any] | None:
+        """``input_stats.json``: ``mean``, ``std`` (per channel) and ``scale`` (``None``: pixels / 255 only)."""
+        return self._read_json(self.input_stats_path)
+
+    def write_budget(self, budget: Mapping[str, Any]) -> None:
         """The client budget of the run (``budget.json``: target, matched sizes, cost ratios)."""
+        self.check_format()
         _atomic_write(self.budget_path, json.dumps(budget, indent=2, default=_json_default))
 
-    def save_model(self, model) -> None:
+    def read_budget(self) -> dict[str, Any] | None:
+        """``budget.json`` (`prism_tf.federated.methods.equal_cost_method`'s record; ``None``: a run from before
+        it existed)."""
+        return self._read_json(self.budget_path)
+
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
+        self.check_format()
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{path} is not valid JSON: {e}") from None
+
+    def save_model(self, model: Any) -> None:
         """Write the deployed model (``model.keras``) atomically: a file that exists is complete."""
+        self.check_format()
         tmp = self.path / ".model.keras.tmp.keras"
         with _replacing(self.model_path, tmp):
             model.save(tmp)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
-    def state_manager(self, keep_total: int = 3) -> tff.program.FileProgramStateManager:  # noqa: F821
-        import tensorflow_federated as tff
+    def save_state(self, state: Any, version: int, *, keep: int | None = KEEP_CHECKPOINTS) -> None:
+        """Checkpoint the process state ``state`` (any nest of dicts, lists and arrays) as round ``version``, then
+        keep only the newest ``keep`` checkpoints (``None``: all), as TFF's ``FileProgramStateManager(keep_total=3,
+        keep_first=False)`` did; its files are what that manager reads (`write_checkpoint`).
 
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        return tff.program.FileProgramStateManager(str(self.checkpoint_dir), keep_total=keep_total, keep_first=False)
-
-    def save_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
-                   state: Any, version: int) -> None:
-        """Checkpoint ``state`` as round ``version`` (atomic: TFF writes a temporary directory and renames it)."""
-        self.remove_temporaries()
-        self._set_aside_unreadable(int(version))
+        Raises:
+          RunError: a readable checkpoint ``version`` exists already.
+          OSError: it cannot be written (a full or read-only disk; named).
+        """
         # A flat list of arrays: nested dict/list structures trip SavedModel's tracking wrappers here.
-        with self._writing_checkpoint(version):
-            _run_sync(manager.save([np.asarray(x) for x in _flatten(state)], version))
+        self.write_checkpoint([np.asarray(x) for x in _flatten(state)], version, keep=keep)
 
     @contextlib.contextmanager
     def _writing_checkpoint(self, version: int) -> Iterator[None]:
@@ -191,22 +317,22 @@ class RunDir:
             raise OSError(f"checkpoint {self.checkpoint_path(version)} cannot be written: {cause}. The rounds "
                           "before it are checkpointed: make room and `resume`") from None
 
-    def load_state(self, manager: tff.program.FileProgramStateManager,  # noqa: F821
-                   structure: Any, *, warn: Callable[[str], None] = warn_stderr) -> tuple[Any, int]:
-        """The newest checkpoint that reads, as ``structure``, and its round.
+    def load_state(self, structure: Any, *, warn: Callable[[str], None] | None = warn_stderr) -> tuple[Any, int]:
+        """The newest checkpoint that reads, as ``structure`` (the process's initial state), and its round.
 
-        A newer checkpoint that cannot be read (truncated, corrupt) is passed over and named through ``warn``.
+        Every ``program_state_<round>`` entry counts, as for TFF's manager (a directory that lost its files too); a
+        newer one that cannot be read (truncated, corrupt) is passed over and named through ``warn``.
 
         Raises:
           RunError: no checkpoint, none readable (naming them), or one that does not match ``structure`` (the
             run's config no longer describes the model it trained).
         """
+        self.check_format()
         template = [np.asarray(x) for x in _flatten(structure)]
-        versions = _run_sync(manager.get_versions()) or []
         bad: list[str] = []
-        for version in reversed(versions):
+        for version in reversed(self._state_versions()):
             try:
-                flat = _run_sync(manager.load(int(version), template))
+                flat = self._read_values(self.checkpoint_path(version))
             except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
                 bad.append(self._unreadable(version, e))
                 continue
@@ -229,11 +355,13 @@ class RunDir:
         from), 1 when it has none.
 
         Raises:
-          RunError: it has checkpoints, but none reads.
+          RunError: it has checkpoints, but none reads; another format version.
         """
+        self.check_format()
         return self.latest_checkpoint(warn=warn) + 1 if self.checkpoint_versions() else 1
 
     def checkpoint_path(self, version: int) -> Path:
+        """Where checkpoint ``version`` (the state after round ``version``) is: ``checkpoints/program_state_<N>``."""
         return self.checkpoint_dir / f"program_state_{int(version)}"
 
     def remove_temporaries(self) -> list[str]:
@@ -290,6 +418,22 @@ class RunDir:
                 raise RunError(f"checkpoint {path} holds array {i} of shape {np.shape(value)}, this run's model "
                                f"has {expected.shape}: {self.config_path} no longer describes the model it trained")
 
+    def _state_versions(self) -> list[int]:
+        """Every ``program_state_<round>`` entry, complete or not, oldest first (what TFF's manager lists)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for entry in self.checkpoint_dir.iterdir()
+                      if (m := _CHECKPOINT.fullmatch(entry.name)))
+
+    def _keep_newest(self, keep: int) -> None:
+        """Remove all but the newest ``keep`` checkpoints (TFF's retention with ``keep_first=False``)."""
+        for version in self._state_versions()[:-keep]:
+            path = self.checkpoint_path(version)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
     def checkpoint_versions(self) -> list[int]:
         """The rounds with a complete checkpoint, oldest first (``program_state_<round>``; TFF's temporary
         ``..._temp<n>`` directories of an interrupted save are not versions)."""
@@ -308,11 +452,12 @@ class RunDir:
         named through ``warn``), read with plain TensorFlow: no TFF.
 
         A checkpoint is what `save_state` wrote: the flattened process state (server weights, then the round
-        counter, then any server-optimizer state).
+        counter, then any server-optimizer state; `read_server_state` names them).
 
         Raises:
           RunError: no such checkpoint (naming the ones there are), or it cannot be read.
         """
+        self.check_format()
         versions = self.checkpoint_versions()
         if version is None:
             bad: list[str] = []
@@ -344,16 +489,35 @@ class RunDir:
         values = tf.saved_model.load(str(path))()
         return [np.asarray(v.read_value() if isinstance(v, tf.Variable) else v) for v in values]
 
-    def write_checkpoint(self, flat: list[np.ndarray], version: int) -> None:
-        """Write checkpoint ``version`` without TFF, in the format `tff.program.FileProgramStateManager` reads (a
-        SavedModel whose call returns the flat values): a round finished outside TFF (device ingest) continues
-        with ``resume``. Atomic: written to a temporary directory, then renamed.
+    def read_server_state(self, version: int, num_weights: int) -> ServerState:
+        """Checkpoint ``version`` by name (`ServerState`), for a model of ``num_weights`` weight tensors.
+
+        Raises:
+          RunError: no such checkpoint, unreadable, or too few arrays for the model.
+        """
+        flat, _ = self.read_checkpoint(version)
+        try:
+            return ServerState.from_flat(flat, num_weights)
+        except RunError:
+            raise RunError(f"checkpoint {int(version)} of {self.path} does not match its config") from None
+
+    def write_server_state(self, state: ServerState, version: int) -> None:
+        """Write ``state`` as checkpoint ``version`` (`write_checkpoint`): a round finished outside TFF."""
+        self.write_checkpoint(state.flat(), version)
+
+    def write_checkpoint(self, flat: Sequence[np.ndarray], version: int, *, keep: int | None = None) -> None:
+        """Write checkpoint ``version`` with TensorFlow alone, in the format `tff.program.FileProgramStateManager`
+        writes and reads (a SavedModel whose call returns the flat values, each a variable), then keep only the
+        newest ``keep`` checkpoints (``None``: all). Atomic: written to a temporary directory, then renamed; what
+        interrupted saves left is removed first.
 
         Raises:
           RunError: a readable checkpoint ``version`` exists already (an unreadable one is set aside).
+          OSError: it cannot be written (a full or read-only disk; named).
         """
         import tensorflow as tf
 
+        self.check_format()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.remove_temporaries()
         self._set_aside_unreadable(int(version))
@@ -366,44 +530,87 @@ class RunDir:
                 os.replace(tmp / "state", path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if keep is not None:
+            self._keep_newest(int(keep))
+
+    # --- identity, device updates, data spec -------------------------------------------------------------------
+    run_id_path = property(lambda self: self.path / "run_id")
 
     def run_id(self) -> str:
-        """This run's identity (``run_id``, a random hex string made once): what exported manifests name."""
-        path = self.path / "run_id"
-        if not path.exists():
+        """This run's identity (``run_id``, a random hex string made once, here if not yet): what exported
+        manifests name."""
+        self.check_format()
+        if not self.run_id_path.exists():
             import secrets
 
-            _atomic_write_if_absent(path, secrets.token_hex(16))
-        return path.read_text().strip()
+            _atomic_write_if_absent(self.run_id_path, secrets.token_hex(16))
+        return self.run_id_path.read_text().strip()
+
+    def read_run_id(self) -> str | None:
+        """This run's identity if it has one (``None``: nothing was exported from it yet); never makes one."""
+        self.check_format()
+        return self.run_id_path.read_text().strip() if self.run_id_path.exists() else None
 
     def device_updates_dir(self, round_num: int) -> Path:
-        """Where `export ingest` stores the devices' updates of round ``round_num`` (``device_updates/round_<N>``)."""
+        """Where `export ingest` stores the devices' updates of round ``round_num`` (1-based;
+        ``device_updates/round_<N>``)."""
         return self.path / "device_updates" / f"round_{int(round_num)}"
 
-    def read_device_updates(self, round_num: int) -> list[tuple[int, list[np.ndarray], dict, float]]:
-        """The stored device updates of round ``round_num``: ``(client, values, selection_dict, weight)`` by client
-        (values in the sub-model's weight order)."""
+    def device_update_path(self, round_num: int, client: int) -> Path:
+        """The weights file of client ``client``'s stored update for round ``round_num`` (its ``.json`` beside)."""
+        return self.device_updates_dir(round_num) / f"client_{int(client)}.npz"
+
+    def write_device_update(self, round_num: int, client: int, weights: Mapping[str, np.ndarray], *,
+                            selection: Mapping[str, Any], weight: float, examples: float | None,
+                            replace: bool = False) -> Path:
+        """Store a device's checked update for round ``round_num`` (1-based): ``weights`` by exchange name in the
+        sub-model's weight order (``client_<c>.npz``), then what aggregates it (``client_<c>.json``: client,
+        round, examples, weight and the `prism_tf.Selection` as a dict). Each file is written atomically.
+
+        Raises:
+          RunError: the client's update for that round is stored already and not ``replace``.
+        """
+        self.check_format()
+        path = self.device_update_path(round_num, client)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not replace:
+            raise RunError(f"client {int(client)}'s update for round {int(round_num)} is stored already ({path}); "
+                           "pass --replace to overwrite it")
+        buffer = io.BytesIO()
+        np.savez(buffer, **weights)  # uncompressed: a phone's .npy reader reads it too
+        _atomic_write_bytes(path, buffer.getvalue())
+        _atomic_write_bytes(path.with_suffix(".json"), json.dumps(
+            {"client": int(client), "round": int(round_num), "examples": examples, "weight": float(weight),
+             "selection": dict(selection)}).encode())
+        return path
+
+    def read_device_updates(self, round_num: int) -> list[DeviceUpdate]:
+        """The stored device updates of round ``round_num`` (1-based), by client (values in the sub-model's weight
+        order)."""
+        self.check_format()
         out = []
         directory = self.device_updates_dir(round_num)
         for meta_path in sorted(directory.glob("client_*.json")) if directory.is_dir() else []:
             meta = json.loads(meta_path.read_text())
             with np.load(meta_path.with_suffix(".npz"), allow_pickle=False) as data:
                 values = [data[name] for name in data.files]
-            out.append((int(meta["client"]), values, meta["selection"], float(meta["weight"])))
+            out.append(DeviceUpdate(int(meta["client"]), values, meta["selection"], float(meta["weight"])))
         return out
 
-    def write_data_spec(self, input_shape: Any, num_classes: int) -> None:
+    def write_data_spec(self, input_shape: Sequence[int], num_classes: int) -> None:
         """What the model takes (``data_spec.json``): per-example input shape and number of classes."""
+        self.check_format()
         _atomic_write(self.data_spec_path, json.dumps(
             {"input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)}, indent=2))
 
     def read_data_spec(self) -> dict[str, Any] | None:
-        if not self.data_spec_path.exists():
-            return None
-        return json.loads(self.data_spec_path.read_text())
+        """``data_spec.json``: ``input_shape`` and ``num_classes`` (``None``: a run from before it existed)."""
+        return self._read_json(self.data_spec_path)
 
     # --- plot ------------------------------------------------------------------------------------------------
     def plot(self, rows: Iterable[dict[str, Any]], title: str) -> None:
+        """Draw test accuracy and training loss per round (``accuracy.png``, written atomically)."""
+        self.check_format()
         # A bare Figure, not pyplot: switching pyplot's backend here would stop a notebook's later plots showing.
         from matplotlib.figure import Figure
 
@@ -513,10 +720,20 @@ def _atomic_write_if_absent(path: Path, text: str) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename (a file that exists
+    is complete); the temporary file is removed if the write fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(value: Any) -> Any:

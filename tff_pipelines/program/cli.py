@@ -10,56 +10,76 @@ import sys
 import prism_tf
 from prism_tf.federated.methods import METHODS
 
+# What each `TrainConfig` option means. Its default is not written here: `--help` states the field's default
+# (`_help`), so the two cannot disagree; an option whose default is ``None`` says what ``None`` means instead.
 _FIELD_HELP = {
-    "method": f"federated method: {', '.join(METHODS)} (default prism)",
-    "model": "model from prism_tf.models: resnet18, vgg11, small_cnn (default resnet18)",
-    "width": "base width (channels of the first stage; 64 is the paper's ResNet-18) (default 16)",
-    "norm": "normalization: batch, group or none (default batch)",
+    "method": f"federated method: {', '.join(METHODS)}",
+    "model": "model from prism_tf.models: resnet18, vgg11, small_cnn",
+    "width": "base width (channels of the first stage; 64 is the paper's ResNet-18)",
+    "norm": "normalization: batch, group or none",
     "dataset": "'cifar10' (local copy if found, else Keras download) or a class-folder directory/.tar.gz",
-    "data": "where the local CIFAR-10 copy is (default: $PRISM_DATA or ../shared/data/cifar10-jpg.tar.gz)",
-    "clients": "number of clients the training set is split over (default 20)",
-    "clients_per_round": "clients sampled per round (default 5)",
+    "data": "where the local CIFAR-10 copy is",
+    "clients": "number of clients the training set is split over",
+    "clients_per_round": "clients sampled per round",
     "min_clients": "fewest good clients (finite update, training did not fail) a round needs; with fewer the server "
-                   "state is kept and the round is marked skipped (default 1)",
-    "examples_per_client": "cap on each client's examples (default: all of its partition)",
-    "rounds": "total federated rounds (default 10)",
-    "local_epochs": "local epochs per round (default 2, the authors')",
-    "batch_size": "client batch size; partial batches are dropped (fixed shapes) (default 32)",
-    "keep_ratio": "share of each layer's kernels (or channels) a client trains, in (0, 1] (default 0.2)",
-    "strategy": "kernel sampling: prism, top, uniform, unbiased, collective (default prism)",
-    "gamma": "PriSM's exponent p ~ s^gamma (default 4 at keep <= 0.2, else 2.5)",
-    "output_keep": "memory-efficient variant: share of owned output channels each client keeps (default all)",
+                   "state is kept and the round is marked skipped",
+    "examples_per_client": "cap on each client's examples",
+    "rounds": "total federated rounds",
+    "local_epochs": "local epochs per round; the authors use 2",
+    "batch_size": "client batch size; partial batches are dropped (fixed shapes)",
+    "keep_ratio": "share of each layer's kernels (or channels) a client trains, in (0, 1]",
+    "strategy": "kernel sampling: prism, top, uniform, unbiased, collective",
+    "gamma": "PriSM's exponent p ~ s^gamma",
+    "output_keep": "memory-efficient variant: share of owned output channels each client keeps",
     "keep_mix": "heterogeneous clients, e.g. 0.2:0.6,0.4:0.4 (keep ratio:share of clients)",
-    "partition": "iid, dirichlet:ALPHA (label skew) or shards:K (default iid)",
-    "eval_every": "evaluate the server model on the test set every T rounds (default 1)",
-    "eval_examples": "evaluate on a fixed random subset of N test examples (default: all)",
-    "seed": "run seed: data split, model init, client sampling, kernel sampling (default 0)",
-    "distribution": "select (tff.federated_select per client, default) or broadcast (faster simulation)",
-    "client_lr": "client SGD learning rate (the authors': 0.1) (default 0.1)",
-    "lr_schedule": "client learning rate over rounds: cosine (to --final-lr, the authors') or constant "
-                   "(default cosine)",
-    "final_lr": "learning rate of the last round with --lr-schedule cosine (default 1e-4)",
-    "frobenius_decay": "decay of each factorized product A·B (gradient λ·A(BBᵀ), λ·(AᵀA)B) (default 2e-4)",
-    "weight_decay": "weight decay of the other conv/dense kernels (default 5e-4)",
-    "augment": "client data augmentation: crop_flip (pad 4, random crop, horizontal flip) or none (default crop_flip)",
-    "normalize": "input normalization: channel (per-channel mean/std of the training set) or none (default channel)",
-    "client_momentum": "client SGD momentum (default 0.9)",
-    "clip_norm": "client gradient-norm clip, 0 disables (default 5)",
-    "server_lr": "server SGD learning rate on the rebuilt kernels (default: plain per-kernel averaging)",
-    "server_momentum": "server momentum with --server-lr (default 0)",
+    "partition": "iid, dirichlet:ALPHA (label skew) or shards:K",
+    "eval_every": "evaluate the server model on the test set every T rounds",
+    "eval_examples": "evaluate on a fixed random subset of N test examples",
+    "seed": "run seed: data split, model init, client sampling, kernel sampling",
+    "distribution": "select (tff.federated_select per client) or broadcast (faster simulation)",
+    "client_lr": "client SGD learning rate; the authors use 0.1",
+    "lr_schedule": "client learning rate over rounds: cosine (to --final-lr, the authors') or constant",
+    "final_lr": "learning rate of the last round with --lr-schedule cosine",
+    "frobenius_decay": "decay of each factorized product A·B (gradient λ·A(BBᵀ), λ·(AᵀA)B)",
+    "weight_decay": "weight decay of the other conv/dense kernels",
+    "augment": "client data augmentation: crop_flip (pad 4, random crop, horizontal flip) or none",
+    "normalize": "input normalization: channel (per-channel mean/std of the training set) or none",
+    "client_momentum": "client SGD momentum",
+    "clip_norm": "client gradient-norm clip, 0 disables",
+    "server_lr": "server SGD learning rate on the rebuilt kernels",
+    "server_momentum": "server momentum with --server-lr",
     "eval_norm": "BatchNorm at evaluation: batch (per-batch statistics over shuffled test batches, as the PriSM "
                  "authors), recalibrate (the full model's statistics re-estimated on training batches, HeteroFL's "
-                 "static BN) or moving (the clients' averaged moving statistics) (default recalibrate)",
+                 "static BN) or moving (the clients' averaged moving statistics)",
     "match": "client budget of width methods and small: flops (channel fraction whose client flops match PriSM's "
-             "at --keep-ratio), activations (match activation memory) or nominal (--keep-ratio as channel fraction) "
-             "(default flops)",
-    "calibration_examples": "training examples used by --eval-norm recalibrate (default 1000)",
-    "refactorize_every": "re-run the SVD every N rounds, 0 never (default 1)",
-    "weighting": "examples (weight clients by examples) or uniform (default examples)",
+             "at --keep-ratio), activations (match activation memory) or nominal (--keep-ratio as channel fraction)",
+    "calibration_examples": "training examples used by --eval-norm recalibrate",
+    "refactorize_every": "re-run the SVD every N rounds, 0 never",
+    "weighting": "examples (weight clients by examples) or uniform",
+}
+# What a ``None`` default means, for the options that have one.
+_NONE_MEANS = {
+    "data": "$PRISM_DATA or ../shared/data/cifar10-jpg.tar.gz",
+    "examples_per_client": "all of its partition",
+    "gamma": "4 at keep <= 0.2, else 2.5",
+    "output_keep": "all",
+    "keep_mix": "every client at --keep-ratio",
+    "eval_examples": "all",
+    "server_lr": "plain per-kernel averaging",
 }
 
 
+def _help(field: dataclasses.Field) -> str:
+    """``field``'s description and its default, read from the `TrainConfig` field (docs/algorithm.md §7)."""
+    if field.default is None:
+        return f"{_FIELD_HELP[field.name]} (default: {_NONE_MEANS[field.name]})"
+    shown = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
+    return f"{_FIELD_HELP[field.name]} (default {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``train``/``resume``/``worker`` parser: one ``train`` flag per `TrainConfig` field, its default the
+    field's."""
     from prism_tf.evaluation import EVAL_NORMS
     from prism_tf.federated import recipe
     from tff_pipelines.program.driver import AUGMENTS, MATCHES, NORMALIZE, TrainConfig
@@ -83,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         if field.name == "clip_norm":
             kind = float
         choices = choices_of.get(field.name)
-        train.add_argument(flag, type=kind, default=field.default, help=_FIELD_HELP.get(field.name, ""),
+        train.add_argument(flag, type=kind, default=field.default, help=_help(field),
                            metavar="{" + ",".join(choices) + "}" if choices else field.name.upper(), choices=choices)
     train.add_argument("--out", required=True, help="run directory (config, metrics.jsonl, checkpoints, plot)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -104,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m tff_pipelines``: parse ``argv``, run the command; the exit code (2: a bad input, named in one
+    ``error:`` line)."""
     from prism_tf.quiet import import_tensorflow
 
     import_tensorflow()  # an entry point quiets TensorFlow's CPU-only start-up lines itself

@@ -17,7 +17,7 @@ import tensorflow as tf
 import prism_tf
 from prism_tf import evaluation
 from prism_tf.federated import data as data_lib
-from prism_tf.federated import methods as tff_methods
+from prism_tf.federated import methods as methods_lib
 from prism_tf.federated import recipe
 from prism_tf.federated.config import (
     AUGMENTS,
@@ -34,6 +34,7 @@ from prism_tf.federated.config import (
 )
 from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir, RunError
+from tff_pipelines.program.client_data import make_client_data
 from tff_pipelines.round.process import PrismProcess, build_prism_process
 
 # The run's options and budget live in `prism_tf.federated.config` (no TFF); they stay importable from here.
@@ -55,7 +56,7 @@ class Simulation:
         config.validate()
         self.config, self.run, self.log = config, RunDir(out), log
         self.dataset = data_lib.load_dataset(config.dataset, data=config.data, progress=sys.stderr.isatty())
-        self.client_data = data_lib.make_client_data(
+        self.client_data = make_client_data(
             self.dataset, config.clients, config.partition, seed=config.seed,
             examples_per_client=config.examples_per_client)
         # Per-channel input statistics of the training set (the standard CIFAR constants, measured): clients and
@@ -65,9 +66,7 @@ class Simulation:
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
         method, width, self.budget = client_budget(config, shape, classes)
         self.model_width = width
-        if method.name == "small":  # the small model is trained whole, like FedAvg
-            method = dataclasses.replace(method, name="fedavg")
-        self._method = method
+        self._method = method.trained_method()  # what the server trains (`small`: its narrower model, whole)
         reference = model_builder(config, shape, classes)()
         self.reference_cost = prism_tf.cost(reference)
         # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset (in
@@ -81,20 +80,16 @@ class Simulation:
     @functools.cached_property
     def process(self) -> PrismProcess:
         """The TFF process, built on first use (tracing its computations takes a while; data-only uses skip it)."""
-        import tensorflow_federated as tff
+        from tff_pipelines.round import client_work, distributor, finalizer
 
         config, shape, classes = self.config, self.dataset.input_shape, self.dataset.num_classes
-        return build_prism_process(
-            model_builder(config, shape, classes, self.model_width), method=self._method,
-            batch_size=config.batch_size,
-            client_optimizer=tff.learning.optimizers.build_sgdm(config.client_lr, config.client_momentum),
-            server_optimizer=None if config.server_lr is None else tff.learning.optimizers.build_sgdm(
-                config.server_lr, config.server_momentum or None),
-            clip_norm=config.clip_norm, distribution=config.distribution,
-            refactorize_every=config.refactorize_every, weighting=config.weighting, seed=config.seed,
-            lr_schedule=None if config.lr_schedule == "constant" else recipe.Schedule(
-                config.lr_schedule, config.client_lr, config.final_lr, config.rounds),
-            frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay,
+        return build_prism_process(  # each part and option from the config by the mapping the API's defaults use
+            model_builder(config, shape, classes, self.model_width),
+            client_work.client_optimizer_of(config), finalizer.server_optimizer_of(config),
+            method=self._method, model_distributor=distributor.named(config.distribution),
+            client_weighting=client_work.client_weighting_of(config),
+            client_training=client_work.ClientTraining.of(config), lr_schedule=client_work.lr_schedule_of(config),
+            batch_size=config.batch_size, refactorize_every=config.refactorize_every, seed=config.seed,
             min_clients=config.min_clients)
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
@@ -102,6 +97,8 @@ class Simulation:
         return recipe.preprocess(x, self.input_mean, self.input_std)
 
     def input_stats(self) -> dict | None:
+        """The per-channel input normalization clients and evaluation use (``input_stats.json``; ``None``: pixels /
+        255 only)."""
         if self.input_mean is None:
             return None
         return dict(mean=self.input_mean.tolist(), std=self.input_std.tolist(), scale="pixels / 255")
@@ -116,7 +113,7 @@ class Simulation:
 
     def deployed_models(self, state) -> dict[str, tf.keras.Model]:
         """The models a user of this method would deploy (`prism_tf.federated.methods.deployed_models`)."""
-        return tff_methods.deployed_models(self.process.method, self.process.assign_to(state))
+        return methods_lib.deployed_models(self.process.method, self.process.assign_to(state))
 
     def client_cost(self) -> dict:
         """`prism_tf.cost` of a client's (default-size) sub-model."""
@@ -152,23 +149,27 @@ class Simulation:
                 kept.set_weights(model.get_weights())
         return kept
 
-    def round_clients(self, round_num: int) -> list[int]:
-        """The clients of round ``round_num`` (0-based), a seeded draw without replacement (`round_clients`)."""
-        return round_clients(self.config, round_num)
+    def round_clients(self, round_index: int) -> list[int]:
+        """The clients of the round of index ``round_index`` (0-based), a seeded draw without replacement
+        (`round_clients`)."""
+        return round_clients(self.config, round_index)
 
-    def client_datasets(self, round_num: int, clients: Sequence[int] | None = None) -> list[tf.data.Dataset]:
+    def client_datasets(self, round_index: int, clients: Sequence[int] | None = None) -> list[tf.data.Dataset]:
+        """The batched training datasets of ``clients`` (default: the round's) in the round of index
+        ``round_index`` (0-based): shuffled, augmented and normalized as the run's recipe says
+        (docs/algorithm.md §7)."""
         cfg = self.config
-        clients = self.round_clients(round_num) if clients is None else clients
+        clients = self.round_clients(round_index) if clients is None else clients
         out = []
         for client in clients:
             ds = self.client_data.create_tf_dataset_for_client(str(client))
             n = int(ds.cardinality())
             # A client's order depends on (seed, round, client) only, not on who else is in the round: a round whose
             # other clients trained on phones feeds it the same batches.
-            order = prism_tf.streams.rng((cfg.seed, round_num, int(client)), "shuffle")
+            order = prism_tf.streams.rng((cfg.seed, round_index, int(client)), "shuffle")
             ds = ds.shuffle(max(n, 1), seed=int(order.integers(2**31))).repeat(cfg.local_epochs)
             if cfg.augment == "crop_flip":  # before normalizing: the crop pads with black pixels
-                ds = recipe.augment_dataset(ds, recipe.client_seed(cfg.seed, round_num, int(client)))
+                ds = recipe.augment_dataset(ds, recipe.client_seed(cfg.seed, round_index, int(client)))
             if self.input_mean is not None:
                 ds = ds.map(lambda e, m=self.input_mean, s=self.input_std: collections.OrderedDict(
                     x=recipe.normalize(e["x"], m, s), y=e["y"]))
@@ -178,8 +179,8 @@ class Simulation:
         return out
 
     def device_updates(self, round_num: int) -> tuple[prism_tf.server.Accumulator | None, list[int]]:
-        """The updates devices uploaded for round ``round_num`` (`python -m export ingest`), accumulated, and their
-        clients; ``(None, [])`` when there are none. Those clients are not simulated in that round."""
+        """The updates devices uploaded for round ``round_num`` (1-based; `python -m export ingest`), accumulated,
+        and their clients; ``(None, [])`` when there are none. Those clients are not simulated in that round."""
         stored = self.run.read_device_updates(round_num)
         if not stored:
             return None, []
@@ -191,14 +192,15 @@ class Simulation:
         return accumulator, [c for c, *_ in stored]
 
     def train(self, *, resume: bool = False) -> dict[str, Any]:
+        """Run the rounds (after the latest checkpoint with ``resume``), checkpointing and writing each round's
+        metrics row as it ends, then the deployed model, summary and plot; returns the summary."""
         from tqdm.auto import tqdm
 
         cfg, run, process = self.config, self.run, self.process
-        manager = run.state_manager()
         state = process.initialize()
         start = 0
         if resume:
-            state, start = run.load_state(manager, state)
+            state, start = run.load_state(state)
             rows = run.truncate_metrics(start)
             self.log(f"resuming {run.path} after round {start} of {cfg.rounds}")
         else:
@@ -212,19 +214,20 @@ class Simulation:
         self._print_header()
         bar = tqdm(range(start + 1, cfg.rounds + 1), desc="rounds", unit="round", initial=start, total=cfg.rounds,
                    disable=None, file=sys.stderr)
-        for round_num in bar:
+        for round_num in bar:  # 1-based, as the table, metrics and checkpoints number rounds
+            round_index = round_num - 1  # what seeds the round's clients and data (docs/algorithm.md §2)
             began = time.perf_counter()
-            clients = self.round_clients(round_num - 1)
+            clients = self.round_clients(round_index)
             uploaded, devices = self.device_updates(round_num)
             simulated = [c for c in clients if c not in devices]
-            state, metrics = process.next(state, self.client_datasets(round_num - 1, simulated),
+            state, metrics = process.next(state, self.client_datasets(round_index, simulated),
                                           client_ids=simulated, uploaded=uploaded, uploaded_ids=devices)
             row = self._row(round_num, metrics, time.perf_counter() - began)
             self._report_faults(row, bar)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
                 row.update(self.evaluate(state))
             run.append_metrics(row)
-            run.save_state(manager, state, round_num)
+            run.save_state(state, round_num)
             rows.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("eval_accuracy")),
                             dropped=row["clients_dropped"])
@@ -322,7 +325,7 @@ def load_run(out: str, **overrides: Any) -> tuple[Simulation, Any, int]:
     """The run in ``out`` rebuilt (data, process) with its latest checkpoint: ``(simulation, state, round)``."""
     run = RunDir(out)
     simulation = Simulation(stored_config(run, **overrides), out, log=lambda _: None)
-    state, round_num = run.load_state(run.state_manager(), simulation.process.initialize())
+    state, round_num = run.load_state(simulation.process.initialize())
     return simulation, state, round_num
 
 

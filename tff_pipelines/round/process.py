@@ -1,22 +1,31 @@
-"""The PriSM federated process: TFF computations composed into a `tff.learning.templates.LearningProcess`.
+"""The PriSM federated process: four typed TFF template processes composed into a
+`tff.learning.templates.LearningProcess` (docs/design.md, "The round as TFF templates").
 
 One round (docs/algorithm.md §1-§3), all placements explicit:
 
-1. the server's driver samples each client's `Selection` (`Method.select`, numpy) from the singular values in
-   the server state and places the index vectors at the clients with their data;
-2. `distributor`: ``federated_select`` (or broadcast) sends each client only its sub-model;
-3. `client_work`: the client rebuilds its sub-model, trains it locally and returns its sub-tensors;
-4. `aggregator`: ``federated_aggregate`` averages every entry over the clients that trained it;
-5. `finalizer`: the server finishes the averages, applies the server optimizer and re-factorizes.
+1. the server's driver samples each client's `Selection` (`round_selections`, numpy) from the singular values in
+   the server state and places it at the client with its data (`ClientInput`: data and `ClientAssignment`);
+2. distributor (`distributor.SubmodelDistributionProcess`): ``federated_select`` (or broadcast) sends each
+   client only its sub-model (`Received`);
+3. client work (`tff.learning.templates.ClientWorkProcess`): the client rebuilds its sub-model, trains it locally
+   and returns its sub-tensors (`ClientUpdate`) and weight;
+4. aggregator (`tff.templates.AggregationProcess`): ``federated_aggregate`` sums every entry over the clients that
+   trained it (`EntrySums`), and their metrics (`TrainingTotals`);
+5. finalizer (`tff.learning.templates.FinalizerProcess`): the server finishes the averages, applies the server
+   optimizer and re-factorizes.
 
 Why the server samples (and not each client from a broadcast seed): the sampling laws, including the conditional
 Poisson designs of ``unbiased``/``collective``, live once in numpy (`prism_tf.sampling`), the server needs each
-client's indices anyway to route `federated_select`, and ``collective`` couples the clients of a round. The indices
-travel inside each client's input struct (``<data, indices, scale>``), which keeps ``next(state, client_data)`` the
-`LearningProcess` signature (docs/pitfalls.md, processes and client inputs).
+client's indices anyway to route `federated_select`, and ``collective`` couples the clients of a round. The
+assignment travels inside each client's input, which keeps ``next(state, client_data)`` the `LearningProcess`
+signature (docs/pitfalls.md, processes and client inputs).
 
-Heterogeneous sub-model sizes (per-client keep ratios, FjORD's widths) change TFF types: `PrismProcess.next`
-groups clients by size, runs one client phase per group and a single server update over the summed accumulators.
+Why the parts are composed here and not by `tff.learning.templates.compose_learning_process`: see docs/design.md,
+"The round as TFF templates" (the distributor needs the clients' assignments, the client inputs are not only
+sequences, and heterogeneous sub-model sizes need the client phase and the server step apart). Heterogeneous
+sub-model sizes (per-client keep ratios, FjORD's widths) change TFF types: `PrismProcess.next` groups clients by
+size, runs one client phase (distributor, client work, aggregator) per group and the one finalizer over the summed
+`EntrySums`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -36,10 +46,15 @@ from prism_tf.federated.config import check_batch_size, onednn_enabled  # noqa: 
 from prism_tf.federated.methods import Method, round_selections
 from prism_tf.plan import SERVER_ONLY
 from tff_pipelines.round import aggregator, client_work, distributor, finalizer
-from tff_pipelines.round.layout import RoundLayout
+from tff_pipelines.round.layout import NO_LR, ClientInput, ClientStart, EntrySums, RoundLayout, TrainingTotals
 
-# The per-round sums of a client phase besides the updates (`aggregator.METRICS` + good/dropped client counts).
-PHASE_METRICS = (*aggregator.METRICS, "clients_trained", "clients_dropped")
+# The Python API's defaults are the CLI's: `TrainConfig`'s field defaults, through the mapping the driver uses.
+DEFAULTS = client_work.DEFAULTS
+DEFAULT_LR_SCHEDULE = client_work.lr_schedule_of(DEFAULTS)
+"""The CLI's default client learning rate per round (`TrainConfig`'s ``lr_schedule`` from ``client_lr`` to
+``final_lr`` over its ``rounds``; later rounds stay at ``final_lr``)."""
+DEFAULT_DISTRIBUTOR = distributor.named(DEFAULTS.distribution)
+DEFAULT_WEIGHTING = client_work.client_weighting_of(DEFAULTS)
 
 
 @dataclasses.dataclass
@@ -56,9 +71,29 @@ class RoundReport:
 class PrismProcess:
     """PriSM (or a peer method) as a TFF learning process with ``initialize``/``next``/weights accessors.
 
-    ``learning_process`` is the underlying `tff.learning.templates.LearningProcess` for clients whose inputs are
-    ``<data, indices, scale>`` structs; `next` takes plain client datasets, samples each client's sub-model and
-    calls it. ``min_clients``: the fewest good clients a round of `next` needs (fewer: the round is skipped).
+    ``learning_process`` is the `tff.learning.templates.LearningProcess` of the parts composed for the default
+    sub-model size; its client argument is `ClientInput` (``<data, assignment=<indices, scale, lr>>``). `next`
+    takes plain client datasets, samples each client's sub-model and runs the round (heterogeneous sizes: one
+    client phase per size, `client_phase`, and the one `finish`). ``min_clients``: the fewest good clients a round
+    of `next` needs (fewer: the round is skipped).
+
+    The state is ``OrderedDict(weights, round_num, optimizer_state)`` at SERVER: the server model's weights in
+    `prism_tf.submodel.flat_weights` order, and the finalizer's state (`finalizer.FinalizerState`) laid beside
+    them. That is the checkpoint format (`prism_tf.federated.rundir` stores its leaves in this order and rebuilds
+    dicts and lists), so runs written before keep loading; the distributor, client work and aggregator are
+    stateless (checked: a stateful distributor would have nowhere to keep its state).
+
+    Model weights: `get_model_weights` / `set_model_weights` (and ``learning_process``'s) use
+    `tff.learning.models.ModelWeights` (trainable, non-trainable, each in flat order), as TFF's algorithms do;
+    `flat_weights` / `set_flat_weights` give the flat list: every tensor of the server model in
+    `prism_tf.submodel.flat_weights` order (what checkpoints, `prism_tf.server` and Keras' ``set_weights`` use).
+    Both forms exist because the state keeps the flat order (the checkpoint format above), while
+    ``learning_process`` follows TFF's convention for ``get_model_weights``.
+
+    The TFF pieces: ``finalizer`` (`tff.learning.templates.FinalizerProcess`), `parts` (distributor, client work,
+    aggregator of one sub-model size), `client_phase`, ``finish`` (``(<S, EntrySums, TrainingTotals>@SERVER ->
+    <S, metrics>@SERVER>)``), ``initial_model_weights`` (no-arg computation of the initial flat weights, the
+    composer's ``initial_model_weights_fn``) and ``learning_process``.
     """
 
     def __init__(
@@ -68,39 +103,47 @@ class PrismProcess:
         element_type: tff.Type,
         training: client_work.ClientTraining,
         *,
-        distribution: str = "select",
-        refactorize_every: int = 1,
-        weighting: str = "examples",
-        seed: int = 0,
+        model_distributor: distributor.DistributorFn = DEFAULT_DISTRIBUTOR,
+        client_weighting: tff.learning.ClientWeighting = DEFAULT_WEIGHTING,
+        refactorize_every: int = DEFAULTS.refactorize_every,
+        seed: int = DEFAULTS.seed,
         collective_clients: int | None = None,
         server_optimizer: tff.learning.optimizers.Optimizer | None = None,
-        lr_schedule: Callable[[int], float] | None = None,
-        min_clients: int = 1,
+        lr_schedule: Callable[[int], float] | None = DEFAULT_LR_SCHEDULE,
+        min_clients: int = DEFAULTS.min_clients,
     ) -> None:
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be a prism_tf.federated.methods.Method, got {method!r}")
+        if not callable(model_distributor):
+            raise TypeError("model_distributor must be a function (layout, assignment_type) -> "
+                            f"SubmodelDistributionProcess, e.g. distributor.build_select_distributor; got "
+                            f"{model_distributor!r}")
+        if not isinstance(client_weighting, tff.learning.ClientWeighting):
+            raise TypeError(f"client_weighting must be a tff.learning.ClientWeighting (NUM_EXAMPLES or UNIFORM), "
+                            f"got {client_weighting!r}")
+        if not (isinstance(min_clients, int | np.integer) and min_clients >= 1):
+            raise ValueError(f"min_clients must be an integer >= 1, got {min_clients!r}")
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise TypeError(f"lr_schedule must be a function round_num -> learning rate or None, got {lr_schedule!r}")
         self.server_model = server_model
         self.method = method
         self.element_type = element_type
-        # With a schedule, clients read the round's learning rate from their input struct (`client_inputs`).
+        # With a schedule, clients read the round's learning rate from their assignment (`client_inputs`).
         self.lr_schedule = lr_schedule
-        if not (isinstance(min_clients, int | np.integer) and min_clients >= 1):
-            raise ValueError(f"min_clients must be an integer >= 1, got {min_clients!r}")
         self.min_clients = int(min_clients)  # fewer good clients in a round: the round is skipped
         self.training = dataclasses.replace(training, round_lr=lr_schedule is not None)
-        self.distribution = distribution
+        self.model_distributor = model_distributor
+        self.client_weighting = client_weighting
         self.refactorize_every = refactorize_every if method.spectral else 0
-        self.weighting = weighting
         self.seed = int(seed)
         self.collective_clients = collective_clients
         self.server_optimizer = server_optimizer
-        if distribution not in distributor.DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {distributor.DISTRIBUTIONS}, got {distribution!r}")
         self.plan = prism_tf.SubmodelPlan.of(server_model)
         self.layout = self._layout(_key(self._default_sizes()))
         self.server_model_bytes = self._layout(()).full_bytes()  # the (factorized) server model's
         self.full_cost = prism_tf.cost(server_model)
-        self._server_update = finalizer.build_server_update(
-            self.layout, self._phase(self.layout.sizes_key).type_signature.result[0].member,
-            self.refactorize_every, server_optimizer)
+        self.finalizer = finalizer.build_finalizer(self.layout, self.refactorize_every, server_optimizer)
+        self.finish = self._build_finish()
         self.learning_process = self._build_learning_process()
 
     # --- the TFF computations -------------------------------------------------------------------------------
@@ -117,66 +160,122 @@ class PrismProcess:
         return prism_tf.cost(prism_tf.submodel.submodel_architecture(self.server_model, self.plan, layout.sizes))
 
     @functools.lru_cache(maxsize=16)  # noqa: B019
-    def _phase(self, sizes_key: tuple) -> tff.Computation:
-        """``(weights@SERVER, clients@CLIENTS) -> <accumulator, metrics>@SERVER`` for one sub-model size."""
+    def parts(self, sizes_key: tuple) -> tuple[distributor.SubmodelDistributionProcess,
+                                               tff.learning.templates.ClientWorkProcess,
+                                               tff.templates.AggregationProcess]:
+        """The distributor, client work and aggregator for one sub-model size (`RoundLayout.sizes_key`), built
+        from one another's types as TFF's builders do."""
         layout = self._layout(sizes_key)
-        work = client_work.build_client_work(layout, self.element_type, self.training, self.distribution)
-        distribute = distributor.build_distributor(layout, self.distribution)
-        aggregate = aggregator.build_aggregator(layout, work.type_signature.result, self.weighting)
-        client_type = tff.FederatedType(  # self.training: with a lr schedule, clients' inputs carry `lr`
-            client_work.client_input_type(layout, self.element_type, self.training), tff.CLIENTS)
+        assignment_type = layout.assignment_type(self.training.round_lr)
+        distribute = self.model_distributor(layout, assignment_type)
+        if not isinstance(distribute, distributor.SubmodelDistributionProcess):
+            raise TypeError(f"model_distributor must return a SubmodelDistributionProcess, got {type(distribute)}")
+        if not _is_empty(distribute.initialize.type_signature.result.member):
+            raise ValueError("the distributor must be stateless (initialize returning <>@SERVER): the process state "
+                             "holds only the weights, round_num and the server optimizer's state (checkpoint "
+                             f"format); got {distribute.initialize.type_signature.result}")
+        received_type = distribute.next.type_signature.result.result.member
+        work = client_work.build_client_work(layout, self.element_type, self.training, received_type,
+                                             self.client_weighting)
+        aggregate = aggregator.build_aggregator(layout, work.next.type_signature.result.result.member.update)
+        return distribute, work, aggregate
 
-        @tff.tensorflow.computation(aggregate.accumulator_type)
-        def sums_of(total):
-            return collections.OrderedDict(sums=total["sums"], counts=total["counts"])
+    @functools.lru_cache(maxsize=16)  # noqa: B019
+    def client_phase(self, sizes_key: tuple) -> tff.Computation:
+        """Distributor, client work and aggregator for one sub-model size, as one federated computation::
 
-        @tff.tensorflow.computation(aggregate.accumulator_type)
-        def metrics_of(total):
-            return total["metrics"]
+            (<W@SERVER, {ClientInput}@CLIENTS> -> <EntrySums@SERVER, TrainingTotals@SERVER>)
+        """
+        layout = self._layout(sizes_key)
+        distribute, work, aggregate = self.parts(sizes_key)
+        client_type = tff.FederatedType(layout.client_input_type(self.element_type, self.training.round_lr),
+                                        tff.CLIENTS)
 
         @tff.federated_computation(tff.FederatedType(layout.weights_type(), tff.SERVER), client_type)
         def phase(weights, clients):
-            received = distribute(weights, clients)
-            outputs = tff.federated_map(
-                work, tff.federated_zip(collections.OrderedDict(received=received, client=clients)))
-            total = aggregate(outputs)  # updates and metrics in one aggregation: one rule drops a faulty client
-            return tff.federated_map(sums_of, total), tff.federated_map(metrics_of, total)
+            sent = distribute.next(distribute.initialize(), weights, clients.assignment)
+            start = tff.federated_zip(ClientStart(sent.result, clients.assignment))
+            trained = work.next(work.initialize(), start, clients.data)
+            # updates and metrics in one aggregation: one rule drops a faulty client from both
+            summed = aggregate.next(aggregate.initialize(), trained.result.update, trained.result.update_weight)
+            return summed.result, summed.measurements
 
         return phase
 
-    def _build_learning_process(self) -> tff.learning.templates.LearningProcess:
-        layout = self.layout
+    def _build_finish(self) -> tff.Computation:
+        """The finalizer and the round's metrics::
+
+            (<S@SERVER, EntrySums@SERVER, TrainingTotals@SERVER> -> <S@SERVER, metrics@SERVER>)
+        """
+        layout, final = self.layout, self.finalizer
         initial = [w.numpy() for w in prism_tf.submodel.flat_weights(self.server_model)]
-        trainable = [i for i, t in enumerate(layout.trainable) if t]
-        frozen = [i for i, t in enumerate(layout.trainable) if not t]
 
         @tff.tensorflow.computation
-        def initial_state():
-            weights = [tf.constant(w) for w in initial]
-            return collections.OrderedDict(
-                weights=weights, round_num=tf.constant(0, tf.int64),
-                optimizer_state=finalizer.initial_optimizer_state(layout, self.server_optimizer))
+        def initial_weights():
+            return [tf.constant(w) for w in initial]
 
-        state_type = initial_state.type_signature.result
+        self.initial_model_weights = initial_weights
+        final_state_type = final.initialize.type_signature.result.member
 
-        @tff.federated_computation
-        def initialize():
-            return tff.federated_eval(initial_state, tff.SERVER)
+        @tff.tensorflow.computation(layout.weights_type(), final_state_type)
+        def server_state(weights, state: finalizer.FinalizerState):
+            return collections.OrderedDict(weights=weights, round_num=state.round_num,
+                                           optimizer_state=state.optimizer_state)
 
-        phase = self._phase(layout.sizes_key)
-        accumulator_type = phase.type_signature.result[0].member
-        metrics_type = phase.type_signature.result[1].member
-        finish = self._finish = self._finish_computation(state_type, accumulator_type, metrics_type)
+        self._server_state = server_state
+        state_type = server_state.type_signature.result
+
+        @tff.tensorflow.computation(state_type)
+        def finalizer_state(state):
+            return finalizer.FinalizerState(state["round_num"], state["optimizer_state"])
 
         @tff.tensorflow.computation(state_type)
         def weights_of(state):
             return state["weights"]
 
-        @tff.federated_computation(tff.FederatedType(state_type, tff.SERVER), phase.type_signature.parameter[1])
+        self._weights_of = weights_of
+        totals_type = TrainingTotals(*(tff.TensorType(np.float32) for _ in TrainingTotals._fields))
+
+        @tff.tensorflow.computation(totals_type, final.next.type_signature.result.measurements.member)
+        def round_metrics(totals: TrainingTotals, measured):
+            count = totals.num_examples
+            safe = tf.maximum(count, 1.0)
+            nothing = tf.constant(float("nan"))  # no good client trained: no training loss to report
+            return collections.OrderedDict(
+                loss=tf.where(count > 0, totals.loss_sum / safe, nothing),
+                accuracy=tf.where(count > 0, totals.correct / safe, nothing), num_examples=count,
+                kernel_coverage=measured["kernel_coverage"], clients_trained=totals.clients_trained,
+                clients_dropped=totals.clients_dropped)
+
+        @tff.federated_computation(tff.FederatedType(state_type, tff.SERVER),
+                                   tff.FederatedType(layout.entry_sums_type(), tff.SERVER),
+                                   tff.FederatedType(totals_type, tff.SERVER))
+        def finish(state, sums, totals):
+            out = final.next(tff.federated_map(finalizer_state, state), tff.federated_map(weights_of, state), sums)
+            new_state = tff.federated_map(server_state, tff.federated_zip((out.result, out.state)))
+            return new_state, tff.federated_map(round_metrics, tff.federated_zip((totals, out.measurements)))
+
+        return finish
+
+    def _build_learning_process(self) -> tff.learning.templates.LearningProcess:
+        layout, final, finish = self.layout, self.finalizer, self.finish
+        trainable = [i for i, t in enumerate(layout.trainable) if t]
+        frozen = [i for i, t in enumerate(layout.trainable) if not t]
+        initial_weights, server_state, weights_of = self.initial_model_weights, self._server_state, self._weights_of
+        phase = self.client_phase(layout.sizes_key)
+
+        @tff.federated_computation
+        def initialize():
+            weights = tff.federated_eval(initial_weights, tff.SERVER)
+            return tff.federated_map(server_state, tff.federated_zip((weights, final.initialize())))
+
+        @tff.federated_computation(initialize.type_signature.result, phase.type_signature.parameter[1])
         def next_fn(state, clients):
-            acc, metrics = phase(tff.federated_map(weights_of, state), clients)
-            new_state, round_metrics = tff.federated_map(finish, tff.federated_zip((state, acc, metrics)))
-            return tff.learning.templates.LearningProcessOutput(new_state, round_metrics)
+            sums, totals = phase(tff.federated_map(weights_of, state), clients)
+            new_state, metrics = finish(state, sums, totals)
+            return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+        state_type = initialize.type_signature.result.member
 
         @tff.tensorflow.computation(state_type)
         def get_model_weights(state):
@@ -198,49 +297,55 @@ class PrismProcess:
 
         return tff.learning.templates.LearningProcess(initialize, next_fn, get_model_weights, set_model_weights)
 
-    def _finish_computation(self, state_type, accumulator_type, metrics_type) -> tff.Computation:
-        update = self._server_update
-
-        @tff.tensorflow.computation(state_type, accumulator_type, metrics_type)
-        def finish(state, acc, metrics):
-            result = update(state["weights"], acc, state["round_num"], state["optimizer_state"])
-            count = metrics["num_examples"]
-            safe = tf.maximum(count, 1.0)
-            nothing = tf.constant(float("nan"))  # no good client trained: no training loss to report
-            round_metrics = collections.OrderedDict(
-                loss=tf.where(count > 0, metrics["loss_sum"] / safe, nothing),
-                accuracy=tf.where(count > 0, metrics["correct"] / safe, nothing), num_examples=count,
-                kernel_coverage=result["coverage"], clients_trained=metrics["clients_trained"],
-                clients_dropped=metrics["clients_dropped"])
-            state = collections.OrderedDict(weights=result["weights"], round_num=state["round_num"] + 1,
-                                            optimizer_state=result["optimizer_state"])
-            return state, round_metrics
-
-        return finish
-
     # --- the Python surface ---------------------------------------------------------------------------------
     def initialize(self):
         """The initial server state (the server model's weights, round 0)."""
         return self.learning_process.initialize()
 
-    def get_model_weights(self, state) -> list[np.ndarray]:
-        """The server model's weights in `prism_tf.submodel.flat_weights` order."""
+    def get_model_weights(self, state) -> tff.learning.models.ModelWeights:
+        """The server model's weights as `tff.learning.models.ModelWeights` (numpy; what
+        ``learning_process.get_model_weights`` returns), e.g. for ``ModelWeights.assign_weights_to(keras_model)``."""
+        weights = self.flat_weights(state)
+        return tff.learning.models.ModelWeights(
+            trainable=[w for w, t in zip(weights, self.layout.trainable, strict=True) if t],
+            non_trainable=[w for w, t in zip(weights, self.layout.trainable, strict=True) if not t])
+
+    def set_model_weights(self, state, model_weights: tff.learning.models.ModelWeights):
+        """A state with the server model's weights replaced by ``model_weights`` (trainable and non-trainable
+        lists, as `get_model_weights` gives them), keeping the round counter and server-optimizer state."""
+        trainable = list(model_weights.trainable)
+        frozen = list(model_weights.non_trainable)
+        want = sum(self.layout.trainable), len(self.layout.trainable) - sum(self.layout.trainable)
+        if (len(trainable), len(frozen)) != want:
+            raise ValueError(f"expected ModelWeights with {want[0]} trainable and {want[1]} non-trainable arrays, got "
+                             f"{len(trainable)} and {len(frozen)}")
+        weights = [trainable.pop(0) if t else frozen.pop(0) for t in self.layout.trainable]
+        return self.set_flat_weights(state, weights)
+
+    def flat_weights(self, state) -> list[np.ndarray]:
+        """The server model's weights in `prism_tf.submodel.flat_weights` order (the state's ``weights``)."""
         return [np.asarray(w) for w in state["weights"]]
 
-    def set_model_weights(self, state, weights: Sequence[np.ndarray]):
-        """A state with the server model's weights replaced (flat order), keeping the round counter."""
+    def set_flat_weights(self, state, weights: Sequence[np.ndarray]):
+        """A state with the server model's weights replaced (flat order), keeping the round counter and
+        server-optimizer state."""
         if len(weights) != len(self.layout.tensors):
             raise ValueError(f"expected {len(self.layout.tensors)} weight arrays, got {len(weights)}")
+        for i, (w, t) in enumerate(zip(weights, self.layout.tensors, strict=True)):
+            if tuple(np.shape(w)) != tuple(t.shape):
+                raise ValueError(f"weight {i} ({t.layer}/{t.weight}) has shape {tuple(np.shape(w))}, the server model "
+                                 f"has {tuple(t.shape)}")
         return collections.OrderedDict(weights=[np.asarray(w, np.float32) for w in weights],
                                        round_num=state["round_num"], optimizer_state=state["optimizer_state"])
 
     def assign_to(self, state, model: tf.keras.Model | None = None) -> tf.keras.Model:
         """Write the state's weights into ``model`` (default: the process's server model) and return it."""
         model = model or self.server_model
-        prism_tf.submodel.set_flat_weights(model, self.get_model_weights(state))
+        prism_tf.submodel.set_flat_weights(model, self.flat_weights(state))
         return model
 
     def round_num(self, state) -> int:
+        """The state's round counter: rounds finished (skipped ones included)."""
         return int(state["round_num"])
 
     def singular_values(self, state) -> dict[str, np.ndarray]:
@@ -257,18 +362,14 @@ class PrismProcess:
                                 self.round_num(state), list(ids), self.collective_clients)
 
     def client_inputs(self, layout: RoundLayout, datasets: Sequence[tf.data.Dataset],
-                      selections: Sequence[prism_tf.Selection],
-                      round_num: int | None = None) -> list[collections.OrderedDict]:
-        """Each client's input struct ``<data, indices, scale>`` (`client_work.client_input_type`), plus ``lr`` =
-        ``lr_schedule(round_num)`` when the process has a schedule (``round_num=None``: round 0, the base rate)."""
-        extra = {}
+                      selections: Sequence[prism_tf.Selection], round_num: int | None = None) -> list[ClientInput]:
+        """Each client's `ClientInput`: its data and `ClientAssignment` (index vectors, ω, and ``lr`` =
+        ``lr_schedule(round_num)`` when the process has a schedule; ``round_num=None``: round 0, the base rate)."""
+        lr: Any = NO_LR
         if self.lr_schedule is not None:
-            extra["lr"] = np.float32(self.lr_schedule(0 if round_num is None else int(round_num)))
-        inputs = []
-        for dataset, selection in zip(datasets, selections, strict=True):
-            indices, scale = layout.client_inputs(selection)
-            inputs.append(collections.OrderedDict(data=dataset, indices=indices, scale=scale, **extra))
-        return inputs
+            lr = np.float32(self.lr_schedule(0 if round_num is None else int(round_num)))
+        return [ClientInput(dataset, layout.assignment(selection, lr))
+                for dataset, selection in zip(datasets, selections, strict=True)]
 
     def next(self, state, client_datasets: Sequence[tf.data.Dataset], client_ids: Sequence[int] | None = None, *,
              uploaded: prism_tf.server.Accumulator | None = None, uploaded_ids: Sequence[int] = ()):
@@ -369,10 +470,10 @@ class PrismProcess:
         and ``metrics["failed"]`` lists ``(position in datasets, error)`` of each.
         """
         zeros = [np.zeros(self.layout.tensors[p].shape, np.float32) for p in self.layout.travelling()]
-        acc = _accumulator(zeros, zeros)
-        metrics = collections.OrderedDict((k, np.float32(0)) for k in PHASE_METRICS)
+        acc = _entry_sums(zeros, zeros)
+        metrics = TrainingTotals(*(np.float32(0) for _ in TrainingTotals._fields))
         if uploaded is not None:  # devices' updates: their sums join the round's (metrics are the simulated ones)
-            acc = _accumulator(uploaded.sums, uploaded.counts)
+            acc = _entry_sums(uploaded.sums, uploaded.counts)
         weights, failed = state["weights"], []
         for key, members in tiers.items():
             layout = self._layout(key)
@@ -382,17 +483,17 @@ class PrismProcess:
                 if tier_acc is None:  # tier_metrics: the error
                     failed.append((members[part], tier_metrics))
                     continue
-                acc = _add(acc, _accumulator(tier_acc["sums"], tier_acc["counts"]))
-                metrics = _add(metrics, collections.OrderedDict((k, np.float32(tier_metrics[k]))
-                                                                for k in PHASE_METRICS))
-        state, round_metrics = self._finish(state, acc, metrics)  # the same server step as `next_fn`
+                acc = _add(acc, _entry_sums(tier_acc.sums, tier_acc.counts))
+                metrics = _add(metrics, TrainingTotals(*(np.float32(getattr(tier_metrics, k))
+                                                         for k in TrainingTotals._fields)))
+        state, round_metrics = self.finish(state, acc, metrics)  # the same server step as `learning_process.next`
         return state, {**round_metrics, "failed": sorted(failed)}
 
     def _run_phase(self, key: tuple, weights, inputs: list, isolate: bool) -> list[tuple]:
         """``[(position, accumulator, metrics)]`` of the phase over ``inputs``: one item for all of them (position
         ``None``) or, when that fails because of a client, one per client, ``(i, None, error)`` for a failing one
         (``error``: the first line of its message)."""
-        phase = self._phase(key)
+        phase = self.client_phase(key)
         if not isolate:
             try:
                 return [(None, *phase(weights, inputs))]
@@ -445,9 +546,12 @@ def _add(a, b):
     return tf.nest.map_structure(np.add, a, b)
 
 
-def _accumulator(sums, counts) -> collections.OrderedDict:
-    return collections.OrderedDict(sums=[np.asarray(v, np.float32) for v in sums],
-                                   counts=[np.asarray(v, np.float32) for v in counts])
+def _entry_sums(sums, counts) -> EntrySums:
+    return EntrySums([np.asarray(v, np.float32) for v in sums], [np.asarray(v, np.float32) for v in counts])
+
+
+def _is_empty(type_spec: tff.Type) -> bool:
+    return isinstance(type_spec, tff.StructType) and len(type_spec) == 0
 
 
 def _key(sizes: dict[str, int]) -> tuple:
@@ -467,74 +571,79 @@ def batch_spec(input_shape: Sequence[int], batch_size: int) -> tff.Type:
 
 def build_prism_process(
     model_fn: Callable[[], tf.keras.Model],
-    *,
-    method: str | Method = "prism",
-    keep_ratio: float = 0.2,
-    strategy: str = "prism",
-    gamma: float | None = None,
-    output_keep: float | None = None,
-    input_shape: Sequence[int] | None = None,
-    batch_size: int = 32,
     client_optimizer: tff.learning.optimizers.Optimizer | None = None,
     server_optimizer: tff.learning.optimizers.Optimizer | None = None,
-    clip_norm: float | None = 5.0,
-    clip_lr_tau: float | None = 10.0,
-    distribution: str = "select",
-    refactorize_every: int = 1,
-    weighting: str = "examples",
-    seed: int = 0,
+    *,
+    method: Method | None = None,
+    model_distributor: distributor.DistributorFn = DEFAULT_DISTRIBUTOR,
+    client_weighting: tff.learning.ClientWeighting = DEFAULT_WEIGHTING,
+    client_training: client_work.ClientTraining | None = None,
+    lr_schedule: Callable[[int], float] | None = DEFAULT_LR_SCHEDULE,
+    batch_size: int = DEFAULTS.batch_size,
+    input_shape: Sequence[int] | None = None,
+    refactorize_every: int = DEFAULTS.refactorize_every,
+    seed: int = DEFAULTS.seed,
     collective_clients: int | None = None,
     factorize_options: dict | None = None,
-    keep_mix: Sequence[tuple[float, float]] | None = None,
-    lr_schedule: Callable[[int], float] | None = None,
-    frobenius_decay: float = 0.0,
-    weight_decay: float = 0.0,
-    min_clients: int = 1,
+    min_clients: int = DEFAULTS.min_clients,
 ) -> PrismProcess:
-    """Build the federated process for PriSM (or a peer method, `prism_tf.federated.methods`).
+    """Build the federated process for PriSM (or a peer method, `prism_tf.federated.methods`), the way
+    `tff.learning.algorithms.build_weighted_fed_avg` builds FedAvg: optimizers and parts are arguments
+    (docs/design.md, "The round as TFF templates").
+
+    Every default is the CLI's (`prism_tf.federated.config.TrainConfig`'s field defaults): ``build_prism_process(
+    model_fn)`` trains what ``python -m tff_pipelines train`` trains with no flags, given the same model.
 
     Args:
       model_fn: returns a fresh functional/Sequential Keras model (the full server model, unfactorized).
-      method: ``prism`` (default), ``fedhm``, ``fedavg``, ``small``, ``heterofl``, ``fjord``, ``fed_dropout``
-        or a `Method`.
-      keep_ratio: share of each layer's principal kernels (or channels) a client trains (docs/algorithm.md §2).
-      strategy: sampling strategy (`prism_tf.STRATEGIES`).
-      gamma: PriSM's exponent; default 4 at keep ≤ 0.2 else 2.5.
-      output_keep: memory-efficient variant (docs/algorithm.md §2): share of owned output channels kept.
-      input_shape: per-example input shape (default: the model's).
+      client_optimizer: the clients' `tff.learning.optimizers.Optimizer` (default ``client_training.optimizer``:
+        the CLI's SGD, `client_work.client_optimizer_of`). With ``lr_schedule`` its ``learning_rate`` hparam is
+        set every round.
+      server_optimizer: ``None`` (plain per-entry averaging, the default) or a `tff.learning.optimizers.Optimizer`
+        acting on the rebuilt kernels (`finalizer`; requires ``refactorize_every=1``).
+      method: a `prism_tf.federated.methods.Method` (default ``TrainConfig().method_spec()``: the CLI's PriSM).
+        Its ``spectral`` says whether the server model is factorized.
+      model_distributor: ``(layout, assignment_type) -> distributor.SubmodelDistributionProcess``, built per
+        sub-model size (default the CLI's, `distributor.build_select_distributor`: per-client `tff.federated_select`;
+        `distributor.build_broadcast_distributor` is the simulation shortcut; `distributor.named` maps the CLI's
+        names).
+      client_weighting: `tff.learning.ClientWeighting`: ``NUM_EXAMPLES`` (default) or ``UNIFORM`` (1 per client
+        that trained on any example; the authors' choice).
+      client_training: the local step's options (`client_work.ClientTraining`: gradient clip, ClipLR τ, Frobenius
+        and weight decay; default ``ClientTraining()``, the CLI's).
+      lr_schedule: the clients' learning rate per round, ``round_num -> lr`` (e.g.
+        `prism_tf.federated.recipe.Schedule`); it travels in each client's assignment as ``lr`` and overrides the
+        client optimizer's ``learning_rate``.
+        Default `DEFAULT_LR_SCHEDULE`, the CLI's (``--lr-schedule cosine`` over ``TrainConfig.rounds``: pass your
+        own for another number of rounds); ``None``: the client optimizer's own constant rate (needed for an
+        optimizer without a ``learning_rate`` hparam).
       batch_size: client batch size; client datasets must be batched with exactly this size
         (``drop_remainder=True``: TF 2.14 on these CPUs corrupts memory with varying batch shapes,
         docs/pitfalls.md, "oneDNN and batch shapes").
-      client_optimizer: a `tff.learning.optimizers.Optimizer` (default SGD lr 0.05, momentum 0.9).
-      server_optimizer: ``None`` (plain per-entry averaging, the default) or a `tff.learning.optimizers.Optimizer`
-        acting on the rebuilt kernels (`finalizer`; requires ``refactorize_every=1``).
-      clip_norm, clip_lr_tau: see `client_work.ClientTraining`.
-      distribution: ``select`` (per-client `tff.federated_select`) or ``broadcast`` (simulation shortcut).
+      input_shape: per-example input shape (default: the model's).
       refactorize_every: re-run the SVD every this many rounds (docs/algorithm.md §1; 0 = never).
-      weighting: ``examples`` (weight clients by examples trained) or ``uniform`` (the authors' choice).
       seed: run seed; client ``c`` of round ``t`` samples with seed ``(seed, t, c)``.
       collective_clients: ``C`` of the ``collective`` strategy (default: the clients of the round).
       factorize_options: keyword arguments of `prism_tf.factorize`.
-      keep_mix: per-client keep ratios ``((ratio, share), ...)`` for heterogeneous devices (`Method.keep_mix`).
-      lr_schedule: the clients' learning rate per round, ``round_num -> lr`` (e.g. `prism_tf.federated.recipe.Schedule`,
-        the authors' cosine from 0.1 to 1e-4); it travels in each client's input as ``lr`` and overrides the client
-        optimizer's ``learning_rate``. ``None`` (default): the optimizer's own constant rate.
-      frobenius_decay, weight_decay: see `client_work.ClientTraining` (the authors use λ = 2e-4…5e-4; default 0).
       min_clients: a round with fewer good clients (finite update, training did not raise) keeps the server
         state (`PrismProcess.next`; docs/design.md, faulty clients).
     """
+    if method is None:
+        method = DEFAULTS.method_spec()
     if not isinstance(method, Method):
-        method = Method(method, keep_ratio=keep_ratio, strategy=strategy, gamma=gamma, output_keep=output_keep,
-                        keep_mix=tuple(tuple(m) for m in keep_mix) if keep_mix else None)
+        raise TypeError(f"method must be a prism_tf.federated.methods.Method (e.g. Method('fedavg')), got {method!r}")
+    training = client_training if client_training is not None else client_work.ClientTraining()
+    if not isinstance(training, client_work.ClientTraining):
+        raise TypeError(f"client_training must be a client_work.ClientTraining, got {training!r}")
+    if client_optimizer is not None:
+        training = dataclasses.replace(training, optimizer=client_optimizer)
     check_batch_size(batch_size)
     model = model_fn()
     if method.spectral:
         model = prism_tf.factorize(model, **(factorize_options or {}))
     shape = tuple(input_shape) if input_shape is not None else tuple(model.inputs[0].shape[1:])
-    training = client_work.ClientTraining(
-        optimizer=client_optimizer or client_work.ClientTraining().optimizer, clip_norm=clip_norm,
-        clip_lr_tau=clip_lr_tau, frobenius_decay=frobenius_decay, weight_decay=weight_decay)
-    return PrismProcess(model, method, batch_spec(shape, batch_size), training, distribution=distribution,
-                        refactorize_every=refactorize_every, weighting=weighting, seed=seed,
-                        collective_clients=collective_clients, server_optimizer=server_optimizer,
-                        lr_schedule=lr_schedule, min_clients=min_clients)
+    return PrismProcess(
+        model, method, batch_spec(shape, batch_size), training, model_distributor=model_distributor,
+        client_weighting=client_weighting, refactorize_every=refactorize_every, seed=seed,
+        collective_clients=collective_clients, server_optimizer=server_optimizer, lr_schedule=lr_schedule,
+        min_clients=min_clients)
