@@ -119,7 +119,7 @@ def _measure(simulation, process, rounds: int, worker_cpu) -> dict:
 
         selections = process.selections(state, ids)
         key = process.layout.sizes_key
-        inputs = process.client_inputs(process.layout, datasets, selections, process.round_num(state))
+        inputs = process.client_inputs(process.layout, datasets, selections, process.round_index(state))
         cpu0, wcpu0, began = time.process_time(), worker_cpu(), time.perf_counter()
         acc, metrics = process.client_phase(key)(state["weights"], inputs)
         clients_s = time.perf_counter() - began

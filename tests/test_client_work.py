@@ -112,7 +112,7 @@ def test_round_learning_rate_reaches_clients_and_is_plain_sgd():
         process.layout, process.element_type, process.training).assignment.lr == tff.TensorType(np.float32)
     state = process.initialize()
     datasets = [_dataset(BATCH, c) for c in range(2)]
-    inputs = process.client_inputs(process.layout, datasets, process.selections(state, 2), round_num=0)
+    inputs = process.client_inputs(process.layout, datasets, process.selections(state, 2), round_index=0)
     assert [float(i.assignment.lr) for i in inputs] == [pytest.approx(0.3)] * 2
 
     model = process.assign_to(state, tf.keras.models.clone_model(process.server_model))
@@ -130,7 +130,7 @@ def test_round_learning_rate_reaches_clients_and_is_plain_sgd():
     for got, want in zip(process.get_model_weights(state).trainable, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
-    inputs = process.client_inputs(process.layout, datasets, process.selections(state, 2), round_num=1)
+    inputs = process.client_inputs(process.layout, datasets, process.selections(state, 2), round_index=1)
     assert float(inputs[0].assignment.lr) == 0.0
     after = process.learning_process.next(state, inputs).state
     for got, want in zip(process.flat_weights(after), process.flat_weights(state), strict=True):
@@ -158,7 +158,7 @@ def test_lr_zero_freezes_weights_with_batchnorm_and_both_decays_on():
             np.testing.assert_allclose(b, a, atol=1e-7, err_msg=process.layout.tensors[i].layer)
     assert any(not np.allclose(w0[i], w1[i]) for i in moving)
 
-    inputs = process.client_inputs(process.layout, datasets, process.selections(state, 2), round_num=1)
+    inputs = process.client_inputs(process.layout, datasets, process.selections(state, 2), round_index=1)
     out = process.learning_process.next(state, inputs)
     w2 = process.flat_weights(out.state)
     assert np.isfinite(out.metrics["loss"])

@@ -60,7 +60,7 @@ def process():
                                method=Method("prism", keep_ratio=0.5), batch_size=BATCH,
                                client_training=client_work.ClientTraining(clip_norm=None, frobenius_decay=0.0,
                                                                           weight_decay=0.0),
-                               lr_schedule=lambda round_num: LR, factorize_options={"min_rank": 1},
+                               lr_schedule=lambda round_index: LR, factorize_options={"min_rank": 1},
                                refactorize_every=0)
 
 
@@ -111,7 +111,7 @@ def test_a_raising_client_is_dropped_and_the_round_equals_the_round_without_it(p
     again, _ = process.next(state, datasets, [0, 1, 2])  # the isolation re-run is deterministic
     for a, b in zip(process.flat_weights(again), process.flat_weights(with_fault), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert process.round_num(with_fault) == 1
+    assert process.round_index(with_fault) == 1
 
 
 def test_too_few_good_clients_keep_the_state_bit_identical(process):
@@ -125,7 +125,7 @@ def test_too_few_good_clients_keep_the_state_bit_identical(process):
         process.min_clients = 1
     for a, b in zip(process.flat_weights(skipped), process.flat_weights(trained), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert process.round_num(skipped) == process.round_num(trained) + 1
+    assert process.round_index(skipped) == process.round_index(trained) + 1
     assert metrics["skipped"] and metrics["clients_dropped"] == 1 and metrics["kernel_coverage"] == 0.0
     assert "2 of 3 clients" in metrics["skip_reason"] and "min_clients=3" in metrics["skip_reason"]
     # every client faulty: nothing to average even at the default min_clients=1
@@ -157,9 +157,9 @@ def test_a_run_counts_drops_and_skips_in_its_metrics_checkpoints_and_console(sha
 
     original = driver.Simulation.client_datasets
 
-    def faulty(self, round_num, clients=None):
-        datasets = original(self, round_num, clients)
-        if round_num == 0:
+    def faulty(self, round_index, clients=None):
+        datasets = original(self, round_index, clients)
+        if round_index == 0:
             datasets[0] = datasets[0].map(lambda e: collections.OrderedDict(
                 x=tf.debugging.check_numerics(e["x"] * np.nan, "client data failed its check"), y=e["y"]))
         else:

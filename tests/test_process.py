@@ -117,7 +117,7 @@ def test_refactorization_keeps_function_and_orthogonality():
     a = layer.principal_kernels.numpy()
     gram = a.T @ a
     np.testing.assert_allclose(gram, np.diag(layer.singular_values.numpy()), atol=1e-4)
-    assert process.round_num(state) == 1 and np.isfinite(metrics["loss"])
+    assert process.round_index(state) == 1 and np.isfinite(metrics["loss"])
 
 
 def test_fedavg_traffic_is_the_full_model_and_prism_is_smaller():
@@ -214,7 +214,7 @@ def test_the_server_optimizer_reaches_the_finalizer():
     state = process.initialize()
     assert float(state["optimizer_state"]["learning_rate"]) == 0.5
     state, _ = process.next(state, [_dataset(8, c) for c in range(2)])
-    assert process.round_num(state) == 1 and float(state["optimizer_state"]["learning_rate"]) == 0.5
+    assert process.round_index(state) == 1 and float(state["optimizer_state"]["learning_rate"]) == 0.5
     with pytest.raises(ValueError, match="refactorize_every=1"):
         _tiny_process(refactorize_every=2, server_optimizer=tff.learning.optimizers.build_sgdm(1.0))
 
@@ -259,7 +259,7 @@ def test_model_weights_are_tffs_model_weights_and_flat_weights_the_server_models
                       process.learning_process.set_model_weights(state, doubled)):
         for w, old, trainable in zip(process.flat_weights(new_state), flat, process.layout.trainable, strict=True):
             np.testing.assert_array_equal(w, 2 * old if trainable else old)
-        assert process.round_num(new_state) == 0
+        assert process.round_index(new_state) == 0
     with pytest.raises(ValueError, match=r"expected ModelWeights with \d+ trainable and \d+ non-trainable arrays"):
         process.set_model_weights(state, tff.learning.models.ModelWeights(flat, []))
     with pytest.raises(ValueError, match=r"weight 0 \(hidden/principal_kernels\) has shape \(2,\), the server model"):

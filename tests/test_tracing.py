@@ -57,7 +57,7 @@ def test_three_rounds_trace_client_and_server_once(monkeypatch):
         # New datasets and new selections every round: the same types, so the same traced computations.
         state, metrics = proc.next(state, [_client_data(10 * round_num + c) for c in range(2)], [0, round_num + 1])
         per_round.append(dict(calls))
-        rounds_seen.append(proc.round_num(state))
+        rounds_seen.append(proc.round_index(state))
 
     assert rounds_seen == [1, 2, 3] and metrics["num_examples"] == 16
     assert built == {"client": 1, "server": 1}  # traced when the process was built ...

@@ -344,8 +344,9 @@ class PrismProcess:
         prism_tf.submodel.set_flat_weights(model, self.flat_weights(state))
         return model
 
-    def round_num(self, state) -> int:
-        """The state's round counter: rounds finished (skipped ones included)."""
+    def round_index(self, state) -> int:
+        """The 0-based index of the round `next` plays: the state's counter of rounds finished (skipped ones
+        included), which the state keeps under its checkpointed key ``round_num``."""
         return int(state["round_num"])
 
     def singular_values(self, state) -> dict[str, np.ndarray]:
@@ -359,15 +360,15 @@ class PrismProcess:
         `prism_tf.federated.methods.round_selections` on the state's singular values."""
         ids = range(client_ids) if isinstance(client_ids, int | np.integer) else client_ids
         return round_selections(self.method, self.plan, self.singular_values(state), self.seed,
-                                self.round_num(state), list(ids), self.collective_clients)
+                                self.round_index(state), list(ids), self.collective_clients)
 
     def client_inputs(self, layout: RoundLayout, datasets: Sequence[tf.data.Dataset],
-                      selections: Sequence[prism_tf.Selection], round_num: int | None = None) -> list[ClientInput]:
+                      selections: Sequence[prism_tf.Selection], round_index: int | None = None) -> list[ClientInput]:
         """Each client's `ClientInput`: its data and `ClientAssignment` (index vectors, ω, and ``lr`` =
-        ``lr_schedule(round_num)`` when the process has a schedule; ``round_num=None``: round 0, the base rate)."""
+        ``lr_schedule(round_index)`` when the process has a schedule; ``round_index=None``: round 0, the base rate)."""
         lr: Any = NO_LR
         if self.lr_schedule is not None:
-            lr = np.float32(self.lr_schedule(0 if round_num is None else int(round_num)))
+            lr = np.float32(self.lr_schedule(0 if round_index is None else int(round_index)))
         return [ClientInput(dataset, layout.assignment(selection, lr))
                 for dataset, selection in zip(datasets, selections, strict=True)]
 
@@ -407,7 +408,7 @@ class PrismProcess:
         tiers = self._tiers(selections)
         new_state = None
         if uploaded is None and list(tiers) == [self.layout.sizes_key]:
-            inputs = self.client_inputs(self.layout, client_datasets, selections, self.round_num(state))
+            inputs = self.client_inputs(self.layout, client_datasets, selections, self.round_index(state))
             try:
                 output = self.learning_process.next(state, inputs)
                 new_state, metrics = output.state, dict(output.metrics)
@@ -438,7 +439,7 @@ class PrismProcess:
     def unchanged(self, state):
         """``state`` after a skipped round: the same weights and server optimizer state, round counter + 1 (the
         round's clients, seeds and learning-rate slot were spent; docs/design.md, faulty clients)."""
-        return collections.OrderedDict(weights=state["weights"], round_num=np.int64(self.round_num(state) + 1),
+        return collections.OrderedDict(weights=state["weights"], round_num=np.int64(self.round_index(state) + 1),
                                        optimizer_state=state["optimizer_state"])
 
     def _tiers(self, selections: Sequence[prism_tf.Selection]) -> dict[tuple, list[int]]:
@@ -478,7 +479,7 @@ class PrismProcess:
         for key, members in tiers.items():
             layout = self._layout(key)
             inputs = self.client_inputs(layout, [datasets[i] for i in members], [selections[i] for i in members],
-                                        self.round_num(state))
+                                        self.round_index(state))
             for part, tier_acc, tier_metrics in self._run_phase(key, weights, inputs, isolate):
                 if tier_acc is None:  # tier_metrics: the error
                     failed.append((members[part], tier_metrics))
