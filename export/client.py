@@ -2,7 +2,7 @@
 
 docs/export.md, "Client sub-models". The round is replayed from the run directory (`prism_tf.federated.replay`): the
 server weights the round starts from and the client's `Selection`, drawn exactly as the simulated process draws
-it. The sub-model (`prism_tf.extract`) becomes a TFLite training model (`export.tflite_train`) whose ``train``
+it. The sub-model (`prism_tf.extract`) becomes a TFLite training model (`export.tflite`) whose ``train``
 signature takes the run's local step at this round's learning rate.
 
 Files of ``CLIENT_DIR``:
@@ -26,7 +26,7 @@ from typing import Any
 import tensorflow as tf
 
 import prism_tf
-from export import tflite as tflite_train
+from export import tflite
 from export.files import npz_bytes, write_atomic
 from prism_tf.federated.replay import RoundReplay
 
@@ -36,18 +36,18 @@ MANIFEST_FIELDS = ("format", "version", "run_id", "round", "client", "size_key",
                    "batch_size", "local_epochs", "optimizer", "runtime", "weights", "server_weights_sha256", "files")
 
 
-def train_step(replay: RoundReplay) -> tflite_train.TrainStep:
+def train_step(replay: RoundReplay) -> tflite.TrainStep:
     """The run's local step at this round (`tff_pipelines.round.client_work.ClientTraining` as the driver builds it)."""
     cfg = replay.config
     options = prism_tf.local_step.StepOptions(clip_norm=cfg.clip_norm, frobenius_decay=cfg.frobenius_decay,
                                               weight_decay=cfg.weight_decay)
-    return tflite_train.TrainStep(replay.learning_rate(), cfg.client_momentum, options)
+    return tflite.TrainStep(replay.learning_rate(), cfg.client_momentum, options)
 
 
 def size_key(submodel: tf.keras.Model) -> str:
     """Identifies the sub-model's graph: the hash of its weights' names and shapes (same for every client whose
     sub-model has the same sizes)."""
-    names = tflite_train.weight_names(submodel)
+    names = tflite.weight_names(submodel)
     shapes = [tuple(w.shape) for w in prism_tf.submodel.flat_weights(submodel)]
     return hashlib.sha256(json.dumps([names, shapes]).encode()).hexdigest()[:16]
 
@@ -85,9 +85,9 @@ def export_client(
     """
     replay = RoundReplay(run_dir, round_num)
     round_export = client_round(replay, int(client), runtime)
-    module = tflite_train.build_training_module(round_export.submodel, round_export.step, runtime,
+    module = tflite.build_training_module(round_export.submodel, round_export.step, runtime,
                                                 batch_size=replay.config.batch_size)
-    flatbuffer = tflite_train.convert(module, runtime)
+    flatbuffer = tflite.convert(module, runtime)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "model.tflite", flatbuffer)
@@ -106,7 +106,7 @@ class ClientRound:
     weights by exchange name, and the manifest (its ``files`` still empty)."""
 
     submodel: tf.keras.Model
-    step: tflite_train.TrainStep
+    step: tflite.TrainStep
     weights: dict[str, Any]
     manifest: dict[str, Any]
 
@@ -116,7 +116,7 @@ def client_round(replay: RoundReplay, client: int, runtime: str = "builtins") ->
     selection = replay.selection(int(client))
     submodel = prism_tf.extract(replay.server_model, selection)
     step = train_step(replay)
-    names = tflite_train.weight_names(submodel)
+    names = tflite.weight_names(submodel)
     values = [w.numpy() for w in prism_tf.submodel.flat_weights(submodel)]
     trainable = {v.ref() for v in submodel.trainable_weights}
     plan = prism_tf.SubmodelPlan.of(replay.server_model)

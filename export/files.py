@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from prism_tf.federated.rundir import write_atomic
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["npz_bytes", "write_atomic"]
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

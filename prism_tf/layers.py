@@ -120,22 +120,21 @@ class _PrincipalMixin:
         self.kernel_regularizer = tf.keras.regularizers.get(kernel_regularizer)
 
 
-@tf.keras.utils.register_keras_serializable(package="prism_tf")
-class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
-    """A ``Conv2D`` as ``rank`` principal kernels followed by a 1×1 combination (docs/algorithm.md §1).
+class _PrincipalConv(_PrincipalMixin, tf.keras.layers.Layer):
+    """The convolutions' shared body: ``rank`` filters of ``kernel_size × Cin`` (``A``), then a pointwise
+    combination ``B``; subclasses set the number of spatial dimensions and the paddings they take."""
 
-    Supports the ``Conv2D`` options of the layer it replaces: ``strides``, ``padding`` (``valid``/``same``),
-    ``dilation_rate``, bias and activation; ``channels_last`` and ``groups=1`` only.
-    """
+    spatial: int = 2
+    paddings: tuple[str, ...] = ("valid", "same")
 
     def __init__(
         self,
         filters: int,
-        kernel_size: int | tuple[int, int],
+        kernel_size: int | tuple[int, ...],
         rank: int,
-        strides: int | tuple[int, int] = (1, 1),
+        strides: int | tuple[int, ...] = 1,
         padding: str = "valid",
-        dilation_rate: int | tuple[int, int] = (1, 1),
+        dilation_rate: int | tuple[int, ...] = 1,
         activation: Any = None,
         use_bias: bool = True,
         kernel_initializer: Any = "he_normal",
@@ -146,43 +145,52 @@ class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         self.filters = int(filters)
-        self.kernel_size = _pair(kernel_size)
-        self.strides = _pair(strides)
-        self.dilation_rate = _pair(dilation_rate)
+        self.kernel_size = _ntuple(kernel_size, self.spatial)
+        self.strides = _ntuple(strides, self.spatial)
+        self.dilation_rate = _ntuple(dilation_rate, self.spatial)
         self.padding = padding.lower()
-        if self.padding not in ("valid", "same"):
-            raise ValueError(f"PrincipalConv2D '{self.name}': padding must be 'valid' or 'same', got {padding!r}")
+        if self.padding not in self.paddings:
+            raise ValueError(f"{type(self).__name__} '{self.name}': padding must be one of "
+                             f"{', '.join(repr(p) for p in self.paddings)}, got {padding!r}")
         self._init_factor_args(
             rank, activation, use_bias, kernel_initializer, combination_initializer, bias_initializer,
             kernel_regularizer,
         )
-        self.input_spec = tf.keras.layers.InputSpec(ndim=4)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=self.spatial + 2)
 
     def build(self, input_shape: tf.TensorShape) -> None:
         channels = tf.TensorShape(input_shape)[-1]
         if channels is None:
-            raise ValueError(f"PrincipalConv2D '{self.name}': the channel dimension of the input must be known")
+            raise ValueError(f"{type(self).__name__} '{self.name}': the channel dimension of the input must be "
+                             "known")
         self._add_factor_weights((*self.kernel_size, int(channels)), self.filters)
-        self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: int(channels)})
+        self.input_spec = tf.keras.layers.InputSpec(ndim=self.spatial + 2, axes={-1: int(channels)})
         self.built = True
 
+    def _padded(self, inputs: tf.Tensor) -> tuple[tf.Tensor, str]:
+        return inputs, self.padding.upper()
+
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        inputs, padding = self._padded(inputs)
         responses = tf.nn.convolution(
             inputs,
             tf.cast(self.principal_kernels, inputs.dtype),
             strides=self.strides,
-            padding=self.padding.upper(),
+            padding=padding,
             dilations=self.dilation_rate,
         )
         return self._combine(responses)
 
     def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
         shape = tf.TensorShape(input_shape).as_list()
-        spatial = [
-            _conv_output_length(shape[1 + i], self.kernel_size[i], self.padding, self.strides[i],
-                                self.dilation_rate[i])
-            for i in range(2)
-        ]
+        spatial = []
+        for i in range(self.spatial):
+            length, padding = shape[1 + i], self.padding
+            if padding == "causal":  # left zeros of (k − 1)·d, then a valid convolution
+                length = None if length is None else length + (self.kernel_size[i] - 1) * self.dilation_rate[i]
+                padding = "valid"
+            spatial.append(_conv_output_length(length, self.kernel_size[i], padding, self.strides[i],
+                                               self.dilation_rate[i]))
         return tf.TensorShape([shape[0], *spatial, self.filters])
 
     def get_config(self) -> dict[str, Any]:
@@ -199,7 +207,18 @@ class PrincipalConv2D(_PrincipalMixin, tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="prism_tf")
-class PrincipalConv1D(_PrincipalMixin, tf.keras.layers.Layer):
+class PrincipalConv2D(_PrincipalConv):
+    """A ``Conv2D`` as ``rank`` principal kernels followed by a 1×1 combination (docs/algorithm.md §1).
+
+    Supports the ``Conv2D`` options of the layer it replaces: ``strides``, ``padding`` (``valid``/``same``),
+    ``dilation_rate``, bias and activation; ``channels_last`` and ``groups=1`` only.
+    """
+
+    spatial = 2
+
+
+@tf.keras.utils.register_keras_serializable(package="prism_tf")
+class PrincipalConv1D(_PrincipalConv):
     """A ``Conv1D`` as ``rank`` principal kernels (``k×Cin`` filters) followed by a pointwise combination
     (docs/algorithm.md §1): keyword spotting and text CNNs.
 
@@ -207,70 +226,15 @@ class PrincipalConv1D(_PrincipalMixin, tf.keras.layers.Layer):
     ``causal``), ``dilation_rate``, bias and activation; ``channels_last`` and ``groups=1`` only.
     """
 
-    def __init__(
-        self,
-        filters: int,
-        kernel_size: int | tuple[int],
-        rank: int,
-        strides: int | tuple[int] = 1,
-        padding: str = "valid",
-        dilation_rate: int | tuple[int] = 1,
-        activation: Any = None,
-        use_bias: bool = True,
-        kernel_initializer: Any = "he_normal",
-        combination_initializer: Any = "orthogonal",
-        bias_initializer: Any = "zeros",
-        kernel_regularizer: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.filters = int(filters)
-        self.kernel_size = _single(kernel_size)
-        self.strides = _single(strides)
-        self.dilation_rate = _single(dilation_rate)
-        self.padding = padding.lower()
-        if self.padding not in ("valid", "same", "causal"):
-            raise ValueError(f"PrincipalConv1D '{self.name}': padding must be 'valid', 'same' or 'causal', got "
-                             f"{padding!r}")
-        self._init_factor_args(
-            rank, activation, use_bias, kernel_initializer, combination_initializer, bias_initializer,
-            kernel_regularizer,
-        )
-        self.input_spec = tf.keras.layers.InputSpec(ndim=3)
+    spatial = 1
+    paddings = ("valid", "same", "causal")
 
-    def build(self, input_shape: tf.TensorShape) -> None:
-        channels = tf.TensorShape(input_shape)[-1]
-        if channels is None:
-            raise ValueError(f"PrincipalConv1D '{self.name}': the channel dimension of the input must be known")
-        self._add_factor_weights((*self.kernel_size, int(channels)), self.filters)
-        self.input_spec = tf.keras.layers.InputSpec(ndim=3, axes={-1: int(channels)})
-        self.built = True
-
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        padding = self.padding.upper()
-        if self.padding == "causal":  # Keras's causal padding: (k − 1)·d zeros on the left, then a valid conv
-            inputs = tf.pad(inputs, [[0, 0], [(self.kernel_size[0] - 1) * self.dilation_rate[0], 0], [0, 0]])
-            padding = "VALID"
-        responses = tf.nn.convolution(
-            inputs, tf.cast(self.principal_kernels, inputs.dtype), strides=self.strides, padding=padding,
-            dilations=self.dilation_rate,
-        )
-        return self._combine(responses)
-
-    def compute_output_shape(self, input_shape: tf.TensorShape) -> tf.TensorShape:
-        shape = tf.TensorShape(input_shape).as_list()
-        length = shape[1]
-        if self.padding == "causal":
-            length = None if length is None else length + (self.kernel_size[0] - 1) * self.dilation_rate[0]
-        length = _conv_output_length(length, self.kernel_size[0], "valid" if self.padding == "causal" else
-                                     self.padding, self.strides[0], self.dilation_rate[0])
-        return tf.TensorShape([shape[0], length, self.filters])
-
-    def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
-                      dilation_rate=self.dilation_rate, **self._factor_config())
-        return config
+    def _padded(self, inputs: tf.Tensor) -> tuple[tf.Tensor, str]:
+        if self.padding != "causal":
+            return inputs, self.padding.upper()
+        # Keras's causal padding: (k − 1)·d zeros on the left, then a valid convolution.
+        left = (self.kernel_size[0] - 1) * self.dilation_rate[0]
+        return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]]), "VALID"
 
 
 @tf.keras.utils.register_keras_serializable(package="prism_tf")
@@ -369,22 +333,13 @@ class PrincipalEmbedding(_PrincipalMixin, tf.keras.layers.Layer):
         return config
 
 
-def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+def _ntuple(value: int | tuple[int, ...] | list[int], n: int) -> tuple[int, ...]:
     if isinstance(value, int):
-        return (value, value)
+        return (value,) * n
     value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair, got {value}")
-    return value  # type: ignore[return-value]
-
-
-def _single(value: int | tuple[int, ...] | list[int]) -> tuple[int]:
-    if isinstance(value, int):
-        return (value,)
-    value = tuple(int(v) for v in value)
-    if len(value) != 1:
-        raise ValueError(f"expected an int or a 1-tuple, got {value}")
-    return value  # type: ignore[return-value]
+    if len(value) != n:
+        raise ValueError(f"expected an int or {n} ints, got {value}")
+    return value
 
 
 def _conv_output_length(length: int | None, kernel: int, padding: str, stride: int, dilation: int) -> int | None:

@@ -4,24 +4,16 @@ clients)."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
+import round_models
 import tensorflow_federated as tff
 
-import prism_tf
 from tff_pipelines.round import aggregator
-from tff_pipelines.round.layout import ClientMetrics, ClientUpdate, EntrySums, RoundLayout, TrainingTotals
-
-
-def _dense():
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((5,))
-    hidden = tf.keras.layers.Dense(4, name="hidden")(inputs)  # factorized at rank 4: A [5, 4], B [4, 4]
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
+from tff_pipelines.round.layout import ClientMetrics, ClientUpdate, EntrySums, TrainingTotals
 
 
 @pytest.fixture(scope="module")
 def layout():
-    return RoundLayout.build(prism_tf.factorize(_dense(), min_rank=1), {"hidden": 2})
+    return round_models.dense_layout()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import round_models
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -27,17 +28,6 @@ def _dataset(n, seed=0, shape=(5,), classes=3):
     return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(BATCH, drop_remainder=True)
 
 
-def _conv_model():
-    """Stem Conv2D (kept whole) → BatchNorm → factorized Conv2D (rank 5) → pooling → Dense head (kept whole)."""
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((6, 6, 2))
-    x = tf.keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
-    x = tf.keras.layers.ReLU()(tf.keras.layers.BatchNormalization(name="bn")(x))
-    x = tf.keras.layers.Conv2D(5, 3, padding="same", name="conv")(x)
-    x = tf.keras.layers.GlobalAveragePooling2D()(x)
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
-
-
 def _one_step(layout, weights, scale, training):
     """Travelling tensors after training on one batch, by (layer, weight) name."""
     data = _dataset(BATCH, 1, (6, 6, 2))
@@ -47,7 +37,7 @@ def _one_step(layout, weights, scale, training):
 
 
 def test_frobenius_and_weight_decay_are_the_closed_form():
-    fm = prism_tf.factorize(_conv_model(), min_rank=1)
+    fm = prism_tf.factorize(round_models.conv_model(), min_rank=1)
     layout = RoundLayout.build(fm, {})  # every kernel: the sub-model is the whole model
     omega = np.array([0.5, 1.0, 2.0, 1.5, 1.0], np.float32)
     indices = [tf.range(layout.sizes[g]) for g in layout.groups]
@@ -94,18 +84,11 @@ def test_frobenius_terms_are_the_gradient_of_the_penalty():
     np.testing.assert_allclose(got_b.numpy(), a_mat.T @ a_mat @ b.numpy(), rtol=1e-5, atol=1e-4)
 
 
-def _tiny_dense():
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((5,))
-    hidden = tf.keras.layers.Dense(4, name="hidden")(inputs)  # factorized at rank 4
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
-
-
 def test_round_learning_rate_reaches_clients_and_is_plain_sgd():
     """Round 0 at lr 0.3 (schedule) although the optimizer says 0.05: FedAvg of one SGD step per client, by hand;
     round 1 at lr 0: nothing moves."""
     schedule = recipe.Schedule("cosine", base=0.3, final=0.0, total_rounds=2)
-    process = build_prism_process(_tiny_dense, tff.learning.optimizers.build_sgdm(0.05),
+    process = build_prism_process(round_models.dense_model, tff.learning.optimizers.build_sgdm(0.05),
                                   method=Method("prism", keep_ratio=1.0), batch_size=BATCH, client_training=PLAIN,
                                   factorize_options={"min_rank": 1}, refactorize_every=0, lr_schedule=schedule)
     assert process.training.round_lr and client_work.client_input_type(
@@ -197,7 +180,7 @@ def test_client_work_process_by_hand(weighting):
     full batch: nothing trained, weight 0 either way)."""
     from tff_pipelines.round.process import batch_spec
 
-    fm = prism_tf.factorize(_tiny_dense(), min_rank=1)
+    fm = prism_tf.factorize(round_models.dense_model(), min_rank=1)
     layout = RoundLayout.build(fm, {"hidden": 2})
     training = dataclasses.replace(PLAIN, optimizer=PlusOne())
     work = client_work.build_client_work(layout, batch_spec((5,), BATCH), training, client_weighting=weighting)
@@ -243,6 +226,6 @@ def test_client_training_defaults_are_the_clis_and_refuse_a_string_weighting():
     hparams = tuned.optimizer.get_hparams(tuned.optimizer.initialize((tf.TensorSpec([1], tf.float32),)))
     assert float(hparams["learning_rate"]) == pytest.approx(0.3) and tuned.clip_norm is None
     assert (tuned.weight_decay, tuned.frobenius_decay) == (0.0, config.frobenius_decay)
-    layout = RoundLayout.build(_tiny_dense(), {})
+    layout = RoundLayout.build(round_models.dense_model(), {})
     with pytest.raises(TypeError, match="client_weighting must be a tff.learning.ClientWeighting"):
         client_work.build_client_work(layout, tff.to_type(np.float32), default, client_weighting="examples")

@@ -5,24 +5,17 @@ import collections
 
 import numpy as np
 import pytest
+import round_models
 import tensorflow as tf
 import tensorflow_federated as tff
 
-import prism_tf
 from tff_pipelines.round import client_work, distributor
 from tff_pipelines.round.layout import ClientAssignment, Received, RoundLayout
 
 
-def _dense():
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((5,))
-    hidden = tf.keras.layers.Dense(4, name="hidden")(inputs)  # factorized at rank 4: A [5, 4], B [4, 4]
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
-
-
 @pytest.fixture(scope="module")
 def layout():
-    return RoundLayout.build(prism_tf.factorize(_dense(), min_rank=1), {"hidden": 2})
+    return round_models.dense_layout()
 
 
 def _weights(layout):
@@ -87,7 +80,7 @@ def test_broadcast_sends_every_travelling_tensor_and_the_same_submodel_results(l
 
 
 def test_select_without_principal_layers_is_the_broadcast(layout):
-    plain = RoundLayout.build(_dense(), {})  # FedAvg's: nothing to key
+    plain = RoundLayout.build(round_models.dense_model(), {})  # FedAvg's: nothing to key
     process = distributor.build_select_distributor(plain)
     assert process.next.type_signature.result.result.member.rows == tff.to_type([])
     weights = _weights(plain)

@@ -3,24 +3,17 @@ and a server optimizer acting on the rebuilt kernels (docs/algorithm.md §1, §3
 
 import numpy as np
 import pytest
+import round_models
 import tensorflow as tf
 import tensorflow_federated as tff
 
-import prism_tf
 from tff_pipelines.round import finalizer
-from tff_pipelines.round.layout import EntrySums, RoundLayout
-
-
-def _dense():
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((5,))
-    hidden = tf.keras.layers.Dense(4, name="hidden")(inputs)  # factorized at rank 4: A [5, 4], B [4, 4]
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
+from tff_pipelines.round.layout import EntrySums
 
 
 @pytest.fixture(scope="module")
 def layout():
-    return RoundLayout.build(prism_tf.factorize(_dense(), min_rank=1), {"hidden": 2})
+    return round_models.dense_layout()
 
 
 def _weights(layout):

@@ -3,6 +3,7 @@ on two tiny models whose numbers are counted by hand."""
 
 import numpy as np
 import pytest
+import round_models
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -10,28 +11,9 @@ import prism_tf
 from tff_pipelines.round.layout import NO_LR, ClientAssignment, ClientInput, EntrySums, Received, RoundLayout
 
 
-def _dense():
-    """Dense 5 → 4 (factorized: rank 4) → Dense 3 (the classifier, whole)."""
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((5,))
-    hidden = tf.keras.layers.Dense(4, name="hidden")(inputs)
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(hidden))
-
-
-def _conv():
-    """Conv 2 → 4 channels, BatchNorm, Conv 4 → 5, pooling, Dense 3: two free channel groups (width methods)."""
-    tf.keras.utils.set_random_seed(0)
-    inputs = tf.keras.Input((6, 6, 2))
-    x = tf.keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
-    x = tf.keras.layers.ReLU()(tf.keras.layers.BatchNormalization(name="bn")(x))
-    x = tf.keras.layers.Conv2D(5, 3, padding="same", name="conv")(x)
-    x = tf.keras.layers.GlobalAveragePooling2D()(x)
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
-
-
 @pytest.fixture(scope="module")
 def spectral():
-    return RoundLayout.build(prism_tf.factorize(_dense(), min_rank=1), {"hidden": 2})
+    return round_models.dense_layout()
 
 
 def test_a_spectral_round_by_hand(spectral):
@@ -54,7 +36,7 @@ def test_a_spectral_round_by_hand(spectral):
 
 
 def test_a_width_round_by_hand():
-    plain = _conv()
+    plain = round_models.conv_model()
     layout = RoundLayout.build(plain, {"stem:out": 2, "conv:out": 2})
     assert layout.groups == ("stem:out", "conv:out") and layout.scale_layers == ()
     assert layout.select_tables() == {}

@@ -578,8 +578,8 @@ class RunDir:
                            "pass --replace to overwrite it")
         buffer = io.BytesIO()
         np.savez(buffer, **weights)  # uncompressed: a phone's .npy reader reads it too
-        _atomic_write_bytes(path, buffer.getvalue())
-        _atomic_write_bytes(path.with_suffix(".json"), json.dumps(
+        write_atomic(path, buffer.getvalue())
+        write_atomic(path.with_suffix(".json"), json.dumps(
             {"client": int(client), "round": int(round_num), "examples": examples, "weight": float(weight),
              "selection": dict(selection)}).encode())
         return path
@@ -720,12 +720,14 @@ def _atomic_write_if_absent(path: Path, text: str) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
+    write_atomic(path, text.encode())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename (a file that exists
-    is complete); the temporary file is removed if the write fails."""
+    is complete); the temporary file is removed if the write fails. Every file of a run and every export is
+    written this way."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:

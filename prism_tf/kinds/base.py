@@ -187,6 +187,44 @@ class LayerKind:
         return tf.convert_to_tensor(layer.principal_kernels if type(layer) is self.principal else layer.kernel)
 
 
+class ConvKind(LayerKind):
+    """A convolution (``Conv1D``, ``Conv2D``): the ``[*kernel_size, Cin, Cout]`` kernel as a
+    ``[prod(kernel_size)·Cin, Cout]`` matrix; the first convolution (it sees the raw input) and pointwise ones are
+    kept whole by default, grouped and channels-first ones always."""
+
+    width_key = "filters"
+    is_conv = True
+    plain_keys = ("filters", "kernel_size", "strides", "padding", "dilation_rate")
+
+    def ineligibility(self, layer: tf.keras.layers.Layer, rules: Rules) -> str | None:
+        if layer.data_format != "channels_last":
+            return "channels_first is not supported"
+        if layer.groups != 1:
+            return f"grouped conv (groups={layer.groups})"
+        if layer.name == rules.first_conv:
+            return "first conv (sees the raw input)"
+        if rules.skip_pointwise and all(k == 1 for k in layer.kernel_size):
+            return "1x1 conv"
+        return None
+
+    def shape_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {k: config[k] for k in self.plain_keys}
+
+    def mixes_channels(self, layer: tf.keras.layers.Layer) -> bool:
+        if type(layer) is self.principal:
+            return True
+        return layer.groups == 1 and layer.data_format == "channels_last"
+
+    def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
+        window = 1
+        for k in layer.kernel_size:
+            window *= int(k)
+        n = pixels(out_shape)
+        if isinstance(layer, self.principal):
+            return n * layer.rank * (window * int(in_shape[-1]) + layer.filters), n * layer.rank
+        return n * window * int(in_shape[-1]) // layer.groups * layer.filters, 0
+
+
 class WholeKind:
     """A kind that is never factorized but whose cost `prism_tf.cost` counts (depthwise, separable convs)."""
 

@@ -3,49 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import tensorflow as tf
 
-from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pixels
+from prism_tf.kinds.base import CompiledLayer, ConvKind, TFLiteOps
 from prism_tf.layers import PrincipalConv2D
 
 
-class Conv2DKind(LayerKind):
+class Conv2DKind(ConvKind):
     name = "conv2d"
     source = tf.keras.layers.Conv2D
     principal = PrincipalConv2D
-    width_key = "filters"
-    is_conv = True
-    plain_keys = ("filters", "kernel_size", "strides", "padding", "dilation_rate")
-
-    def ineligibility(self, layer: tf.keras.layers.Layer, rules: Rules) -> str | None:
-        if layer.data_format != "channels_last":
-            return "channels_first is not supported"
-        if layer.groups != 1:
-            return f"grouped conv (groups={layer.groups})"
-        if layer.name == rules.first_conv:
-            return "first conv (sees the raw image)"
-        if rules.skip_pointwise and tuple(layer.kernel_size) == (1, 1):
-            return "1x1 conv"
-        return None
-
-    def shape_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {k: config[k] for k in self.plain_keys}
-
-    def mixes_channels(self, layer: tf.keras.layers.Layer) -> bool:
-        if type(layer) is self.principal:
-            return True
-        return layer.groups == 1 and layer.data_format == "channels_last"
-
-    def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
-        kh, kw = layer.kernel_size
-        n = pixels(out_shape)
-        if isinstance(layer, self.principal):
-            fan_in = kh * kw * int(in_shape[-1])
-            return n * layer.rank * (fan_in + layer.filters), n * layer.rank
-        return n * kh * kw * int(in_shape[-1]) // layer.groups * layer.filters, 0
 
     def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
         if len(shapes) != 1 or len(shapes[0]) != 4:
