@@ -82,7 +82,9 @@ def test_spectral_methods_and_fedavg(plain):
     assert set(METHODS) == {"prism", "fedavg", "small", "heterofl", "fjord", "fed_dropout", "fedhm", "fedrolex"}
 
 
-@pytest.mark.parametrize("method", ["heterofl", "fed_dropout", "fedhm", "fedrolex"])
+# One method in the default suite; the others (and every method end to end: tests/test_golden.py) with `make test-all`.
+@pytest.mark.parametrize("method", ["heterofl", *(pytest.param(m, marks=pytest.mark.slow)
+                                                  for m in ("fed_dropout", "fedhm", "fedrolex"))])
 def test_baselines_run_real_rounds(method):
     shape = (8, 8, 3)
     rng = np.random.default_rng(0)
@@ -106,7 +108,9 @@ def test_baselines_run_real_rounds(method):
     assert metrics["client_flops_per_example"] < process.full_cost["flops"]
 
 
-@pytest.mark.parametrize("strategy,output_keep", [("unbiased", None), ("collective", 0.5), ("uniform", 0.5)])
+@pytest.mark.parametrize("strategy,output_keep", [
+    ("unbiased", None), pytest.param("collective", 0.5, marks=pytest.mark.slow),
+    pytest.param("uniform", 0.5, marks=pytest.mark.slow)])
 def test_strategies_and_memory_efficient_variant_run_real_rounds(strategy, output_keep):
     shape = (8, 8, 1)
     rng = np.random.default_rng(1)

@@ -564,10 +564,11 @@ def _py(value):
     return array.item() if array.shape == () else array.tolist()
 
 
-def batch_spec(input_shape: Sequence[int], batch_size: int) -> tff.Type:
-    """The TFF type of a client batch: ``<x=float32[B, H, W, C], y=int32[B]>`` (fixed batch size)."""
+def batch_spec(input_shape: Sequence[int], batch_size: int, input_dtype: np.dtype | str = np.float32) -> tff.Type:
+    """The TFF type of a client batch: ``<x=float32[B, H, W, C], y=int32[B]>`` (fixed batch size); ``x`` is
+    ``input_dtype`` (int32 for token ids: an `Embedding` model)."""
     return tff.to_type(collections.OrderedDict(
-        x=tff.TensorType(np.float32, [batch_size, *input_shape]), y=tff.TensorType(np.int32, [batch_size])))
+        x=tff.TensorType(np.dtype(input_dtype), [batch_size, *input_shape]), y=tff.TensorType(np.int32, [batch_size])))
 
 
 def build_prism_process(
@@ -643,8 +644,9 @@ def build_prism_process(
     if method.spectral:
         model = prism_tf.factorize(model, **(factorize_options or {}))
     shape = tuple(input_shape) if input_shape is not None else tuple(model.inputs[0].shape[1:])
+    dtype = np.dtype(model.inputs[0].dtype.as_numpy_dtype)
     return PrismProcess(
-        model, method, batch_spec(shape, batch_size), training, model_distributor=model_distributor,
+        model, method, batch_spec(shape, batch_size, dtype), training, model_distributor=model_distributor,
         client_weighting=client_weighting, refactorize_every=refactorize_every, seed=seed,
         collective_clients=collective_clients, server_optimizer=server_optimizer, lr_schedule=lr_schedule,
         min_clients=min_clients)
