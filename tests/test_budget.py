@@ -47,6 +47,7 @@ def test_width_fractions_are_every_distinct_slice():
     assert len({tuple(sorted(budget.width_sizes(plan, f).items())) for f in fractions}) == 128
 
 
+@pytest.mark.slow  # 15-30 s: `make test-all` (the default suite stays under 15 minutes)
 def test_match_is_the_brute_force_closest():
     plain = prism_tf.models.resnet18(width=4)  # 32 candidate fractions: cheap to check them all
     plan = prism_tf.SubmodelPlan.of(plain)

@@ -80,6 +80,7 @@ def test_round_clients_is_a_seeded_draw_per_round_index():
     assert round_clients(TrainConfig(), 5) == sorted(int(c) for c in rng.choice(20, 5, replace=False))
 
 
+@pytest.mark.slow  # 15-30 s: `make test-all` (the default suite stays under 15 minutes)
 def test_client_budget_gives_small_and_width_methods_prisms_client_flops():
     """The run's budget: `small` is the width closest to PriSM's flops, HeteroFL the matched channel fraction."""
     fm = prism_tf.factorize(prism_tf.models.resnet18(width=16))

@@ -256,6 +256,7 @@ def test_width_fraction_replaces_the_nominal_keep_ratio(plain):
         Method("heterofl", width_fraction=1.5)
 
 
+@pytest.mark.slow  # 15-30 s: `make test-all` (the default suite stays under 15 minutes)
 def test_equal_cost_method_matches_prism_flops():
     server = prism_tf.models.resnet18(width=16)
     method, info = equal_cost_method(Method("heterofl", keep_ratio=0.2), server)

@@ -120,6 +120,7 @@ def test_refactorization_keeps_function_and_orthogonality():
     assert process.round_index(state) == 1 and np.isfinite(metrics["loss"])
 
 
+@pytest.mark.slow  # 15-30 s: `make test-all` (the default suite stays under 15 minutes)
 def test_fedavg_traffic_is_the_full_model_and_prism_is_smaller():
     shape = (8, 8, 3)
     fedavg = build_prism_process(lambda: prism_tf.models.resnet18(width=4, input_shape=shape),

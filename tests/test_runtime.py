@@ -249,6 +249,7 @@ def _signal_non_main_thread(pid: int, signum: int) -> int:
     raise AssertionError(f"no thread of {pid} accepts signal {signum}")
 
 
+@pytest.mark.slow  # 15-30 s: `make test-all` (the default suite stays under 15 minutes)
 def test_sighup_to_other_thread_while_main_sleeps(child_factory):
     """The kernel may hand a process signal to any thread; a sleeping main thread must still act on it."""
     child = child_factory('print("READY", flush=True)\nimport time\ntime.sleep(600)\n')
@@ -343,6 +344,7 @@ def test_tff_own_worker_is_stopped_too():
     assert not _wait_gone(pids)[0]
 
 
+@pytest.mark.slow  # 15-30 s: `make test-all` (the default suite stays under 15 minutes)
 def test_worker_started_from_short_lived_thread_survives_it(child_factory):
     """A first install on a non-main thread forks from a parked thread: the worker outlives the caller."""
     child = child_factory(
