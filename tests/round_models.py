@@ -4,6 +4,7 @@ small enough that every expected number can be written by hand."""
 from __future__ import annotations
 
 import tensorflow as tf
+import tensorflow_federated as tff
 
 import prism_tf
 
@@ -33,3 +34,13 @@ def conv_model() -> tf.keras.Model:
     x = tf.keras.layers.Conv2D(5, 3, padding="same", name="conv")(x)
     x = tf.keras.layers.GlobalAveragePooling2D()(x)
     return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
+
+
+class PlusOne(tff.learning.optimizers.Optimizer):
+    """A client 'optimizer' that adds 1 to every trainable weight per batch: updates we can compute by hand."""
+
+    def initialize(self, specs):
+        return ()
+
+    def next(self, state, weights, gradients):
+        return state, tf.nest.map_structure(lambda w: w + 1.0, weights)

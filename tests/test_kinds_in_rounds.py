@@ -9,7 +9,7 @@ import collections
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_federated as tff
+from round_models import PlusOne
 
 import prism_tf
 from prism_tf import server
@@ -19,16 +19,6 @@ from tff_pipelines.round import client_work
 from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
-
-
-class PlusOne(tff.learning.optimizers.Optimizer):
-    """Adds 1 to every trainable weight per batch: a client update computable by hand."""
-
-    def initialize(self, specs):
-        return ()
-
-    def next(self, state, weights, gradients):
-        return state, tf.nest.map_structure(lambda w: w + 1.0, weights)
 
 
 def _vit():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from round_models import PlusOne
 
 import prism_tf
 from prism_tf.federated.methods import Method
@@ -14,16 +15,6 @@ from tff_pipelines.round.layout import ClientAssignment, ClientInput
 from tff_pipelines.round.process import build_prism_process
 
 BATCH = 4
-
-
-class PlusOne(tff.learning.optimizers.Optimizer):
-    """A client 'optimizer' that adds 1 to every trainable weight per batch: updates we can compute by hand."""
-
-    def initialize(self, specs):
-        return ()
-
-    def next(self, state, weights, gradients):
-        return state, tf.nest.map_structure(lambda w: w + 1.0, weights)
 
 
 def _tiny_model():
