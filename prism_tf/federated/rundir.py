@@ -330,12 +330,7 @@ class RunDir:
         self.check_format()
         template = [np.asarray(x) for x in _flatten(structure)]
         bad: list[str] = []
-        for version in reversed(self._state_versions()):
-            try:
-                flat = self._read_values(self.checkpoint_path(version))
-            except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
-                bad.append(self._unreadable(version, e))
-                continue
+        for flat, version in self._newest_readable(self._state_versions(), bad):
             self._check_matches(flat, template, version)
             self._report_fallback(bad, version, warn)
             return _unflatten(structure, iter(flat)), int(version)
@@ -392,6 +387,17 @@ class RunDir:
             os.replace(path, aside)
             return
         raise RunError(f"{path} exists and is readable: round {version} is finished already")
+
+    def _newest_readable(self, versions: list[int], bad: list[str]) -> Iterator[tuple[list[np.ndarray], int]]:
+        """``(values, version)`` of each checkpoint of ``versions`` that reads, newest first; each unreadable one
+        is named in ``bad`` as it is passed over."""
+        for version in reversed(versions):
+            try:
+                values = self._read_values(self.checkpoint_path(version))
+            except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
+                bad.append(self._unreadable(version, e))
+                continue
+            yield values, version
 
     def _unreadable(self, version: int, error: Exception) -> str:
         # TensorFlow prefixes kernel errors with the graph function's name: not the user's concern.
@@ -461,12 +467,7 @@ class RunDir:
         versions = self.checkpoint_versions()
         if version is None:
             bad: list[str] = []
-            for latest in reversed(versions):
-                try:
-                    values = self._read_values(self.checkpoint_path(latest))
-                except Exception as e:  # a truncated or corrupt SavedModel raises many kinds of errors
-                    bad.append(self._unreadable(latest, e))
-                    continue
+            for values, latest in self._newest_readable(versions, bad):
                 self._report_fallback(bad, latest, warn)
                 return values, latest
             raise self._none_readable(bad)
