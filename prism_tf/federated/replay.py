@@ -106,8 +106,8 @@ class RoundReplay:
 
     def singular_values(self) -> dict[str, np.ndarray]:
         """Each principal layer's singular values at the round's server weights (what spectral methods sample)."""
-        layers = prism_tf.kinds.principal_layers(self.server_model)
-        return {layer.name: layer.singular_values.numpy() for layer in layers}
+        groups = prism_tf.kinds.kernel_groups(self.server_model)
+        return {group: layer.factors(pair).singular_values.numpy() for group, (layer, pair) in groups.items()}
 
     def selections(self, client_ids: Sequence[int] | None = None) -> dict[int, prism_tf.Selection]:
         """Each client's selection, as the process draws it (default: this round's clients; ``collective``'s ``C``

@@ -9,7 +9,7 @@ testing layer types themselves (the pattern of tfmot's ``prune_registry``). The 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
@@ -25,11 +25,13 @@ class Rules:
       first_conv: name of the model's first convolution (kept whole when ``skip_first_conv``), or ``None``.
       classifiers: names of layers that produce a model output (kept whole when ``skip_classifier``).
       skip_pointwise: keep 1×1 convolutions whole.
+      attention: factorize attention projections (the authors keep them whole).
     """
 
     first_conv: str | None
     classifiers: frozenset[str]
     skip_pointwise: bool
+    attention: bool = False
 
 
 class TFLiteOps:
@@ -76,6 +78,7 @@ class LayerKind:
     width_key: ClassVar[str]  # the config entry of the output width ("filters", "units")
     is_conv: ClassVar[bool] = False  # a convolution: the model's first one sees raw inputs (`Rules.first_conv`)
     is_classifier: ClassVar[bool] = False  # may produce a model output (`Rules.classifiers`)
+    pairs: ClassVar[tuple[str, ...]] = ("",)  # the principal layer's factor pairs (`prism_tf.layers`)
 
     # --- matching ------------------------------------------------------------------------------------------
     def holds(self, layer: tf.keras.layers.Layer) -> bool:
@@ -94,17 +97,18 @@ class LayerKind:
     def kernel_shape(self, layer: tf.keras.layers.Layer) -> tuple[int, ...]:
         return tuple(int(d) for d in layer.kernel.shape)
 
-    def full_rank(self, layer: tf.keras.layers.Layer) -> int:
-        """``min(rows, out)`` of the kernel as a matrix: the number of principal kernels at full rank."""
-        shape = self.kernel_shape(layer)
-        rows = 1
-        for d in shape[:-1]:
-            rows *= d
-        return min(rows, shape[-1])
+    def kernel_shapes(self, layer: tf.keras.layers.Layer) -> dict[str, tuple[int, ...]]:
+        """The shape of each factor pair's kernel, by pair (``{"": shape}`` for a single-kernel kind)."""
+        return {"": self.kernel_shape(layer)}
 
-    def to_principal(self, config: dict[str, Any], rank: int) -> tf.keras.layers.Layer:
-        """The principal layer of ``rank`` kernels for a plain layer's ``config`` (a new, unbuilt layer)."""
-        common = dict(rank=rank, activation=config.get("activation"), use_bias=config.get("use_bias", True),
+    def full_ranks(self, layer: tf.keras.layers.Layer) -> dict[str, int]:
+        """Per pair, ``min(rows, out)`` of its kernel as a matrix: the number of principal kernels at full rank."""
+        return {pair: matrix_rank(shape) for pair, shape in self.kernel_shapes(layer).items()}
+
+    def to_principal(self, config: dict[str, Any], ranks: Mapping[str, int]) -> tf.keras.layers.Layer:
+        """The principal layer with ``ranks`` kernels per pair for a plain layer's ``config`` (a new, unbuilt
+        layer)."""
+        common = dict(rank=ranks[""], activation=config.get("activation"), use_bias=config.get("use_bias", True),
                       name=config["name"], trainable=config.get("trainable", True), dtype=config.get("dtype"))
         return self.principal(**self.shape_config(config), **common)
 
@@ -200,7 +204,8 @@ class ConvKind(LayerKind):
         if layer.data_format != "channels_last":
             return "channels_first is not supported"
         if layer.groups != 1:
-            return f"grouped conv (groups={layer.groups})"
+            return (f"grouped conv (groups={layer.groups}): its kernel is block-diagonal and a low-rank factor would "
+                    "mix the groups; one conv per group (groups=1) is factorized")
         if layer.name == rules.first_conv:
             return "first conv (sees the raw input)"
         if rules.skip_pointwise and all(k == 1 for k in layer.kernel_size):
@@ -230,6 +235,7 @@ class WholeKind:
 
     name: ClassVar[str]
     source: ClassVar[type]
+    why: ClassVar[str]  # why it is kept whole, and what would change that (`prism_tf.factorize`'s report)
 
     def covers(self, layer: tf.keras.layers.Layer) -> bool:
         return isinstance(layer, self.source)
@@ -239,6 +245,30 @@ class WholeKind:
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []
+
+
+def group_name(layer_name: str, pair: str) -> str:
+    """The kernel group of a layer's factor pair: the layer's name for its only pair, else ``layer/pair``
+    (docs/algorithm.md §1)."""
+    return f"{layer_name}/{pair}" if pair else layer_name
+
+
+def pair_axes(layer: tf.keras.layers.Layer, weight: str, ndim: int) -> list[tuple[int, str | None]] | None:
+    """The kernel-group axes of a multi-pair principal layer's factor ``weight`` (``A``: last axis, ``B``, ``s``,
+    ``ω``: first), or ``None`` if ``weight`` is not a factor."""
+    found = layer.role_of(weight)
+    if found is None:
+        return None
+    group = group_name(layer.name, found[0])
+    return [(ndim - 1, group)] if found[1] == "principal_kernels" else [(0, group)]
+
+
+def matrix_rank(shape: Sequence[int]) -> int:
+    """``min(rows, out)`` of a ``[..., out]`` kernel viewed as a ``[prod(...), out]`` matrix."""
+    rows = 1
+    for d in shape[:-1]:
+        rows *= int(d)
+    return min(rows, int(shape[-1]))
 
 
 def pixels(out_shape: Sequence) -> int:

@@ -7,7 +7,7 @@ so the sub-model's embedding costs ``k × dim`` multiply-adds per token that the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -29,8 +29,8 @@ class EmbeddingKind(LayerKind):
     def kernel_shape(self, layer: tf.keras.layers.Layer) -> tuple[int, ...]:
         return (int(layer.input_dim), int(layer.output_dim))
 
-    def to_principal(self, config: dict[str, Any], rank: int) -> tf.keras.layers.Layer:
-        return PrincipalEmbedding(config["input_dim"], config["output_dim"], rank, mask_zero=config["mask_zero"],
+    def to_principal(self, config: dict[str, Any], ranks: Mapping[str, int]) -> tf.keras.layers.Layer:
+        return PrincipalEmbedding(config["input_dim"], config["output_dim"], ranks[""], mask_zero=config["mask_zero"],
                                   name=config["name"], trainable=config.get("trainable", True),
                                   dtype=config.get("dtype"))
 
