@@ -1,5 +1,5 @@
 """The new layer kinds in real TFF rounds: a ViT's token MLPs (and its attention), a Conv1D net, a factorized
-embedding, LSTM and GRU layers (two factor pairs each), each trained
+embedding, LSTM and GRU layers (two factor pairs each), a tied embedding and output projection, each trained
 by the TFF process and checked against the same round done by hand with the pure functions (`prism_tf.extract`,
 `prism_tf.server.Accumulator`, `prism_tf.server.finish_round`): per-entry aggregation of every kind."""
 
@@ -55,6 +55,15 @@ def _recurrent(layer):
     return build
 
 
+def _tied():
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((6,), dtype=tf.int32)
+    embed = prism_tf.layers.ReversibleEmbedding(20, 8, name="embed")
+    x = tf.keras.layers.GRU(8, return_sequences=True, name="rnn")(embed(inputs))
+    x = tf.keras.layers.GlobalAveragePooling1D()(embed(x, reverse=True))  # tied output projection
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
+
+
 CASES = {
     "vit": (_vit, (8, 8, 1), np.float32, ["block1_mlp1", "block1_mlp2"], {}),
     "vit_attention": (_vit, (8, 8, 1), np.float32, ["block1_attention", "block1_mlp1", "block1_mlp2"],
@@ -63,6 +72,7 @@ CASES = {
     "embedding": (_embedding, (6,), np.int32, ["embed"], {}),
     "lstm": (_recurrent(tf.keras.layers.LSTM), (6,), np.int32, ["embed", "rnn1", "rnn2"], {}),
     "gru": (_recurrent(tf.keras.layers.GRU), (6,), np.int32, ["embed", "rnn1", "rnn2"], {}),
+    "tied": (_tied, (6,), np.int32, ["embed", "rnn"], {}),
 }
 
 

@@ -234,3 +234,30 @@ def test_pair_groups_and_roles_in_the_plan():
     assert ("bias", None, None) in roles
     assert kinds.factor_role(factorized.get_layer("rnn1"), "input_principal_kernels") == ("rnn1/input",
                                                                                          "principal_kernels")
+
+
+def _tied_model():
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((7,), dtype=tf.int32)
+    embed = prism_tf.layers.ReversibleEmbedding(40, 16, name="embed")
+    x = tf.keras.layers.LSTM(16, return_sequences=True, name="lstm")(embed(inputs))
+    return tf.keras.Model(inputs, embed(x, reverse=True))
+
+
+def test_a_tied_embedding_and_output_projection_share_one_factor_pair():
+    model = _tied_model()
+    x = np.random.default_rng(0).integers(0, 40, (3, 7)).astype(np.int32)
+    assert prism_tf.cost(model)["layers"]["embed"] == 7 * 16 * 40  # the lookup is free, the projection is not
+    factorized = prism_tf.factorize(model)
+    assert [f.name for f in factorized.prism_report.factorized] == ["embed", "lstm/input", "lstm/recurrent"]
+    assert _rel(factorized(x), model(x)) < 1e-5
+    plain = prism_tf.unfactorize(factorized)
+    assert type(plain.get_layer("embed")) is prism_tf.layers.ReversibleEmbedding and _rel(plain(x), model(x)) < 1e-5
+    selection = prism_tf.sample(factorized, 0.25, seed=0)
+    sub = prism_tf.extract(factorized, selection)
+    k = selection.layers["embed"].size
+    assert k == 4 and sub.get_layer("embed").principal_kernels.shape == (40, 4)
+    # Both calls go through the same rank-k factors: lookup k·dim, tied projection k·(dim + vocabulary) per step.
+    assert prism_tf.cost(sub)["layers"]["embed"] == 7 * k * 16 + 7 * k * (16 + 40)
+    # The sub-model equals the plain tied model built from its kernels A[:, idx]·B[idx].
+    assert _rel(prism_tf.unfactorize(sub)(x), sub(x)) < 1e-5

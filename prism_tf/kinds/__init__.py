@@ -18,7 +18,7 @@ from prism_tf.kinds.base import LayerKind, Rules, TFLiteOps, WholeKind, group_na
 from prism_tf.kinds.conv1d import Conv1DKind
 from prism_tf.kinds.conv2d import Conv2DKind
 from prism_tf.kinds.dense import DenseKind
-from prism_tf.kinds.embedding import EmbeddingKind
+from prism_tf.kinds.embedding import EmbeddingKind, ReversibleEmbeddingKind
 from prism_tf.kinds.recurrent import GRUKind, LSTMKind
 from prism_tf.kinds.whole import DepthwiseConv2DKind, SeparableConv2DKind
 
@@ -39,8 +39,8 @@ def register(kind: LayerKind | WholeKind) -> LayerKind | WholeKind:
     return kind
 
 
-for _kind in (Conv2DKind(), DenseKind(), Conv1DKind(), EmbeddingKind(), LSTMKind(), GRUKind(),
-              MultiHeadAttentionKind(), DepthwiseConv2DKind(), SeparableConv2DKind()):
+for _kind in (Conv2DKind(), DenseKind(), Conv1DKind(), EmbeddingKind(), ReversibleEmbeddingKind(), LSTMKind(),
+              GRUKind(), MultiHeadAttentionKind(), DepthwiseConv2DKind(), SeparableConv2DKind()):
     register(_kind)
 
 
@@ -50,8 +50,9 @@ def kind_of(layer: tf.keras.layers.Layer) -> LayerKind | None:
 
 
 def covering_kind(layer: tf.keras.layers.Layer) -> LayerKind | WholeKind | None:
-    """The first kind (factorizable, then whole) that ``layer`` is an instance of: cost and weight decay."""
-    return next((k for k in (*KINDS, *WHOLE_KINDS) if k.covers(layer)), None)
+    """``layer``'s own kind (exact type), else the first kind (factorizable, then whole) that ``layer`` is an instance
+    of: cost and weight decay."""
+    return kind_of(layer) or next((k for k in (*KINDS, *WHOLE_KINDS) if k.covers(layer)), None)
 
 
 def is_principal(layer: tf.keras.layers.Layer) -> bool:

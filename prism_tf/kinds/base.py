@@ -163,6 +163,10 @@ class LayerKind:
         rank-wide response map)."""
         raise NotImplementedError
 
+    def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
+        """`flops` of one call of ``layer`` (a Keras node): a layer called twice (a tied embedding) costs both."""
+        return self.flops(layer, *node_shapes(node))
+
     # --- local step (`prism_tf.local_step`, docs/algorithm.md §7) ------------------------------------------
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         """The variables weight decay applies to: a plain layer's kernel (a principal layer's factors get the
@@ -230,6 +234,14 @@ class ConvKind(LayerKind):
         return n * window * int(in_shape[-1]) // layer.groups * layer.filters, 0
 
 
+def node_shapes(node: Any) -> tuple[tuple, tuple]:
+    """The first input's and first output's shapes of a Keras node (one call of a layer)."""
+    def first(shapes: Any) -> tuple:
+        shapes = shapes if isinstance(shapes, list) else [shapes]
+        return tuple(shapes[0])
+    return first(node.input_shapes), first(node.output_shapes)
+
+
 class WholeKind:
     """A kind that is never factorized but whose cost `prism_tf.cost` counts (depthwise, separable convs)."""
 
@@ -245,6 +257,9 @@ class WholeKind:
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []
+
+    def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
+        return self.flops(layer, *node_shapes(node))
 
 
 def group_name(layer_name: str, pair: str) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import LayerKind, Rules
-from prism_tf.layers import PrincipalEmbedding
+from prism_tf.kinds.base import LayerKind, Rules, node_shapes
+from prism_tf.layers import PrincipalEmbedding, PrincipalReversibleEmbedding, ReversibleEmbedding
 
 
 class EmbeddingKind(LayerKind):
@@ -30,7 +30,7 @@ class EmbeddingKind(LayerKind):
         return (int(layer.input_dim), int(layer.output_dim))
 
     def to_principal(self, config: dict[str, Any], ranks: Mapping[str, int]) -> tf.keras.layers.Layer:
-        return PrincipalEmbedding(config["input_dim"], config["output_dim"], ranks[""], mask_zero=config["mask_zero"],
+        return self.principal(config["input_dim"], config["output_dim"], ranks[""], mask_zero=config["mask_zero"],
                                   name=config["name"], trainable=config.get("trainable", True),
                                   dtype=config.get("dtype"))
 
@@ -38,7 +38,7 @@ class EmbeddingKind(LayerKind):
         return {"input_dim": config["input_dim"], "output_dim": config["output_dim"]}
 
     def to_plain(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
-        return tf.keras.layers.Embedding(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero,
+        return self.source(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero,
                                          name=layer.name, dtype=layer.dtype)
 
     def load_factors(self, principal: tf.keras.layers.Layer, plain: tf.keras.layers.Layer) -> None:
@@ -58,3 +58,24 @@ class EmbeddingKind(LayerKind):
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []
+
+
+class ReversibleEmbeddingKind(EmbeddingKind):
+    """`ReversibleEmbedding` ↔ `PrincipalReversibleEmbedding`: one table for the lookup and the tied output
+    projection (`prism_tf.layers.tied`); a reverse call costs ``k·(dim + vocabulary)`` per position factorized,
+    ``dim·vocabulary`` whole."""
+
+    name = "reversible_embedding"
+    source = ReversibleEmbedding
+    principal = PrincipalReversibleEmbedding
+
+    def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
+        in_shape, out_shape = node_shapes(node)
+        if not node.call_kwargs.get("reverse", False):
+            return self.flops(layer, in_shape, out_shape)
+        positions = 1
+        for d in in_shape[1:-1]:
+            positions *= int(d)
+        if isinstance(layer, self.principal):
+            return positions * layer.rank * (layer.output_dim + layer.input_dim), positions * layer.rank
+        return positions * layer.output_dim * layer.input_dim, 0

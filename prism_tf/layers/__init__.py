@@ -3,7 +3,8 @@
 - `PrincipalConv2D`, `PrincipalConv1D`, `PrincipalDense`, `PrincipalEmbedding`: one kernel, one factor pair
   (`prism_tf.layers.principal`);
 - `PrincipalLSTM`, `PrincipalGRU`: input and recurrent kernels, two factor pairs (`prism_tf.layers.recurrent`);
-- `PrincipalMultiHeadAttention`: query, key, value and output projections, four pairs (`prism_tf.layers.attention`).
+- `PrincipalMultiHeadAttention`: query, key, value and output projections, four pairs (`prism_tf.layers.attention`);
+- `ReversibleEmbedding` (tied input embedding and output projection) and its principal form (`prism_tf.layers.tied`).
 """
 
 from prism_tf.layers.attention import PrincipalMultiHeadAttention
@@ -21,7 +22,8 @@ from prism_tf.layers.principal import (
     PrincipalEmbedding,
 )
 from prism_tf.layers.recurrent import PrincipalGRU, PrincipalLSTM
+from prism_tf.layers.tied import PrincipalReversibleEmbedding, ReversibleEmbedding
 
 __all__ = ["BIAS", "COMBINATION", "PRINCIPAL", "ROLES", "SCALE", "SINGULAR_VALUES", "Factors", "PrincipalConv1D",
            "PrincipalConv2D", "PrincipalDense", "PrincipalEmbedding", "PrincipalGRU", "PrincipalLSTM",
-           "PrincipalMultiHeadAttention"]
+           "PrincipalMultiHeadAttention", "PrincipalReversibleEmbedding", "ReversibleEmbedding"]
