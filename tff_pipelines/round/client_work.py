@@ -123,9 +123,9 @@ def materialize(layout: RoundLayout, received: Received, indices: list, scale: l
     scales = dict(zip(layout.scale_layers, scale, strict=True))
     weights = []
     for position, tensor in enumerate(layout.tensors):
-        if tensor.weight == FROM_SELECTION and tensor.layer in scales:
-            weights.append(scales[tensor.layer])
-        elif tensor.weight == SERVER_ONLY:
+        if tensor.role == FROM_SELECTION and tensor.group in scales:
+            weights.append(scales[tensor.group])
+        elif tensor.role == SERVER_ONLY:
             weights.append(tf.zeros(layout.sub_shape(position)))  # s is only used by the server's sampler
         elif position in from_rows:
             weights.append(from_rows[position])

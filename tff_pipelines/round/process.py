@@ -352,8 +352,8 @@ class PrismProcess:
     def singular_values(self, state) -> dict[str, np.ndarray]:
         """Per principal layer, the server's current singular values (what sampling reads)."""
         weights = state["weights"]
-        return {t.layer: np.asarray(weights[i]) for i, t in enumerate(self.layout.tensors)
-                if t.weight == SERVER_ONLY}
+        return {t.group: np.asarray(weights[i]) for i, t in enumerate(self.layout.tensors)
+                if t.role == SERVER_ONLY}
 
     def selections(self, state, client_ids: Sequence[int] | int) -> list[prism_tf.Selection]:
         """This round's selections, one per client of ``client_ids`` (global ids; an int ``n`` means ``0..n-1``):
