@@ -171,9 +171,10 @@ def train_submodel(
             for variable, value in zip(train_vars, updated, strict=True):
                 variable.assign(value)
             size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
-            loss_sum += loss * size
+            loss_sum += loss * size  # the mean over the batch's labels (every step's, [B, T] next tokens)
             predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            correct += tf.reduce_sum(tf.cast(tf.equal(predictions, batch["y"]), tf.float32))
+            hits = tf.cast(tf.equal(predictions, batch["y"]), tf.float32)
+            correct += tf.reduce_sum(hits) * size / tf.cast(tf.size(hits), tf.float32)  # per-label accuracy × size
             count += size
         uploads = [variables[i].read_value() for i in layout.travelling()]
         return uploads, loss_sum, correct, count
