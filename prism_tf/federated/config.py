@@ -70,6 +70,11 @@ class TrainConfig:
     eval_norm: str = "recalibrate"
     match: str = "flops"
     calibration_examples: int = 1000
+    attention: str = "whole"
+
+    def factorize_options(self) -> dict[str, Any]:
+        """The keyword arguments of `prism_tf.factorize` this run's server model is factorized with."""
+        return {"attention": self.attention == "factorized"}
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first option (as its CLI flag) whose value a run cannot use."""
@@ -107,6 +112,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.attention not in ("whole", "factorized"):
+            raise ValueError(f"--attention must be whole or factorized, got {self.attention!r}")
         if self.match not in MATCHES:
             raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.calibration_examples < 2:
@@ -229,11 +236,13 @@ def client_budget(config: TrainConfig, input_shape, num_classes: int,
     metric = "activation_bytes" if config.match == "activations" else "flops"
     full = model_builder(config, input_shape, num_classes, vocabulary_size=vocabulary_size)()
     if config.match == "nominal" and not method.always_matched:
-        _, info = equal_cost_method(PriSM(keep_ratio=method.keep_ratio, output_keep=method.output_keep), full, metric)
+        _, info = equal_cost_method(PriSM(keep_ratio=method.keep_ratio, output_keep=method.output_keep), full, metric,
+                                    factorize_options=config.factorize_options())
         info.update(metric="nominal", width_fraction=None)
         return method, config.width, info
     build = lambda width: model_builder(config, input_shape, num_classes, width, vocabulary_size)()  # noqa: E731
-    matched, info = equal_cost_method(method, full, metric, build_model=build, max_width=config.width)
+    matched, info = equal_cost_method(method, full, metric, build_model=build, max_width=config.width,
+                                      factorize_options=config.factorize_options())
     return matched, matched.model_width(info, config.width), info
 
 

@@ -66,7 +66,8 @@ class RoundReplay:
         self.vocabulary_size: int | None = spec.get("vocabulary_size")
         self.method, width = self._method()
         model = model_builder(self.config, self.input_shape, self.num_classes, width, self.vocabulary_size)()
-        self.server_model = prism_tf.factorize(model) if self.method.spectral else model
+        self.server_model = (prism_tf.factorize(model, **self.config.factorize_options()) if self.method.spectral
+                             else model)
         self.plan = prism_tf.SubmodelPlan.of(self.server_model)
         self.round_num = self.run.open_round() if round_num is None else int(round_num)
         if self.round_num < 1:

@@ -64,6 +64,8 @@ _FIELD_HELP = {
     "calibration_examples": "training examples used by --eval-norm recalibrate",
     "refactorize_every": "re-run the SVD every N rounds, 0 never",
     "weighting": "examples (weight clients by examples) or uniform",
+    "attention": "MultiHeadAttention projections: whole (the authors' DeiT runs: only the MLPs are factorized) or "
+                 "factorized (query, key, value and output as principal kernels)",
 }
 # What a ``None`` default means, for the options that have one.
 _NONE_MEANS = {
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "norm": tuple(sorted({n for spec in prism_tf.models.MODEL_SPECS.values() for n in spec.norms})),
         "strategy": prism_tf.STRATEGIES, "distribution": DISTRIBUTIONS, "weighting": ("examples", "uniform"),
         "eval_norm": EVAL_NORMS, "lr_schedule": recipe.SCHEDULES, "augment": AUGMENTS, "normalize": NORMALIZE,
-        "match": MATCHES,
+        "match": MATCHES, "attention": ("whole", "factorized"),
     }
 
     parser = argparse.ArgumentParser(

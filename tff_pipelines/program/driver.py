@@ -111,7 +111,7 @@ class Simulation:
             client_weighting=client_work.client_weighting_of(config),
             client_training=client_work.ClientTraining.of(config), lr_schedule=client_work.lr_schedule_of(config),
             batch_size=config.batch_size, refactorize_every=config.refactorize_every, seed=config.seed,
-            min_clients=config.min_clients)
+            min_clients=config.min_clients, factorize_options=config.factorize_options())
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Raw test/training pixels -> model inputs, as the clients see them (sequences: as stored, token ids
