@@ -5,7 +5,7 @@ Every primitive is a `tf.custom_gradient` whose backward pass avoids the TF kern
 (``Conv2DBackpropFilter``, ``ReluGrad``, ``FusedBatchNorm*``, ``SparseSoftmaxCrossEntropyWithLogits``,
 ``BroadcastGradientArgs``). `BuiltinOps` hands the ones a factorizable layer kind needs to
 `prism_tf.kinds.LayerKind.tflite_layer` (the `prism_tf.kinds.TFLiteOps` interface); `export.tflite.compiler` calls
-the others (normalization, ReLU, Add, pooling) itself.
+the others (normalization, attention, ReLU, gelu, Add, reshapes, pooling) itself.
 """
 
 from __future__ import annotations

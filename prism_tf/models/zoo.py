@@ -191,7 +191,8 @@ def vit(
     return tf.keras.Model(inputs, outputs, name=f"vit_w{width}_d{depth}")
 
 
-MODELS: dict[str, Callable[..., tf.keras.Model]] = {"resnet18": resnet18, "vgg11": vgg11, "small_cnn": small_cnn}
+MODELS: dict[str, Callable[..., tf.keras.Model]] = {"resnet18": resnet18, "vgg11": vgg11, "small_cnn": small_cnn,
+                                                   "vit": vit}
 
 
 def build_model(name: str, **kwargs) -> tf.keras.Model:
