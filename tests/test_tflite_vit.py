@@ -1,10 +1,12 @@
-"""On-device training of a ViT with LiteRT builtin ops only (export/tflite/; docs/export.md, "On-device training").
+"""On-device training of a ViT and of the sequence kinds with LiteRT builtin ops only (export/tflite/;
+docs/export.md, "On-device training").
 
 Per layer, in TensorFlow (no conversion): the compiled forward and backward of LayerNorm, gelu, MultiHeadAttention,
 Dense and PrincipalDense on tokens, the position table and token pooling against the Keras layer's own forward and
-autodiff. Then LiteRT: gelu's builtin kernel and gradient, and a whole ViT sub-model (factorized MLPs, two heads)
-converted once: builtin ops only, trains without TensorFlow, infer and one step equal to Keras's. TensorFlow only sees
-batches of 8 (docs/pitfalls.md, "oneDNN and batch shapes").
+autodiff. Then LiteRT: a whole ViT sub-model (factorized MLPs, two heads) converted once: builtin ops only, trains
+without TensorFlow, infer and one step equal to Keras's; the flex export of the same ViT; a Conv1D net and a
+factorized embedding, one LiteRT step each. TensorFlow only sees batches of 8 (docs/pitfalls.md, "oneDNN and batch
+shapes").
 """
 
 from __future__ import annotations
@@ -216,3 +218,58 @@ def test_vit_flex_export_converts_and_declares_its_flex_ops(tmp_path):
     assert flex_ops
     result = run_without_tensorflow(flatbuffer, tmp_path)
     assert result.returncode != 0 and "Select TensorFlow op" in result.stderr
+
+
+def conv1d_net() -> tf.keras.Model:
+    """Sequences [12, 3]: a kept-whole first Conv1D (same), a causal one, a strided valid gelu one, pooling, head."""
+    inputs = tf.keras.Input((12, 3))
+    x = tf.keras.layers.Conv1D(6, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = tf.keras.layers.Conv1D(8, 3, padding="causal", activation="relu", name="c2")(x)
+    x = tf.keras.layers.Conv1D(8, 3, strides=2, padding="valid", activation="gelu", name="c3")(x)
+    x = tf.keras.layers.GlobalAveragePooling1D()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
+
+
+def embedding_net() -> tf.keras.Model:
+    """Token ids [6] (int32) of a 20-word vocabulary: an Embedding, pooling, head."""
+    inputs = tf.keras.Input((6,), dtype=tf.int32)
+    x = tf.keras.layers.Embedding(20, 8, name="embed")(inputs)
+    x = tf.keras.layers.GlobalAveragePooling1D()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
+
+
+@pytest.mark.parametrize("case", ["conv1d", "embedding"])
+def test_sequence_kinds_train_in_litert_as_in_keras(case):
+    tf.keras.utils.set_random_seed(0)
+    factorized = prism_tf.factorize(conv1d_net() if case == "conv1d" else embedding_net())
+    sub = prism_tf.extract(factorized, prism_tf.sample(factorized, keep_ratio=0.5, seed=(0, 0, 3),
+                                                       strategy="unbiased"))
+    principal = {type(layer).__name__ for layer in prism_tf.kinds.principal_layers(sub)}
+    assert principal == ({"PrincipalConv1D"} if case == "conv1d" else {"PrincipalEmbedding"})
+    exported = Exported(sub, STEP)
+    used = set(tt.model_ops(exported.flatbuffer))
+    assert used <= BUILTIN_OPS, sorted(used - BUILTIN_OPS)
+    assert ({"CONV_2D", "PAD", "GELU"} if case == "conv1d" else {"GATHER", "UNSORTED_SEGMENT_SUM"}) <= used
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(BATCH, 12, 3)).astype(np.float32) if case == "conv1d"
+         else rng.integers(0, 20, (BATCH, 6)).astype(np.int32))
+    y = rng.integers(0, 3, BATCH).astype(np.int32)
+    runners = exported.interpreter()
+    want = sub(x, training=False).numpy()
+    assert np.max(np.abs(runners["infer"](x=x)["logits"] - want)) < 1e-6
+    reference = Reference(exported)
+    want_loss, _ = reference.train(x, y)
+    assert float(runners["train"](x=x, y=y)["loss"]) == pytest.approx(float(want_loss), abs=1e-6)
+    got = runners["get_weights"]()
+    errors = max_errors(exported.names, got, reference.weights())
+    assert max(errors.values()) < 1e-6, errors  # measured 1.5e-8 (conv1d), 7e-9 (embedding)
+    moved = max_errors(exported.names, got, exported.weights)
+    assert moved[exported.names[0]] > 1e-4
+
+
+def test_embedding_with_mask_zero_names_the_flex_runtime():
+    inputs = tf.keras.Input((6,), dtype=tf.int32)
+    x = tf.keras.layers.Embedding(20, 8, mask_zero=True, name="masked")(inputs)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(3)(tf.keras.layers.GlobalAveragePooling1D()(x)))
+    with pytest.raises(ValueError, match=r"'masked' of type Embedding: mask_zero.*--runtime flex"):
+        tt.build_training_module(model, STEP)

@@ -1,7 +1,7 @@
 """The builtins runtime's compiler: a functional Keras model's graph walked layer by layer into builtin-gradient
 functions (docs/export.md, "On-device training").
 
-Factorizable layers (``Conv2D``/`prism_tf.PrincipalConv2D`, ``Dense``/`prism_tf.PrincipalDense`) compile through
+Factorizable layers (``Conv2D``, ``Conv1D``, ``Dense``, ``Embedding`` and their principal forms) compile through
 their kind (`prism_tf.kinds.kind_of` → `LayerKind.tflite_layer`) with `export.tflite.ops.BuiltinOps`; the layers kept
 whole (``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization``, ``MultiHeadAttention``, the ViT's
 `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation``, ``Add``,
@@ -90,7 +90,8 @@ def node_inputs(node) -> list:
 
 
 def check_model(model: tf.keras.Model) -> None:
-    """One float32 image input ``[None, H, W, C]`` and one logits output ``[None, classes]``, functional graph.
+    """One input ``[None, *dims]`` of known dims (float32: images ``[H, W, C]``, sequences ``[length, channels]``;
+    int32: token ids), one logits output ``[None, classes]``, a functional graph, float32 weights.
 
     Raises:
       ValueError: naming what does not fit.
@@ -101,9 +102,12 @@ def check_model(model: tf.keras.Model) -> None:
         raise ValueError(f"model '{model.name}' must have one input and one output, "
                          f"got {len(model.inputs)} and {len(model.outputs)}")
     input_shape = model.inputs[0].shape
-    if input_shape.rank != 4 or None in input_shape[1:]:
-        raise ValueError(f"model '{model.name}': the input must be [batch, H, W, C] with known H, W, C, "
-                         f"got {input_shape}")
+    if input_shape.rank < 2 or None in input_shape[1:]:
+        raise ValueError(f"model '{model.name}': the input must be [batch, ...] with every other dimension known "
+                         f"(e.g. [batch, H, W, C]), got {input_shape}")
+    if model.inputs[0].dtype not in (tf.float32, tf.int32):
+        raise ValueError(f"model '{model.name}': the input must be float32 (or int32 token ids), got "
+                         f"{model.inputs[0].dtype.name}")
     if model.outputs[0].shape.rank != 2 or model.outputs[0].shape[-1] is None:
         raise ValueError(f"model '{model.name}': the output must be logits [batch, classes]")
     for weight in prism_tf.submodel.flat_weights(model):

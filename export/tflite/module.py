@@ -132,8 +132,8 @@ class TrainingModule(tf.Module):
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"momentum_{i}")
             for i, v in enumerate(train_vars)
         ]
-        image_shape = tuple(submodel.inputs[0].shape[1:])
-        self.input_signature = tf.TensorSpec([None, *image_shape], tf.float32, name="x")
+        input_shape = tuple(submodel.inputs[0].shape[1:])
+        self.input_signature = tf.TensorSpec([None, *input_shape], submodel.inputs[0].dtype, name="x")
         self.num_classes = int(submodel.outputs[0].shape[-1])
         options = step.options
         lr = tf.constant(step.learning_rate, tf.float32)

@@ -20,7 +20,8 @@ from prism_tf.kinds.base import CompiledLayer, TFLiteOps
 _Tensor = tf.Tensor
 Updates = list  # (variable, new value) pairs a training forward pass assigns (BatchNorm moving statistics)
 
-SUPPORTED = ("Conv2D, PrincipalConv2D, Dense, PrincipalDense (on 2-D to 4-D inputs), BatchNormalization, "
+SUPPORTED = ("Conv2D, PrincipalConv2D, Conv1D, PrincipalConv1D, Dense, PrincipalDense (on inputs of any rank), "
+             "Embedding, PrincipalEmbedding (no mask_zero), BatchNormalization, "
              "GroupNormalization, LayerNormalization (last axis), MultiHeadAttention (self- or cross-attention, no "
              "mask or dropout), PositionEmbedding, Reshape, ReLU, Activation (relu, gelu, linear), Add, "
              "GlobalAveragePooling1D, GlobalAveragePooling2D")
@@ -82,6 +83,18 @@ class BuiltinOps(TFLiteOps):
     def activation(self, layer: tf.keras.layers.Layer, activation: Callable) -> Callable[[_Tensor], _Tensor]:
         """`activation_function`: relu or linear, else the `unsupported_layer` error."""
         return activation_function(layer, activation)
+
+    def reshape(self, x: _Tensor, shape: list[int]) -> _Tensor:
+        """`reshape`."""
+        return reshape(x, shape)
+
+    def pad(self, x: _Tensor, paddings: list[tuple[int, int]]) -> _Tensor:
+        """`pad`."""
+        return pad(x, paddings)
+
+    def gather(self, table: _Tensor, ids: _Tensor) -> _Tensor:
+        """`gather`."""
+        return gather(table, ids)
 
     def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
         """`unsupported_layer`: the error naming ``layer`` (returned, for the caller to raise)."""
@@ -192,6 +205,36 @@ def reshape(x: _Tensor, shape: list[int]) -> _Tensor:
         return tf.reshape(x, shape), grad
 
     return reshaped(x)
+
+
+def pad(x: _Tensor, paddings: list[tuple[int, int]]) -> _Tensor:
+    """PAD with zeros by ``(before, after)`` per axis; the gradient is a STRIDED_SLICE of the unpadded part."""
+    window = tuple(slice(before, -after if after else None) for before, after in paddings)
+
+    @tf.custom_gradient
+    def padded(x):
+        def grad(dy):
+            return dy[window]
+
+        return tf.pad(x, [list(p) for p in paddings]), grad
+
+    return padded(x)
+
+
+def gather(table: _Tensor, ids: _Tensor) -> _Tensor:
+    """``table[ids]`` (GATHER) for integer ``ids`` of any shape; the table's gradient is UNSORTED_SEGMENT_SUM of
+    the output gradients by id (what TensorFlow's sparse gradient adds up, as a dense ``[rows, dim]`` tensor)."""
+    rows, dim = int(table.shape[0]), int(table.shape[-1])
+    ids = tf.cast(ids, tf.int32) if ids.dtype != tf.int32 else ids
+
+    @tf.custom_gradient
+    def lookup(table):
+        def grad(dy):
+            return tf.math.unsorted_segment_sum(tf.reshape(dy, [-1, dim]), tf.reshape(ids, [-1]), rows)
+
+        return tf.gather(table, ids), grad
+
+    return lookup(table)
 
 
 def transpose(x: _Tensor, perm: list[int]) -> _Tensor:
@@ -550,6 +593,6 @@ def group_norm(layer: tf.keras.layers.GroupNormalization, shape: tuple) -> Compi
 
 
 __all__ = ["SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "add_table", "batch_matmul",
-           "batch_norm", "bias_add", "cross_entropy", "gelu", "global_average_pool", "group_norm", "layer_norm",
-           "matmul", "multi_head_attention", "relu", "reshape", "scale", "scale_rows", "softmax",
+           "batch_norm", "bias_add", "cross_entropy", "gather", "gelu", "global_average_pool", "group_norm",
+           "layer_norm", "matmul", "multi_head_attention", "pad", "relu", "reshape", "scale", "scale_rows", "softmax",
            "token_average_pool", "transpose", "unsupported_layer"]
