@@ -33,7 +33,7 @@ from tff_pipelines.program import driver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND = 3
-pytestmark = pytest.mark.slow  # a ViT run, two exports and LiteRT subprocesses, two TFF rounds: about 3 minutes
+pytestmark = pytest.mark.slow  # a ViT run, two exports and LiteRT subprocesses, two TFF rounds: about 4 minutes
 
 
 def _copy_run(src: Path, dst: Path, rounds: int) -> Path:

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import prism_tf
 from export.tflite import ops
-from export.tflite.ops import Updates
+from export.tflite.ops import FLEX_HINT, Updates
 from prism_tf.kinds.base import CompiledLayer
 from prism_tf.models.zoo import PositionEmbedding
 
@@ -44,7 +44,8 @@ class ModelGraph:
                     continue
                 layer = node.layer
                 if len(node.flat_output_ids) != 1:
-                    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) has several outputs")
+                    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) has several outputs, which "
+                                     f"on-device training with builtin ops does not support; {FLEX_HINT}")
                 inputs = node_inputs(node)
                 apply = compile_layer(layer, [tuple(t.shape) for t in inputs], primitives)
                 self.steps.append((apply, [str(id(t)) for t in inputs], node.flat_output_ids[0]))
@@ -80,12 +81,12 @@ def node_inputs(node) -> list:
                 break
     if set(kwargs) - {"training", "mask"}:
         raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with keyword arguments "
-                         f"{sorted(kwargs)}, which on-device training does not support")
+                         f"{sorted(kwargs)}, which on-device training with builtin ops does not support; {FLEX_HINT}")
     flat = tf.nest.flatten(args)
     tensors = {id(t) for t in node.keras_inputs}
     if not flat or not all(id(t) in tensors for t in flat):
         raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with arguments that are not "
-                         "layer outputs, which on-device training does not support")
+                         f"layer outputs, which on-device training with builtin ops does not support; {FLEX_HINT}")
     return flat
 
 

@@ -27,14 +27,17 @@ SUPPORTED = ("Conv2D, PrincipalConv2D, Conv1D, PrincipalConv1D, Dense, Principal
              "GlobalAveragePooling1D, GlobalAveragePooling2D")
 
 
+FLEX_HINT = ("`--runtime flex` (runtime='flex': TFLite's standard recipe with select TF ops, which needs the Flex "
+             "delegate on the device) can train it")
+
+
 def unsupported_layer(layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
     """The error for a layer the builtins runtime cannot compile: names the layer, its type and ``why``, and
     points to ``--runtime flex`` (Keras autodiff with select TF ops), which trains any layer."""
     detail = f": {why}" if why else ""
     return ValueError(
         f"on-device training with LiteRT builtin ops does not support layer '{layer.name}' of type "
-        f"{type(layer).__name__}{detail} (supported: {SUPPORTED}); `--runtime flex` (runtime='flex': TFLite's "
-        "standard recipe with select TF ops, which needs the Flex delegate on the device) can train it"
+        f"{type(layer).__name__}{detail} (supported: {SUPPORTED}); {FLEX_HINT}"
     )
 
 
@@ -592,7 +595,7 @@ def group_norm(layer: tf.keras.layers.GroupNormalization, shape: tuple) -> Compi
     return apply
 
 
-__all__ = ["SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "add_table", "batch_matmul",
-           "batch_norm", "bias_add", "cross_entropy", "gather", "gelu", "global_average_pool", "group_norm",
-           "layer_norm", "matmul", "multi_head_attention", "pad", "relu", "reshape", "scale", "scale_rows", "softmax",
-           "token_average_pool", "transpose", "unsupported_layer"]
+__all__ = ["FLEX_HINT", "SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "add_table",
+           "batch_matmul", "batch_norm", "bias_add", "cross_entropy", "gather", "gelu", "global_average_pool",
+           "group_norm", "layer_norm", "matmul", "multi_head_attention", "pad", "relu", "reshape", "scale",
+           "scale_rows", "softmax", "token_average_pool", "transpose", "unsupported_layer"]
