@@ -57,6 +57,18 @@ class TFLiteOps:
     def activation(self, layer: tf.keras.layers.Layer, activation: Callable) -> Callable[[tf.Tensor], tf.Tensor]:
         raise NotImplementedError
 
+    def reshape(self, x: tf.Tensor, shape: list[int]) -> tf.Tensor:
+        """``tf.reshape`` (``-1`` for the batch); the gradient reshapes back."""
+        raise NotImplementedError
+
+    def pad(self, x: tf.Tensor, paddings: list[tuple[int, int]]) -> tf.Tensor:
+        """Zero padding of each axis by ``(before, after)``; the gradient is the slice of the unpadded part."""
+        raise NotImplementedError
+
+    def gather(self, table: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+        """Rows ``table[ids]`` (an embedding lookup); the table's gradient sums each row's output gradients."""
+        raise NotImplementedError
+
     def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
         raise NotImplementedError
 

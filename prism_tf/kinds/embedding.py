@@ -13,7 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import LayerKind, Rules, node_shapes
+from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, node_shapes
 from prism_tf.layers import PrincipalEmbedding, PrincipalReversibleEmbedding, ReversibleEmbedding
 
 
@@ -58,6 +58,23 @@ class EmbeddingKind(LayerKind):
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []
+
+    def first_factor(self, layer: tf.keras.layers.Layer) -> tf.Tensor:
+        return tf.convert_to_tensor(layer.principal_kernels if type(layer) is self.principal else layer.embeddings)
+
+    def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
+        """A GATHER of the table's rows (a principal layer's rows of ``A``, then ``diag(ω)·B``)."""
+        if len(shapes) != 1:
+            raise ops.unsupported(layer, "expects one input of token ids")
+        if layer.mask_zero:
+            raise ops.unsupported(layer, "mask_zero (its mask travels to the layers after it)")
+        principal = type(layer) is self.principal
+
+        def embedding_layer(inputs: list, training: bool, updates: list) -> tf.Tensor:
+            rows = ops.gather(self.first_factor(layer), inputs[0])
+            return self.finish_linear(layer, rows, ops, lambda y: y) if principal else rows
+
+        return embedding_layer
 
 
 class ReversibleEmbeddingKind(EmbeddingKind):
