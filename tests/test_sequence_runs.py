@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf.federated import sequences
-from prism_tf.federated.config import round_clients, stored_config
+from prism_tf.federated.config import TrainConfig, client_budget, round_clients, stored_config
 from prism_tf.federated.data import DataError, client_indices
 from prism_tf.federated.rundir import RunDir
 from tff_pipelines.program import cli
@@ -185,3 +185,17 @@ def test_next_token_evaluation_is_per_step():
     for norm in ("moving", "batch"):
         loss, acc = prism_tf.evaluate(model, x, y, batch_size=4, norm=norm, preprocess=np.asarray)
         assert loss == pytest.approx(want_loss, rel=1e-5) and acc == pytest.approx(want_acc)
+
+
+def test_budget_matching_builds_the_new_models_at_other_widths():
+    """`small` and the width methods get PriSM's client flops on the zoo's new models (`client_budget` builds them
+    at other widths); a width method on a model with nothing to slice is one error naming both options."""
+    _, width, info = client_budget(TrainConfig(model="kws", method="small", width=8), (20, 6), 3)
+    assert 1 <= width < 8 and width == info["small_width"]
+    assert info["flops_ratio"] == pytest.approx(info["prism_flops_ratio"], rel=0.15)
+    _, width, info = client_budget(TrainConfig(model="kws", method="heterofl", width=8), (20, 6), 3)
+    assert width == 8 and 0 < info["width_fraction"] < 1
+    _, width, _ = client_budget(TrainConfig(model="charlstm", method="small", width=8), (12,), 20, 20)
+    assert 1 <= width <= 8
+    with pytest.raises(ValueError, match="--method heterofl slices channels, but --model lstm"):
+        client_budget(TrainConfig(model="lstm", method="heterofl", width=8), (12,), 2, 30)
