@@ -199,3 +199,21 @@ def test_budget_matching_builds_the_new_models_at_other_widths():
     assert 1 <= width <= 8
     with pytest.raises(ValueError, match="--method heterofl slices channels, but --model lstm"):
         client_budget(TrainConfig(model="lstm", method="heterofl", width=8), (12,), 2, 30)
+
+
+def test_load_data_tells_sequences_from_images(tmp_path, shapes_dataset, monkeypatch):
+    from tff_pipelines.program import driver, shakespeare
+
+    (tmp_path / "texts").mkdir()
+    for name in ("ann", "bob"):
+        (tmp_path / "texts" / f"{name}.txt").write_text(f"{name} writes a few words, again and again. " * 5)
+    assert sequences.is_sequence_dataset(tmp_path / "texts") and sequences.is_sequence_dataset("x.npz")
+    assert not sequences.is_sequence_dataset(shapes_dataset) and not sequences.is_sequence_dataset("cifar10")
+    texts = driver.load_data(TrainConfig(dataset=str(tmp_path / "texts"), sequence_length=12))
+    assert texts.client_names == ("ann", "bob") and texts.input_shape == (12,)
+    assert driver.load_data(TrainConfig(dataset=str(shapes_dataset))).input_shape == (28, 28, 1)
+    asked = {}
+    monkeypatch.setattr(shakespeare, "load_shakespeare", lambda **kwargs: asked.update(kwargs) or texts)
+    assert driver.load_data(TrainConfig(dataset="shakespeare")) is texts and asked == {"length": 80}
+    with pytest.raises(DataError, match="dataset path not found: missing.npz"):
+        driver.load_data(TrainConfig(dataset="missing.npz"))
