@@ -94,6 +94,9 @@ def test_charlstm_on_python_source_natural_clients(tmp_path, capsys):
         # Per-character accuracy over 24 windows of 16 characters: a multiple of 1/384.
         assert r["eval_accuracy"] * 384 == pytest.approx(round(r["eval_accuracy"] * 384), abs=1e-3)
         assert r["eval_loss"] < 2 * math.log(200)  # a per-character cross-entropy, not a sum over the window
+        # Client training counts characters too: the share of all num_examples x 16 that were right.
+        hits = r["train_accuracy"] * r["num_examples"] * 16
+        assert hits == pytest.approx(round(hits), abs=0.05)
     spec = json.loads((out / "data_spec.json").read_text())
     assert spec == {"input_shape": [16], "num_classes": ds.num_classes, "vocabulary_size": ds.vocabulary_size}
     assert config.norm is None and config.augment is None  # the model's and the dataset's defaults
@@ -217,3 +220,12 @@ def test_load_data_tells_sequences_from_images(tmp_path, shapes_dataset, monkeyp
     assert driver.load_data(TrainConfig(dataset="shakespeare")) is texts and asked == {"length": 80}
     with pytest.raises(DataError, match="dataset path not found: missing.npz"):
         driver.load_data(TrainConfig(dataset="missing.npz"))
+    # imdb: Keras's own loader, its download pointed at a file made here; --sequence-length cuts the reviews.
+    from keras.src.datasets import imdb as keras_imdb
+
+    reviews = np.empty(2, dtype=object)
+    reviews[:] = [[5, 6, 7, 8], [9]]
+    np.savez(tmp_path / "imdb.npz", x_train=reviews, y_train=np.array([1, 0]), x_test=reviews, y_test=np.array([0, 1]))
+    monkeypatch.setattr(keras_imdb, "get_file", lambda *args, **kwargs: str(tmp_path / "imdb.npz"))
+    imdb = driver.load_data(TrainConfig(dataset="imdb", sequence_length=3))
+    assert imdb.input_shape == (3,) and imdb.task == "classification" and imdb.vocabulary_size == 10000
