@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import prism_tf
 from prism_tf.federated import sequences
-from prism_tf.federated.config import round_clients, stored_config
+from prism_tf.federated.config import TrainConfig, client_budget, round_clients, stored_config
 from prism_tf.federated.data import DataError, client_indices
 from prism_tf.federated.rundir import RunDir
 from tff_pipelines.program import cli
@@ -94,6 +94,9 @@ def test_charlstm_on_python_source_natural_clients(tmp_path, capsys):
         # Per-character accuracy over 24 windows of 16 characters: a multiple of 1/384.
         assert r["eval_accuracy"] * 384 == pytest.approx(round(r["eval_accuracy"] * 384), abs=1e-3)
         assert r["eval_loss"] < 2 * math.log(200)  # a per-character cross-entropy, not a sum over the window
+        # Client training counts characters too: the share of all num_examples x 16 that were right.
+        hits = r["train_accuracy"] * r["num_examples"] * 16
+        assert hits == pytest.approx(round(hits), abs=0.05)
     spec = json.loads((out / "data_spec.json").read_text())
     assert spec == {"input_shape": [16], "num_classes": ds.num_classes, "vocabulary_size": ds.vocabulary_size}
     assert config.norm is None and config.augment is None  # the model's and the dataset's defaults
@@ -185,3 +188,44 @@ def test_next_token_evaluation_is_per_step():
     for norm in ("moving", "batch"):
         loss, acc = prism_tf.evaluate(model, x, y, batch_size=4, norm=norm, preprocess=np.asarray)
         assert loss == pytest.approx(want_loss, rel=1e-5) and acc == pytest.approx(want_acc)
+
+
+def test_budget_matching_builds_the_new_models_at_other_widths():
+    """`small` and the width methods get PriSM's client flops on the zoo's new models (`client_budget` builds them
+    at other widths); a width method on a model with nothing to slice is one error naming both options."""
+    _, width, info = client_budget(TrainConfig(model="kws", method="small", width=8), (20, 6), 3)
+    assert 1 <= width < 8 and width == info["small_width"]
+    assert info["flops_ratio"] == pytest.approx(info["prism_flops_ratio"], rel=0.15)
+    _, width, info = client_budget(TrainConfig(model="kws", method="heterofl", width=8), (20, 6), 3)
+    assert width == 8 and 0 < info["width_fraction"] < 1
+    _, width, _ = client_budget(TrainConfig(model="charlstm", method="small", width=8), (12,), 20, 20)
+    assert 1 <= width <= 8
+    with pytest.raises(ValueError, match="--method heterofl slices channels, but --model lstm"):
+        client_budget(TrainConfig(model="lstm", method="heterofl", width=8), (12,), 2, 30)
+
+
+def test_load_data_tells_sequences_from_images(tmp_path, shapes_dataset, monkeypatch):
+    from tff_pipelines.program import driver, shakespeare
+
+    (tmp_path / "texts").mkdir()
+    for name in ("ann", "bob"):
+        (tmp_path / "texts" / f"{name}.txt").write_text(f"{name} writes a few words, again and again. " * 5)
+    assert sequences.is_sequence_dataset(tmp_path / "texts") and sequences.is_sequence_dataset("x.npz")
+    assert not sequences.is_sequence_dataset(shapes_dataset) and not sequences.is_sequence_dataset("cifar10")
+    texts = driver.load_data(TrainConfig(dataset=str(tmp_path / "texts"), sequence_length=12))
+    assert texts.client_names == ("ann", "bob") and texts.input_shape == (12,)
+    assert driver.load_data(TrainConfig(dataset=str(shapes_dataset))).input_shape == (28, 28, 1)
+    asked = {}
+    monkeypatch.setattr(shakespeare, "load_shakespeare", lambda **kwargs: asked.update(kwargs) or texts)
+    assert driver.load_data(TrainConfig(dataset="shakespeare")) is texts and asked == {"length": 80}
+    with pytest.raises(DataError, match="dataset path not found: missing.npz"):
+        driver.load_data(TrainConfig(dataset="missing.npz"))
+    # imdb: Keras's own loader, its download pointed at a file made here; --sequence-length cuts the reviews.
+    from keras.src.datasets import imdb as keras_imdb
+
+    reviews = np.empty(2, dtype=object)
+    reviews[:] = [[5, 6, 7, 8], [9]]
+    np.savez(tmp_path / "imdb.npz", x_train=reviews, y_train=np.array([1, 0]), x_test=reviews, y_test=np.array([0, 1]))
+    monkeypatch.setattr(keras_imdb, "get_file", lambda *args, **kwargs: str(tmp_path / "imdb.npz"))
+    imdb = driver.load_data(TrainConfig(dataset="imdb", sequence_length=3))
+    assert imdb.input_shape == (3,) and imdb.task == "classification" and imdb.vocabulary_size == 10000

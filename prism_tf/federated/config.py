@@ -235,6 +235,10 @@ def client_budget(config: TrainConfig, input_shape, num_classes: int,
     method = config.method_spec()
     metric = "activation_bytes" if config.match == "activations" else "flops"
     full = model_builder(config, input_shape, num_classes, vocabulary_size=vocabulary_size)()
+    if method.width and not prism_tf.SubmodelPlan.of(full).free_channel_groups():
+        raise ValueError(f"--method {config.method} slices channels, but --model {config.model} has no channel group "
+                         "it can slice (its layers without a layer kind, such as LSTMs, travel whole); use a method "
+                         "that needs none: prism, fedhm, small or fedavg")
     if config.match == "nominal" and not method.always_matched:
         _, info = equal_cost_method(PriSM(keep_ratio=method.keep_ratio, output_keep=method.output_keep), full, metric,
                                     factorize_options=config.factorize_options())

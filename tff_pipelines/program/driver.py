@@ -73,7 +73,7 @@ class Simulation:
         self.config, self.run, self.log = config, RunDir(out), log
         self.dataset = load_data(config, progress=sys.stderr.isatty())
         check_model_fits(config, self.dataset)
-        self.recipe = input_recipe(config, self.dataset)  # augment, normalize: the config's or the dataset's
+        self.image_options = input_recipe(config, self.dataset)  # augment, normalize: the config's or the dataset's
         self.sequences = is_sequence_data(self.dataset)
         # Token models' embedding rows (None for images and feature frames).
         self.vocabulary_size = getattr(self.dataset, "vocabulary_size", 0) or None
@@ -83,7 +83,7 @@ class Simulation:
         # Per-channel input statistics of the training set (the standard CIFAR constants, measured): clients and
         # evaluation normalize with the same numbers, which are stored with the run for whoever deploys it.
         self.input_mean, self.input_std = (recipe.channel_stats(self.dataset.x_train)
-                                           if self.recipe["normalize"] == "channel" else (None, None))
+                                           if self.image_options["normalize"] == "channel" else (None, None))
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
         method, width, self.budget = client_budget(config, shape, classes, self.vocabulary_size)
         self.model_width = width
@@ -192,7 +192,7 @@ class Simulation:
             # other clients trained on phones feeds it the same batches.
             order = prism_tf.streams.rng((cfg.seed, round_index, int(client)), "shuffle")
             ds = ds.shuffle(max(n, 1), seed=int(order.integers(2**31))).repeat(cfg.local_epochs)
-            if self.recipe["augment"] == "crop_flip":  # before normalizing: the crop pads with black pixels
+            if self.image_options["augment"] == "crop_flip":  # before normalizing: the crop pads with black pixels
                 ds = recipe.augment_dataset(ds, recipe.client_seed(cfg.seed, round_index, int(client)))
             if self.input_mean is not None:
                 ds = ds.map(lambda e, m=self.input_mean, s=self.input_std: collections.OrderedDict(
