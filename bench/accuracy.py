@@ -139,7 +139,7 @@ PROFILES = {
     "recurrent": Profile(
         "recurrent",
         ("--model", "charlstm", "--width", "128", "--dataset", "python_source", "--sequence-length", "80",
-         "--clients", "20", "--clients-per-round", "5", "--examples-per-client", "150", "--rounds", "15",
+         "--clients", "20", "--clients-per-round", "5", "--examples-per-client", "96", "--rounds", "15",
          "--eval-every", "5", "--keep-ratio", "0.2", "--client-lr", "0.1", "--lr-schedule", "cosine",
          "--local-epochs", "2", "--batch-size", "32", "--frobenius-decay", "2e-4", "--weight-decay", "5e-4"),
         ("natural",),
