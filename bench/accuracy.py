@@ -209,6 +209,7 @@ def independent_accuracy(path: Path, x_test, y_test) -> float:
     import numpy as np
     import tensorflow as tf
 
+    import prism_tf.models  # noqa: F401  (registers the zoo's own layers, e.g. the ViT's PositionEmbedding)
     from prism_tf.evaluation import batch_norm_layers, canonical_order
     from prism_tf.federated.rundir import RunDir
 
