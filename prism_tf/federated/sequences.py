@@ -24,6 +24,7 @@ import os
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -254,7 +255,7 @@ def load_sequence_npz(path: str | os.PathLike[str], task: str | None = None) -> 
                            clients_train=None if clients is None else clients.astype(np.int32), client_names=names)
 
 
-NAMED = ("imdb", "python_source", "shakespeare")
+NAMED = ("imdb", "python_source", "shakespeare", "cifar10_rows")
 """The sequence datasets a run names (others are given by path: a folder of ``.txt`` files, a ``.npz``)."""
 DEFAULT_LENGTH = {"imdb": 200, "text": 80}  # IMDB reviews cut to 200 words; next-character windows of 80
 
@@ -283,6 +284,10 @@ def load_sequences(name: str | os.PathLike[str], *, length: int | None = None,
         return load_python_source(clients=clients, length=length or DEFAULT_LENGTH["text"])
     if text == "shakespeare":
         raise DataError("federated Shakespeare loads through TFF (tff_pipelines.program.shakespeare)")
+    if text == "cifar10_rows":
+        from prism_tf.federated import data as data_lib
+
+        return image_rows(data_lib.load_dataset("cifar10"))
     path = Path(os.path.expanduser(text))
     if text.lower().endswith(".npz"):
         if not path.is_file():
@@ -291,6 +296,20 @@ def load_sequences(name: str | os.PathLike[str], *, length: int | None = None,
     return load_text_folder(path, length=length or DEFAULT_LENGTH["text"])
 
 
-__all__ = ["DEFAULT_LENGTH", "NAMED", "SequenceDataset", "TASKS", "char_vocabulary", "encode", "is_sequence_dataset",
+def image_rows(images: Any) -> SequenceDataset:
+    """An image dataset read row by row: ``[N, H, W, C]`` pixels -> ``[N, H, W·C]`` float32 frames in ``[0, 1]``,
+    one label per image (the sequential-CIFAR task of recurrent-network benchmarks; ``--dataset cifar10_rows``). It
+    runs offline wherever CIFAR-10 does and a recurrent classifier learns it within a few rounds."""
+    def rows(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        return (x.reshape(len(x), x.shape[1], -1).astype(np.float32) / 255.0)
+
+    return SequenceDataset(rows(images.x_train), np.asarray(images.y_train, np.int32), rows(images.x_test),
+                           np.asarray(images.y_test, np.int32), 0, int(images.num_classes), "classification",
+                           f"{images.source} (rows)")
+
+
+__all__ = ["DEFAULT_LENGTH", "NAMED", "SequenceDataset", "TASKS", "char_vocabulary", "encode", "image_rows",
+           "is_sequence_dataset",
            "load_imdb", "load_python_source", "load_sequence_npz", "load_sequences", "load_text_folder",
            "next_token_windows", "pad_front", "split_texts_to_dataset", "texts_to_dataset"]

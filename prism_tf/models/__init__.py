@@ -7,6 +7,7 @@ from prism_tf.models.zoo import (
     ModelSpec,
     build_model,
     charlstm,
+    framelstm,
     kws,
     lstm,
     model_spec,
@@ -16,5 +17,5 @@ from prism_tf.models.zoo import (
     vit,
 )
 
-__all__ = ["MODELS", "MODEL_SPECS", "ModelSpec", "build_model", "charlstm", "kws", "lstm", "model_spec", "resnet18",
-           "small_cnn", "vgg11", "vit"]
+__all__ = ["MODELS", "MODEL_SPECS", "ModelSpec", "build_model", "charlstm", "framelstm", "kws", "lstm", "model_spec",
+           "resnet18", "small_cnn", "vgg11", "vit"]

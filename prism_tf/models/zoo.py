@@ -255,6 +255,21 @@ def charlstm(
     return tf.keras.Model(inputs, outputs, name=f"charlstm_w{width}")
 
 
+def framelstm(
+    width: int = 128, num_classes: int = 10, input_shape: Sequence[int] = (32, 96), norm: str = "none",
+) -> tf.keras.Model:
+    """A two-layer LSTM classifier over feature frames ``[T, F]`` (audio features, or an image read row by row: the
+    sequential-CIFAR task, ``--dataset cifar10_rows``): ``LSTM(width, return_sequences=True) → LSTM(width) →
+    Dense(num_classes)``, the authors' IMDB classifier without its embedding. ``width`` is the hidden size."""
+    _check_sequence(width, num_classes, input_shape, 2, "(frames, features)")
+    _only_norm(norm, ("none",), "an LSTM")
+    inputs = tf.keras.Input(shape=tuple(input_shape), name="frames")
+    x = tf.keras.layers.LSTM(width, return_sequences=True, name="lstm1")(inputs)
+    x = tf.keras.layers.LSTM(width, name="lstm2")(x)
+    outputs = tf.keras.layers.Dense(num_classes, name="classifier")(x)
+    return tf.keras.Model(inputs, outputs, name=f"framelstm_w{width}")
+
+
 def _conv1d_norm_relu(x, filters: int, kernel: int, norm: str, name: str):
     x = tf.keras.layers.Conv1D(filters, kernel, padding="same", use_bias=norm == "none",
                                kernel_initializer="he_normal", name=f"{name}_conv")(x)
@@ -317,7 +332,7 @@ class ModelSpec:
 
 MODELS: dict[str, Callable[..., tf.keras.Model]] = {
     "resnet18": resnet18, "vgg11": vgg11, "small_cnn": small_cnn, "vit": vit, "lstm": lstm, "charlstm": charlstm,
-    "kws": kws}
+    "kws": kws, "framelstm": framelstm}
 MODEL_SPECS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec("image", "classification", NORMS),
     "vgg11": ModelSpec("image", "classification", NORMS),
@@ -326,6 +341,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "lstm": ModelSpec("tokens", "classification", ("none",)),
     "charlstm": ModelSpec("tokens", "next_token", ("none",)),
     "kws": ModelSpec("features", "classification", NORMS),
+    "framelstm": ModelSpec("features", "classification", ("none",)),
 }
 
 
