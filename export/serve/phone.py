@@ -21,6 +21,7 @@ import io
 import json
 import ssl
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -120,21 +121,38 @@ def play_round(client: Client, x: np.ndarray, y: np.ndarray, cache: str | Path) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.serve.phone", description=__doc__.splitlines()[0])
     parser.add_argument("--server", required=True, help="the round server's URL (http(s)://HOST:PORT)")
-    parser.add_argument("--credential", required=True, help="the device's credential (python -m export enrol)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--credential", help="the device's credential (python -m export enrol)")
+    who.add_argument("--credentials", help="a JSON list of credentials: that many devices at once, one thread each")
     parser.add_argument("--data", required=True, help=".npz with x [steps, batch, H, W, C] and y [steps, batch]")
     parser.add_argument("--cache", default="phone-cache", help="where downloaded files are kept (by SHA-256)")
     parser.add_argument("--cafile", help="CA certificate to trust (a self-signed server's certificate)")
+    parser.add_argument("--out", help="directory for each device's uploaded weights (trained_<client>.npz)")
     options = parser.parse_args(argv)
     with np.load(options.data, allow_pickle=False) as data:
         x, y = data["x"], data["y"]
-    try:
-        report = play_round(Client(options.server, options.credential, options.cafile), x, y, options.cache)
-    except ServerError as e:
-        print(f"python -m export.serve.phone: {e}", file=sys.stderr)
-        return 1
-    report.pop("weights", None)
-    print(json.dumps({**report, "tensorflow": "tensorflow" in sys.modules}))
-    return 0
+    tokens = [options.credential] if options.credential else json.loads(Path(options.credentials).read_text())
+    reports: list[dict[str, Any]] = [{} for _ in tokens]
+
+    def one(i: int) -> None:
+        cache = Path(options.cache) / (f"device_{i}" if len(tokens) > 1 else "")
+        try:
+            reports[i] = play_round(Client(options.server, tokens[i], options.cafile), x, y, cache)
+        except ServerError as e:
+            reports[i] = {"error": str(e), "status": e.status}
+        if options.out and "weights" in reports[i]:
+            Path(options.out).mkdir(parents=True, exist_ok=True)
+            np.savez(Path(options.out) / f"trained_{reports[i]['client']}.npz", **reports[i]["weights"])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(tokens))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for report in reports:
+        report.pop("weights", None)
+        print(json.dumps({**report, "tensorflow": "tensorflow" in sys.modules}))
+    return 1 if any("error" in r for r in reports) else 0
 
 
 if __name__ == "__main__":
