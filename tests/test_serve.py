@@ -218,7 +218,7 @@ def test_bad_requests_are_refused_over_tls_and_change_nothing(tmp_path):
         other_file = None
         with server.client(tokens[other], verify=str(cert)) as http:
             other_file = http.get("/v1/assignment").json()["files"]["weights.npz"]["url"]
-        with pytest.raises(httpx.ConnectError):  # no plain HTTP on the TLS port
+        with pytest.raises(httpx.TransportError):  # no plain HTTP on the TLS port
             httpx.get(server.url.replace("https", "http") + "/healthz", timeout=5)
 
         def call(method, path, token=tokens[me], **kwargs):
