@@ -139,12 +139,14 @@ def check_update(
     examples: float | None,
     *,
     replay: RoundReplay | None = None,
+    open_round: int | None = None,
 ) -> CheckedUpdate:
     """Every check `ingest` makes, writing nothing: ``manifest`` (what the device was sent) against the run as it
     is now, the upload (``arrays()``, read only once the manifest passed) against the manifest, and a dry run of
     the round's accumulator (`prism_tf.server.Accumulator`) on it.
 
-    ``replay``: the open round's `RoundReplay` if the caller keeps one (the round server), else it is rebuilt.
+    ``replay``, ``open_round``: the open round's `RoundReplay` and number if the caller keeps them (the round
+    server, the only writer of the run's checkpoints while it serves), else they are read from the run.
 
     Raises:
       IngestError: anything that does not match (named).
@@ -159,7 +161,7 @@ def check_update(
     if manifest["run_id"] != run_id:
         raise IngestError(f"the manifest belongs to run {manifest['run_id']}, not to {run.path} (run {run_id})")
     round_num, client = int(manifest["round"]), int(manifest["client"])
-    pending = run.open_round()
+    pending = run.open_round() if open_round is None else int(open_round)
     if round_num != pending:
         raise IngestError(f"the manifest is for round {round_num}, but the run's open round is {pending}: "
                           + ("that round is finished" if round_num < pending else "that round has not started"))
