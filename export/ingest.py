@@ -32,8 +32,13 @@ class IngestError(ValueError):
     """An upload that cannot be aggregated (the message names the reason); nothing was changed."""
 
 
-def read_upload(source: str | os.PathLike[str] | bytes) -> dict[str, np.ndarray]:
-    """The arrays of a device's ``.npz`` upload, a file or its bytes (no pickles: object arrays are refused)."""
+def read_upload(source: str | os.PathLike[str] | bytes, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a device's ``.npz`` upload, a file or its bytes (no pickles: object arrays are refused).
+
+    ``max_bytes``: refuse an upload whose arrays would take more (the zip's declared sizes, and each array's header
+    against its member's size, are checked before any array is read, so a small upload cannot make the reader
+    allocate a huge one).
+    """
     if isinstance(source, bytes):
         name, opened = "the upload", io.BytesIO(source)
     else:
@@ -42,6 +47,8 @@ def read_upload(source: str | os.PathLike[str] | bytes) -> dict[str, np.ndarray]
             raise IngestError(f"{path} does not exist")
         name, opened = str(path), path
     try:
+        if max_bytes is not None:
+            _check_sizes(opened, int(max_bytes))
         data = np.load(opened, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz of named weights")
@@ -49,6 +56,31 @@ def read_upload(source: str | os.PathLike[str] | bytes) -> dict[str, np.ndarray]
             return {key: data[key] for key in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise IngestError(f"{name} is not a readable .npz weights file ({type(e).__name__}: {e})") from None
+
+
+def _check_sizes(opened: io.BytesIO | Path, max_bytes: int) -> None:
+    """Raise `ValueError` if the ``.npz``'s members declare more than ``max_bytes`` in all, or an array header
+    claims more data than its member holds."""
+    with zipfile.ZipFile(opened) as archive:
+        members = archive.infolist()
+        total = sum(m.file_size for m in members)
+        if total > max_bytes:
+            raise ValueError(f"its arrays take {total:,} bytes, more than the {max_bytes:,} this update can have")
+        for member in members:
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                header = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if header is None:
+                    raise ValueError(f"{member.filename} is .npy format version {version}; 1.0 and 2.0 are read")
+                shape, _, dtype = header(f)  # the header only: no data is read
+                if dtype.hasobject:
+                    raise ValueError(f"{member.filename} holds Python objects")
+                if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > member.file_size:
+                    raise ValueError(f"{member.filename} claims shape {shape}, more than its {member.file_size:,} "
+                                     "bytes")
+    if isinstance(opened, io.BytesIO):
+        opened.seek(0)
 
 
 def check_upload(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:

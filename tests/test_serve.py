@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -190,6 +191,16 @@ def _upload(weights: dict[str, np.ndarray], shift: float = 0.0, **changes) -> by
     return buffer.getvalue()
 
 
+def _bomb(name: str) -> bytes:
+    """A small .npz whose array header claims 4 GB: refused before anything is allocated."""
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f4", "fortran_order": False, "shape": (10**9,)})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(f"{name}.npy", npy.getvalue() + b"\0" * 64)
+    return buffer.getvalue()
+
+
 def test_bad_requests_are_refused_over_tls_and_change_nothing(tmp_path):
     run, tokens = make_run(tmp_path / "run", clients=6, per_round=3)
     drawn = RoundReplay(run).clients()
@@ -253,6 +264,7 @@ def test_bad_requests_are_refused_over_tls_and_change_nothing(tmp_path):
                 weights, 0.01, **{first: None}))),
             "NaN": (422, lambda: call("PUT", url + "?examples=8", content=_upload(
                 weights, 0.01, **{first: np.full_like(weights[first], np.nan)}))),
+            "a header claiming a huge array": (422, lambda: call("PUT", url + "?examples=8", content=_bomb(first))),
             "no example count": (422, lambda: call("PUT", url, content=good)),
             "a negative example count": (422, lambda: call("PUT", url + "?examples=-3", content=good)),
             "examples not a number": (422, lambda: call("PUT", url + "?examples=many", content=good)),

@@ -351,8 +351,8 @@ class RoundServer:
             raise Refused(413, f"the upload has {len(body):,} bytes; client {client}'s update is at most {limit:,}")
         manifest = current.manifests[client]
         try:
-            checked = check_update(self.run, manifest, lambda: read_upload(body), examples, replay=current.replay,
-                                   open_round=current.number)
+            checked = check_update(self.run, manifest, lambda: read_upload(body, max_bytes=2 * limit), examples,
+                                   replay=current.replay, open_round=current.number)
         except IngestError as e:
             raise Refused(422, " ".join(str(e).split())) from None
         with self.lock:
