@@ -789,8 +789,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory, fsynced, and a rename (a file
-    that exists is complete, even after a crash); the temporary file is removed if the write fails. Every file of a run and every export is
-    written this way."""
+    that exists is complete, even after a crash); the temporary file is removed if the write fails. Every file of
+    a run and every export is written this way."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
