@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,11 @@ from export.client import read_manifest
 from prism_tf.federated.config import stored_config
 from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir, RunError, ServerState
+
+# numpy parses .npy headers with `ast.literal_eval`, and CPython 3.11 before 3.11.8 compiles ASTs thread-unsafely
+# ("SystemError: AST constructor recursion depth mismatch", cpython gh-106905): the round server reads uploads in
+# several threads, so reading is one at a time (milliseconds; the checks after it run side by side).
+_NPY_HEADERS = threading.Lock()
 
 
 class IngestError(ValueError):
@@ -47,13 +53,14 @@ def read_upload(source: str | os.PathLike[str] | bytes, *, max_bytes: int | None
             raise IngestError(f"{path} does not exist")
         name, opened = str(path), path
     try:
-        if max_bytes is not None:
-            _check_sizes(opened, int(max_bytes))
-        data = np.load(opened, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array, not an .npz of named weights")
-        with data:
-            return {key: data[key] for key in data.files}
+        with _NPY_HEADERS:
+            if max_bytes is not None:
+                _check_sizes(opened, int(max_bytes))
+            data = np.load(opened, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz of named weights")
+            with data:
+                return {key: data[key] for key in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise IngestError(f"{name} is not a readable .npz weights file ({type(e).__name__}: {e})") from None
 
