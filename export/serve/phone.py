@@ -31,6 +31,8 @@ import numpy as np
 
 from export import device
 
+_LOADING = threading.Lock()
+
 
 class ServerError(Exception):
     """The server refused a request: its HTTP status and one-line reason."""
@@ -104,7 +106,8 @@ def play_round(client: Client, x: np.ndarray, y: np.ndarray, cache: str | Path) 
         source = fetch(client, described, cache)
         (client_dir / name).unlink(missing_ok=True)
         (client_dir / name).symlink_to(source.resolve())
-    interpreter, manifest = device.load_interpreter(client_dir)
+    with _LOADING:  # numpy's .npy header parser is not thread-safe in CPython 3.11.7 (export.ingest)
+        interpreter, manifest = device.load_interpreter(client_dir)
     if (manifest["round"], manifest["client"]) != (assignment["round"], assignment["client"]):
         raise ValueError("the manifest is not this assignment's")
     losses = device.train(interpreter, x, y)
