@@ -127,7 +127,7 @@ def one(devices: int, model: str, width: int, base: Path) -> dict:
     while server.poll() is None:  # the round closes, then the server stops (--rounds 1)
         try:
             peak = max(peak, peak_memory(server.pid)[1])
-        except (FileNotFoundError, ProcessLookupError):
+        except (FileNotFoundError, ProcessLookupError, KeyError):  # gone, or a zombie without memory
             break
         time.sleep(0.1)
     assert server.wait(600) == 0, log.read_text()[-3000:]

@@ -353,8 +353,8 @@ class RoundServer:
         try:
             checked = check_update(self.run, manifest, lambda: read_upload(body, max_bytes=2 * limit), examples,
                                    replay=current.replay, open_round=current.number)
-        except IngestError as e:
-            raise Refused(422, " ".join(str(e).split())) from None
+        except IngestError as e:  # ingest names its CLI flag; here the count is a query parameter
+            raise Refused(422, " ".join(str(e).replace("give --examples N", "give ?examples=N").split())) from None
         with self.lock:
             current = self.check_target(device, round_num, client)
             stored = self.run.read_device_update(round_num, client)
