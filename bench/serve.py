@@ -83,6 +83,9 @@ async def load(url: str, tokens: dict[int, str], before_uploads) -> dict:
             np.savez(buffer, **trained)
             return token, buffer.getvalue(), assignment
 
+        first = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
+        while (await http.get("/v1/round", headers=first)).json()["state"] != "open":  # the round is being built
+            await asyncio.sleep(0.2)
         began = time.perf_counter()
         prepared = await asyncio.gather(*(prepare(t) for t in tokens.values()))
         fetch_s = time.perf_counter() - began

@@ -299,6 +299,7 @@ def test_bad_requests_are_refused_over_tls_and_change_nothing(tmp_path):
         late = call("PUT", f"/v1/rounds/1/clients/{third}/update?examples=8", token=tokens[third], content=good)
         assert late.status_code == 409 and "round 1 is closed" in late.json()["detail"]
         assert not RunDir(run).read_device_updates(2)
+        assert not RunDir(run).serve_round_dir(1).exists() and RunDir(run).read_serve_round(2) is not None
         row = RunDir(run).read_metrics()[-1]
         assert (row["round"], row["device_clients"], row["finished_by"]) == (1, sorted([me, other]), "export serve")
     finally:

@@ -22,6 +22,7 @@ import json
 import ssl
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -92,10 +93,20 @@ def fetch(client: Client, described: dict[str, Any], cache: Path) -> Path:
     return path
 
 
-def play_round(client: Client, x: np.ndarray, y: np.ndarray, cache: str | Path) -> dict[str, Any]:
+def play_round(client: Client, x: np.ndarray, y: np.ndarray, cache: str | Path, *,
+               wait: float = 600.0) -> dict[str, Any]:
     """One round on this device: assignment, files, LiteRT training on ``x``/``y`` (``[steps, batch, ...]``),
-    upload. Returns what happened (``assigned: false`` when the round has no work for it)."""
-    _, assignment = client.json("GET", "/v1/assignment")
+    upload. Returns what happened (``assigned: false`` when the round has no work for it). While the server
+    prepares the round (503), the assignment is asked for again every second for up to ``wait`` seconds."""
+    end = time.monotonic() + wait
+    while True:  # 503 while the server prepares the round: ask again after a moment
+        try:
+            _, assignment = client.json("GET", "/v1/assignment")
+            break
+        except ServerError as e:
+            if e.status != 503 or time.monotonic() > end:
+                raise
+            time.sleep(1.0)
     if not assignment["assigned"]:
         return {"round": assignment["round"], "client": assignment["client"], "assigned": False,
                 "reason": assignment["reason"]}

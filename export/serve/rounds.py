@@ -99,12 +99,24 @@ class RoundServer:
         self._thread: threading.Thread | None = None
 
     # --- life -------------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Open (or, after a restart, take up again) the run's open round and start closing rounds in the
-        background."""
-        self._open()
-        self._thread = threading.Thread(target=self._closer, name="round-closer", daemon=True)
+    def start(self, *, wait: bool = False) -> None:
+        """Open (or, after a restart, take up again) the run's open round in the background, then close rounds as
+        they become due. Until the round is open, round requests are answered 503 with ``Retry-After`` (the
+        server answers from the start: a long build makes no device time out). ``wait``: return once it is open."""
+        self.unavailable = "the open round is being prepared"
+        opened = threading.Event()
+
+        def run() -> None:
+            try:
+                self._open()
+            finally:
+                opened.set()
+            self._closer()
+
+        self._thread = threading.Thread(target=run, name="rounds", daemon=True)
         self._thread.start()
+        if wait:
+            opened.wait()
 
     def stop(self) -> None:
         """Stop the background closer (a round being closed finishes first)."""
