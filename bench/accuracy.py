@@ -43,6 +43,8 @@ class Profile:
     partitions: tuple[str, ...]
     configs: tuple[tuple[str, tuple[str, ...]], ...]
     why: str
+    seeds: tuple[int, ...] = ()  # several seeds: each configuration once per seed (`--seed`), mean and spread
+    dataset: str = "cifar10"  # the test set of the independent check
 
 
 # One recipe for every method (the authors' local training, docs/algorithm.md §7).
@@ -118,6 +120,37 @@ PROFILES = {
         (SPECTRAL[0], ("small", ("--method", "small")), ("fedavg", ("--method", "fedavg"))),
         "does the gap between PriSM and the small model shrink with rounds? The quick settings for 60 rounds",
     ),
+    # The beyond-CNNs profiles (docs/algorithm.md §1): 3 seeds each, the methods that answer "is PriSM nearer to
+    # FedAvg on these models than on ResNet-18?", PriSM with the authors' gamma for the model family.
+    "transformer": Profile(
+        "transformer",
+        ("--model", "vit", "--width", "64", "--clients", "20", "--clients-per-round", "5", "--examples-per-client",
+         "500", "--rounds", "15", "--eval-every", "5", "--keep-ratio", "0.2", *RECIPE),
+        ("iid",),
+        (("prism_prism", ("--method", "prism", "--gamma", "3")), ("fedavg", ("--method", "fedavg")),
+         ("small", ("--method", "small")),
+         ("prism_attention", ("--method", "prism", "--gamma", "3", "--attention", "factorized")),
+         ("heterofl", ("--method", "heterofl"))),
+        "a CIFAR ViT (patch 4, 64 wide, 4 pre-norm blocks, 2 heads, MLP ratio 2) at the quick budget: PriSM as the "
+        "authors run DeiT (MLPs factorized, attention whole, gamma 3) and with its attention factorized too, "
+        "beside FedAvg, the small model and HeteroFL at PriSM's client flops",
+        seeds=(0, 1, 2),
+    ),
+    "recurrent": Profile(
+        "recurrent",
+        ("--model", "charlstm", "--width", "128", "--dataset", "python_source", "--sequence-length", "80",
+         "--clients", "20", "--clients-per-round", "5", "--examples-per-client", "96", "--rounds", "15",
+         "--eval-every", "5", "--keep-ratio", "0.2", "--client-lr", "0.1", "--lr-schedule", "cosine",
+         "--local-epochs", "2", "--batch-size", "32", "--frobenius-decay", "2e-4", "--weight-decay", "5e-4"),
+        ("natural",),
+        (("prism_prism", ("--method", "prism", "--gamma", "2.5")), ("fedavg", ("--method", "fedavg")),
+         ("small", ("--method", "small"))),
+        "a next-character LSTM (embedding 8, two LSTMs of 128) on the offline Python-source task, one client per "
+        "source file (natural, non-IID): PriSM with the authors' LSTM gamma 2.5 beside FedAvg and the small model "
+        "at PriSM's client flops (the width methods have no channel group to slice: an LSTM's state stays whole)",
+        seeds=(0, 1, 2),
+        dataset="python_source",
+    ),
     "full": Profile(
         "full",
         ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
@@ -131,12 +164,13 @@ PROFILES = {
 }
 
 
-def run_dir(profile: Profile, partition: str, name: str) -> Path:
-    return ROOT / "bench" / "runs" / profile.name / partition.replace(":", "_") / name
+def run_dir(profile: Profile, partition: str, name: str, seed: int | None = None) -> Path:
+    path = ROOT / "bench" / "runs" / profile.name / partition.replace(":", "_") / name
+    return path if seed is None else path / f"seed{seed}"
 
 
-def train_args(profile: Profile, partition: str, extra: tuple[str, ...]) -> list[str]:
-    return [*profile.common, "--partition", partition, *extra]
+def train_args(profile: Profile, partition: str, extra: tuple[str, ...], seed: int | None = None) -> list[str]:
+    return [*profile.common, "--partition", partition, *extra, *(() if seed is None else ("--seed", str(seed)))]
 
 
 def is_done(path: Path, args: list[str]) -> bool:
@@ -170,10 +204,12 @@ def run_one(path: Path, args: list[str], label: str) -> None:
 
 
 def independent_accuracy(path: Path, x_test, y_test) -> float:
-    """Keras's own evaluate of the saved deployed model, test set in another random order."""
+    """Keras's own evaluate of the saved deployed model, test set in another random order (token inputs as they
+    are; a label per step: Keras's accuracy over every step)."""
     import numpy as np
     import tensorflow as tf
 
+    import prism_tf.models  # noqa: F401  (registers the zoo's own layers, e.g. the ViT's PositionEmbedding)
     from prism_tf.evaluation import batch_norm_layers, canonical_order
     from prism_tf.federated.rundir import RunDir
 
@@ -181,7 +217,8 @@ def independent_accuracy(path: Path, x_test, y_test) -> float:
     config = RunDir(path).read_config()
     order = np.random.default_rng(2024).permutation(len(x_test))
     x, y = x_test[order], y_test[order]
-    x = preprocess(x, config, path)
+    if x.dtype == np.uint8:
+        x = preprocess(x, config, path)
     if config.get("eval_norm") == "batch" and batch_norm_layers(model):
         # per-batch statistics: Keras in training mode on batches of 500, moving statistics not written back
         order = canonical_order(x_test[order], y, config.get("seed", 0))
@@ -207,7 +244,8 @@ def preprocess(x, config: dict, path: Path):
     return x
 
 
-def record(profile: Profile, partition: str, name: str, path: Path, args: list[str], x_test, y_test) -> dict:
+def record(profile: Profile, partition: str, name: str, path: Path, args: list[str], x_test, y_test,
+           seed: int | None = None) -> dict:
     from prism_tf.federated.config import stored_config
     from prism_tf.federated.rundir import RunDir
 
@@ -222,7 +260,7 @@ def record(profile: Profile, partition: str, name: str, path: Path, args: list[s
                          f"model gives {check:.4f}: the evaluation is wrong, not the result")
     last = rows[-1]
     return dict(
-        name=name, partition=partition, method=config["method"],
+        name=name, partition=partition, seed=seed, method=config["method"],
         strategy=getattr(method, "strategy", None),  # the sampling rule of spectral methods (FedHM: top)
         keep_ratio=config["keep_ratio"], rounds=summary["rounds"], final_accuracy=final,
         best_accuracy=summary["best_accuracy"], independent_accuracy=check,
@@ -262,9 +300,43 @@ def write_results(profile: Profile, records: list[dict], seconds: float) -> Path
     if any(r["name"] == "prism_top" for r in records) and not any(r["name"] == "fedhm" for r in records):
         lines += ["FedHM is the `prism_top` row: its selection rule (the same top-k principal kernels for every "
                   "client, a fixed low-rank sub-model) is PriSM's `top` strategy.", ""]
+    if profile.seeds:
+        lines += seed_summary(records)
     (out / "README.md").write_text("\n".join(lines))
     plot(out, records)
     return out
+
+
+def seed_summary(records: list[dict]) -> list[str]:
+    """Mean, standard deviation and range over seeds of every configuration's final accuracy, and its difference
+    to FedAvg's and to the small model's (per seed: the same data split and initialization)."""
+    import numpy as np
+
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in records:
+        groups.setdefault((r["partition"], r["name"]), {})[r["seed"]] = r
+    lines = ["## Over seeds", "",
+             "| partition | config | seeds | final acc mean ± std | min – max | vs fedavg (per seed) | vs small "
+             "(per seed) | flops |", "|---|---|---|---|---|---|---|---|"]
+
+    def gap(partition: str, name: str, other: str) -> str:
+        mine, theirs = groups[(partition, name)], groups.get((partition, other), {})
+        common = sorted(set(mine) & set(theirs))
+        if not common or name == other:
+            return "-"
+        d = np.array([mine[s]["final_accuracy"] - theirs[s]["final_accuracy"] for s in common]) * 100
+        return f"{d.mean():+.1f} ({', '.join(f'{v:+.1f}' for v in d)})"
+
+    for (partition, name), by_seed in groups.items():
+        acc = np.array([r["final_accuracy"] for r in by_seed.values()]) * 100
+        flops = np.mean([r["flops_ratio"] for r in by_seed.values()])
+        spread = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        lines.append(f"| {partition} | {name} | {len(acc)} | {acc.mean():.1f} ± {spread:.1f}"
+                     f" | {acc.min():.1f} – {acc.max():.1f} | {gap(partition, name, 'fedavg')} | "
+                     f"{gap(partition, name, 'small')} | {flops:.3f} |")
+    lines += ["", "Differences are in percentage points, seed by seed (same split and initialization); a difference "
+              "inside the seeds' spread is not a result.", ""]
+    return lines
 
 
 def _pct(value) -> str:
@@ -306,6 +378,21 @@ def plot(out: Path, records: list[dict]) -> None:
     plt.close(fig)
 
 
+def test_set(profile: Profile):
+    """The test set every run of ``profile`` is scored on, loaded by the driver's own loader."""
+    from prism_tf.federated import data as data_lib
+    from prism_tf.federated import sequences
+
+    if sequences.is_sequence_dataset(profile.dataset):
+        common = list(profile.common)
+        length = int(common[common.index("--sequence-length") + 1]) if "--sequence-length" in common else None
+        clients = int(common[common.index("--clients") + 1])
+        dataset = sequences.load_sequences(profile.dataset, length=length, clients=clients)
+    else:
+        dataset = data_lib.load_dataset(profile.dataset)
+    return dataset.x_test, dataset.y_test
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -317,26 +404,26 @@ def main() -> int:
     partitions = options.partitions.split(",") if options.partitions else list(profile.partitions)
     wanted = set(options.only.split(",")) if options.only else None
     # Configuration by configuration, both partitions each: a bench cut short still compares its methods on both.
-    plan = [(p, name, extra) for name, extra in profile.configs for p in partitions
-            if wanted is None or name in wanted]
+    # With seeds: seed by seed, every configuration of a seed before the next seed, so a bench cut short has
+    # complete comparisons for the seeds it finished.
+    plan = [(p, name, extra, seed) for seed in (profile.seeds or (None,)) for name, extra in profile.configs
+            for p in partitions if wanted is None or name in wanted]
     if options.dry_run:
-        for p, name, extra in plan:
-            print(" ".join(["python -m tff_pipelines train", *train_args(profile, p, extra), "--out",
-                            str(run_dir(profile, p, name).relative_to(ROOT))]))
+        for p, name, extra, seed in plan:
+            print(" ".join(["python -m tff_pipelines train", *train_args(profile, p, extra, seed), "--out",
+                            str(run_dir(profile, p, name, seed).relative_to(ROOT))]))
         return 0
-    from prism_tf.federated import data as data_lib
-
-    dataset = data_lib.load_dataset("cifar10")
+    x_test, y_test = test_set(profile)
     began = time.time()
     records = []
-    for i, (partition, name, extra) in enumerate(plan, 1):
-        path, args = run_dir(profile, partition, name), train_args(profile, partition, extra)
-        label = f"[{i}/{len(plan)} {partition} {name}]"
+    for i, (partition, name, extra, seed) in enumerate(plan, 1):
+        path, args = run_dir(profile, partition, name, seed), train_args(profile, partition, extra, seed)
+        label = f"[{i}/{len(plan)} {partition} {name}{'' if seed is None else f' seed {seed}'}]"
         if is_done(path, args):
             print(f"{label} done before, kept", flush=True)
         else:
             run_one(path, args, label)
-        records.append(record(profile, partition, name, path, args, dataset.x_test, dataset.y_test))
+        records.append(record(profile, partition, name, path, args, x_test, y_test, seed))
         r = records[-1]
         print(f"{label} final {_pct(r['final_accuracy'])}% (independent {_pct(r['independent_accuracy'])}%), "
               f"flops {r['flops_ratio']:.3f}x, {r['seconds_per_round']:.1f} s/round", flush=True)

@@ -154,7 +154,7 @@ def client_round(replay: RoundReplay, client: int, runtime: str = "builtins") ->
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "run_id": replay.run.run_id(),
         "round": replay.round_num, "client": int(client), "size_key": size_key(submodel),
         "selection": selection.to_dict(),
-        "input": {"shape": list(replay.input_shape), "dtype": "float32",
+        "input": {"shape": list(replay.input_shape), "dtype": submodel.inputs[0].dtype.name,
                   "preprocessing": {"scale": "pixels / 255", "mean": None if mean is None else mean.tolist(),
                                     "std": None if std is None else std.tolist()}},
         "label": {"dtype": "int32", "classes": replay.num_classes},

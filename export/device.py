@@ -6,9 +6,9 @@ proves the exported model needs nothing else. The Kotlin equivalent is in ``expo
 
     python -m export.device --client-dir CLIENT_DIR --data BATCHES.npz --out TRAINED.npz
 
-``BATCHES.npz`` holds ``x`` (``[steps, batch, H, W, C]`` float32, preprocessed as the manifest says) and ``y``
-(``[steps, batch]`` int32); every step runs ``train`` once, in order. The trained weights (``get_weights``) are
-written to ``TRAINED.npz`` for ``python -m export ingest``.
+``BATCHES.npz`` holds ``x`` (``[steps, batch, H, W, C]`` float32 preprocessed as the manifest says, or the
+manifest's other input shape and dtype) and ``y`` (``[steps, batch]`` int32); every step runs ``train`` once, in
+order. The trained weights (``get_weights``) are written to ``TRAINED.npz`` for ``python -m export ingest``.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def load_interpreter(client_dir: str | Path):
     return interpreter, manifest
 
 
-def train(interpreter, x: np.ndarray, y: np.ndarray) -> list[float]:
-    """One ``train`` call per step of ``x``/``y`` (``[steps, batch, ...]``); returns the losses."""
+def train(interpreter, x: np.ndarray, y: np.ndarray, dtype: str = "float32") -> list[float]:
+    """One ``train`` call per step of ``x``/``y`` (``[steps, batch, ...]``, ``x`` as ``dtype``: the manifest's
+    input dtype, float32 or int32 token ids); returns the losses."""
     step = interpreter.get_signature_runner("train")
-    return [float(step(x=np.asarray(xb, np.float32), y=np.asarray(yb, np.int32))["loss"])
+    return [float(step(x=np.asarray(xb, dtype), y=np.asarray(yb, np.int32))["loss"])
             for xb, yb in zip(x, y, strict=True)]
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     interpreter, manifest = load_interpreter(options.client_dir)
     with np.load(options.data, allow_pickle=False) as data:
         x, y = data["x"], data["y"]
-    losses = train(interpreter, x, y)
+    losses = train(interpreter, x, y, manifest["input"]["dtype"])
     np.savez(options.out, **get_weights(interpreter))
     print(json.dumps({"client": manifest["client"], "round": manifest["round"], "steps": len(losses),
                       "examples": int(np.prod(y.shape)), "losses": losses, "tensorflow": "tensorflow" in sys.modules}))

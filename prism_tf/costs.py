@@ -35,11 +35,13 @@ def cost(model: tf.keras.Model, input_shape: Sequence[int] | None = None, *, dty
     for layer in walk_layers(model):
         if isinstance(layer, tf.keras.layers.InputLayer):
             continue
-        out_shapes = _shapes(layer.output_shape)
-        in_shapes = _shapes(layer.input_shape)
-        activations += sum(int(np.prod(s[1:])) for s in out_shapes)
-        flops, extra = _layer_flops(layer, in_shapes[0], out_shapes[0])
-        activations += extra
+        kind = kinds.covering_kind(layer)
+        flops = 0
+        for node in _model_nodes(layer, model):  # a layer called twice (a tied embedding) costs both calls
+            activations += sum(int(np.prod(s[1:])) for s in _shapes(node.output_shapes))
+            node_flops, extra = (0, 0) if kind is None else kind.node_flops(layer, node)
+            flops += node_flops
+            activations += extra
         if flops:
             flops_by_layer[layer.name] = flops
     params = int(sum(np.prod(w.shape) for w in model.weights))
@@ -54,10 +56,21 @@ def cost(model: tf.keras.Model, input_shape: Sequence[int] | None = None, *, dty
     }
 
 
-def _layer_flops(layer, in_shape, out_shape) -> tuple[int, int]:
-    """Multiply-adds and extra stored activation values of one layer, per example (its kind's count)."""
-    kind = kinds.covering_kind(layer)
-    return (0, 0) if kind is None else kind.flops(layer, in_shape, out_shape)
+def _model_nodes(layer: tf.keras.layers.Layer, model: tf.keras.Model) -> list:
+    """The calls of ``layer`` inside ``model``'s graph (a nested model's layers: inside that model's)."""
+    nodes = layer._inbound_nodes
+    if len(nodes) <= 1:
+        return list(nodes)
+    owned = [n for n in nodes if id(n) in _graph_nodes(model)]
+    return owned or list(nodes[:1])
+
+
+def _graph_nodes(model: tf.keras.Model) -> set[int]:
+    found = {id(n) for nodes in getattr(model, "_nodes_by_depth", {}).values() for n in nodes}
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            found |= _graph_nodes(layer)
+    return found
 
 
 def _shapes(shape) -> list[tuple]:

@@ -60,7 +60,8 @@ def recalibrate_batchnorm(model: tf.keras.Model, batches: Iterable[np.ndarray]) 
 
         forward = _compiled(model, "calibrate")
         for xb in batches:
-            forward(tf.constant(xb, tf.float32))
+            forward(tf.constant(xb, tf.float32) if np.issubdtype(np.asarray(xb).dtype, np.floating)
+                    else tf.constant(xb))  # token ids stay integers
             for layer, acc in zip(layers, sums, strict=True):
                 acc[0] += layer.moving_mean.numpy()
                 acc[1] += layer.moving_variance.numpy()
@@ -116,6 +117,9 @@ def _trace(model_ref: weakref.ref, mode: str) -> Callable:
         logits = model_ref()(xb, training=mode == "batch")
         losses = loss_fn(yb, logits)
         hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32)
+        if yb.shape.rank > 1:  # a label per step ([B, T] next tokens): each example's mean over its steps
+            axes = list(range(1, yb.shape.rank))
+            losses, hits = tf.reduce_mean(losses, axes), tf.reduce_mean(hits, axes)
         return tf.reduce_sum(losses * mask), tf.reduce_sum(hits * mask)
 
     return step
@@ -130,7 +134,11 @@ def canonical_order(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
     """
     flat = np.asarray(x).reshape(len(x), -1).astype(np.float64)
     projection = np.random.default_rng(12345).standard_normal(flat.shape[1])
-    keys = np.lexsort((np.asarray(y), flat @ projection))
+    y = np.asarray(y)
+    if y.ndim > 1:  # a label per step: its own projection as the key
+        labels = y.reshape(len(y), -1).astype(np.float64)
+        y = labels @ np.random.default_rng(54321).standard_normal(labels.shape[1])
+    keys = np.lexsort((y, flat @ projection))
     return keys[np.random.default_rng([seed, 11]).permutation(len(keys))]
 
 
@@ -149,7 +157,9 @@ def evaluate(
 
     Args:
       model: a Keras classifier returning logits.
-      x, y: inputs (uint8 pixels, or floats) and integer labels, in any order.
+      x, y: inputs (uint8 pixels, floats, or integer token ids with a ``preprocess`` that keeps them) and integer
+        labels ``[N]``, or ``[N, T]`` for a label per step (loss and accuracy: the mean over all ``N·T`` labels),
+        in any order.
       batch_size: evaluation batch size (rounded down to even: odd batch sizes crash TF 2.14's oneDNN kernels
         on these CPUs, docs/pitfalls.md, "oneDNN and batch shapes"). Every example counts once; nothing is padded.
       norm: BatchNorm mode, one of `EVAL_NORMS` (module docstring).

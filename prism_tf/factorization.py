@@ -23,10 +23,18 @@ _PASS_THROUGH = (tf.keras.layers.Activation, tf.keras.layers.Softmax, tf.keras.l
 
 @dataclasses.dataclass(frozen=True)
 class FactorizedLayer:
+    """One factorized kernel: ``name`` is its kernel group (the layer's name, or ``layer/pair`` for a layer with
+    several kernels, docs/algorithm.md §1), ``layer`` the layer it belongs to."""
+
     name: str
     kind: str
     kernel_shape: tuple[int, ...]
     rank: int
+    layer: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.layer:
+            object.__setattr__(self, "layer", self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,7 @@ def plan_factorization(
     skip_classifier: bool = True,
     min_rank: int = 4,
     only: Iterable[str] | None = None,
+    attention: bool = False,
 ) -> FactorizationReport:
     """Decide which layers `factorize` would replace, without touching the model (docs/algorithm.md §1 rules)."""
     _check_graph_model(model)
@@ -66,7 +75,7 @@ def plan_factorization(
     classifiers = _output_dense_layers(model) if skip_classifier else set()
     first_conv = next((layer.name for layer in walk_layers(model)
                        if (kind := kinds.kind_of(layer)) and kind.is_conv and type(layer) is kind.source), None)
-    rules = kinds.Rules(first_conv if skip_first_conv else None, frozenset(classifiers), skip_pointwise)
+    rules = kinds.Rules(first_conv if skip_first_conv else None, frozenset(classifiers), skip_pointwise, attention)
     factorized, kept = [], []
     for layer in walk_layers(model):
         if not layer.weights:
@@ -75,17 +84,18 @@ def plan_factorization(
         reason = _ineligibility(layer, rules)
         if reason is None:
             layer_kind = kinds.kind_of(layer)
-            kernel_shape, rank = layer_kind.kernel_shape(layer), layer_kind.full_rank(layer)
+            shapes, ranks = layer_kind.kernel_shapes(layer), layer_kind.full_ranks(layer)
             if only is not None and layer.name not in only:
                 reason = "not in the requested layer list"
-            elif rank < min_rank:
-                reason = f"rank {rank} below min_rank {min_rank}"
+            elif min(ranks.values()) < min_rank:
+                reason = f"rank {min(ranks.values())} below min_rank {min_rank}"
             else:
-                factorized.append(FactorizedLayer(layer.name, kind, kernel_shape, rank))
+                factorized += [FactorizedLayer(kinds.group_name(layer.name, pair), kind, shapes[pair], ranks[pair],
+                                               layer.name) for pair in layer_kind.pairs]
                 continue
         kept.append(KeptLayer(layer.name, kind, reason))
     if only is not None:
-        missing = only - {f.name for f in factorized} - {k.name for k in kept}
+        missing = only - {f.layer for f in factorized} - {k.name for k in kept}
         if missing:
             raise ValueError(f"factorize: no layer named {sorted(missing)} in model '{model.name}'")
     return FactorizationReport(tuple(factorized), tuple(kept))
@@ -99,8 +109,9 @@ def factorize(
     skip_classifier: bool = True,
     min_rank: int = 4,
     only: Iterable[str] | None = None,
+    attention: bool = False,
 ) -> tf.keras.Model:
-    """Return a copy of ``model`` whose eligible Conv2D/Dense layers hold principal kernels (docs/algorithm.md §1).
+    """Return a copy of ``model`` whose eligible layers hold principal kernels (docs/algorithm.md §1).
 
     Args:
       model: a built functional or Sequential ``tf.keras.Model`` (nested models are descended into).
@@ -109,6 +120,8 @@ def factorize(
       skip_classifier: keep Dense layers that produce a model output whole.
       min_rank: keep layers whose full rank ``min(rows, Cout)`` is below this whole.
       only: if given, factorize only these layer names (still subject to eligibility).
+      attention: also factorize ``MultiHeadAttention``'s query, key, value and output projections (the PriSM
+        authors keep a DeiT's attention whole: off by default).
 
     Returns:
       The factorized model, numerically equal to ``model`` at full rank (float32 relative error ~1e-6). Its
@@ -119,7 +132,7 @@ def factorize(
     """
     report = plan_factorization(
         model, skip_first_conv=skip_first_conv, skip_pointwise=skip_pointwise,
-        skip_classifier=skip_classifier, min_rank=min_rank, only=only,
+        skip_classifier=skip_classifier, min_rank=min_rank, only=only, attention=attention,
     )
     if not report.factorized:
         hints = []
@@ -135,9 +148,10 @@ def factorize(
     ranks = {f.name: f.rank for f in report.factorized}
     clone = clone_with_ranks(model, ranks)
     originals = {layer.name: layer for layer in walk_layers(model)}
+    factorized = {f.layer for f in report.factorized}
     for layer in walk_layers(clone):
         source = originals[layer.name]
-        if layer.name in ranks:
+        if layer.name in factorized:
             kinds.kind_of(source).load_factors(layer, source)
         else:
             layer.set_weights(source.get_weights())
@@ -148,11 +162,13 @@ def factorize(
 def clone_with_ranks(
     model: tf.keras.Model, ranks: dict[str, int], widths: dict[str, int] | None = None
 ) -> tf.keras.Model:
-    """Clone ``model``'s architecture (fresh weights) with the named layers as principal layers of given rank.
+    """Clone ``model``'s architecture (fresh weights) with the named kernel groups at given ranks.
 
-    Named layers may be ordinary Conv2D/Dense (they become principal layers) or principal layers (their rank
-    changes). ``widths`` sets the output channels (``filters``/``units``) of named conv/dense/principal layers,
-    for width-sliced sub-models. This is how full factorized models and every sub-model are built.
+    ``ranks`` is by kernel group (`prism_tf.kinds.group_name`: the layer's name, or ``layer/pair`` for each pair of a
+    layer with several kernels). Named layers may be plain layers of a registered kind (they become principal
+    layers) or principal layers (their ranks change). ``widths`` sets the output channels (``filters``/``units``) of
+    named conv/dense/principal layers, for width-sliced sub-models. This is how full factorized models and every
+    sub-model are built.
     """
     _check_graph_model(model)
     widths = widths or {}
@@ -164,14 +180,18 @@ def clone_with_ranks(
         if layer.name in widths:
             config[kinds.kind_of(layer).width_key] = widths[layer.name]
         layer = layer.__class__.from_config(config)
-        if layer.name in ranks:
-            return _principal_from(layer, ranks[layer.name])
+        kind = kinds.kind_of(layer)
+        layer_ranks = kinds.pair_ranks(layer.name, kind.pairs, ranks) if kind is not None else None
+        if layer_ranks is not None:
+            return _principal_from(layer, layer_ranks)
         return layer
 
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
-    for layer in walk_layers(clone):
-        if layer.name in ranks and not is_principal(layer):
-            raise ValueError(f"layer '{layer.name}' could not be made a principal layer")
+    grouped = {g for g in kinds.kernel_groups(clone)}
+    for group in ranks:
+        if group not in grouped:
+            raise ValueError(f"kernel group '{group}' names no layer of '{model.name}' that can hold principal "
+                             "kernels")
     return clone
 
 
@@ -186,20 +206,18 @@ def refactorize(model: tf.keras.Model) -> tf.keras.Model:
     if not layers:
         raise ValueError(f"refactorize: model '{model.name}' has no principal-kernel layer")
     for layer in layers:
-        a, b, s = spectral.refactorize(layer.principal_kernels, layer.combination, layer.kernel_scale)
-        layer.set_factors(a, b, s)
+        for pair in layer.pairs:
+            f = layer.factors(pair)
+            a, b, s = spectral.refactorize(f.principal, f.combination, f.scale)
+            layer.set_pair_factors(pair, a, b, s)
     return model
 
 
-def _principal_from(layer: tf.keras.layers.Layer, rank: int) -> tf.keras.layers.Layer:
+def _principal_from(layer: tf.keras.layers.Layer, ranks: dict[str, int]) -> tf.keras.layers.Layer:
     config = layer.get_config()
     if is_principal(layer):
-        config.update(rank=rank)
-        return type(layer).from_config(config)
-    kind = kinds.kind_of(layer)
-    if kind is None:
-        raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) cannot hold principal kernels")
-    return kind.to_principal(config, rank)
+        return type(layer).from_config(type(layer).config_with_ranks(config, ranks))
+    return kinds.kind_of(layer).to_principal(config, ranks)
 
 
 def _ineligibility(layer: tf.keras.layers.Layer, rules: kinds.Rules) -> str | None:
@@ -207,7 +225,10 @@ def _ineligibility(layer: tf.keras.layers.Layer, rules: kinds.Rules) -> str | No
         return "already factorized"
     kind = kinds.kind_of(layer)
     if kind is None:
-        return f"not a {'/'.join(k.source.__name__ for k in kinds.KINDS)} (normalization, depthwise, ...)"
+        whole = kinds.covering_kind(layer)
+        if whole is not None and not isinstance(whole, kinds.LayerKind):
+            return whole.why
+        return f"not a {'/'.join(k.source.__name__ for k in kinds.KINDS)} (normalization, ...)"
     return kind.ineligibility(layer, rules)
 
 

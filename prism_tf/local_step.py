@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from prism_tf import kinds, spectral
-from prism_tf.kinds import principal_layers, walk_layers
+from prism_tf.kinds import kernel_groups, walk_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +61,11 @@ def frobenius_gradients(model: tf.keras.Model, variables: Sequence[tf.Variable],
     if not decay:
         return [None] * len(variables)
     terms = {}
-    for layer in principal_layers(model):
-        grad_a, grad_b = frobenius_terms(layer.principal_kernels, layer.combination, layer.kernel_scale)
-        terms[layer.principal_kernels.ref()] = decay * grad_a
-        terms[layer.combination.ref()] = decay * grad_b
+    for layer, pair in kernel_groups(model).values():
+        f = layer.factors(pair)
+        grad_a, grad_b = frobenius_terms(f.principal, f.combination, f.scale)
+        terms[f.principal.ref()] = decay * grad_a
+        terms[f.combination.ref()] = decay * grad_b
     return [terms.get(v.ref()) for v in variables]
 
 
@@ -86,11 +87,12 @@ def clip_lr_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], tau
     if tau is None:
         return [None] * len(variables)
     factors = {}
-    for layer in principal_layers(model):
-        factor = tf.minimum(1.0, tau / tf.convert_to_tensor(layer.kernel_scale))
-        rank_a = len(layer.principal_kernels.shape)
-        factors[layer.principal_kernels.ref()] = tf.reshape(factor, [1] * (rank_a - 1) + [-1])
-        factors[layer.combination.ref()] = tf.reshape(factor, [-1, 1])
+    for layer, pair in kernel_groups(model).values():
+        f = layer.factors(pair)
+        factor = tf.minimum(1.0, tau / tf.convert_to_tensor(f.scale))
+        rank_a = len(f.principal.shape)
+        factors[f.principal.ref()] = tf.reshape(factor, [1] * (rank_a - 1) + [-1])
+        factors[f.combination.ref()] = tf.reshape(factor, [-1, 1])
     return [factors.get(v.ref()) for v in variables]
 
 

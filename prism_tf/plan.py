@@ -61,11 +61,13 @@ class TensorSlicing:
     weight: str
     shape: tuple[int, ...]
     axes: tuple[tuple[int, str], ...]
+    group: str | None = None  # a factor's kernel group (`prism_tf.kinds.group_name`), else None
+    role: str | None = None  # a factor's role: principal_kernels, combination, singular_values or kernel_scale
 
     @property
     def travels(self) -> bool:
         """Whether clients receive and return this tensor (not ``s``, not ``ω``)."""
-        return self.weight not in (SERVER_ONLY, FROM_SELECTION)
+        return self.role not in (SERVER_ONLY, FROM_SELECTION)
 
     def sub_shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -95,7 +97,8 @@ class SubmodelPlan:
         """Free channel groups produced by a single principal layer (where PriSM's ``output_keep`` applies)."""
         out = {}
         for g in self.groups.values():
-            if g.kind == CHANNELS and g.free and len(g.producers) == 1 and g.producers[0] in self.groups:
+            if (g.kind == CHANNELS and g.free and len(g.producers) == 1 and g.producers[0] in self.groups
+                    and self.groups[g.producers[0]].kind == KERNELS):
                 out[g.producers[0]] = g.name
         return out
 
@@ -185,12 +188,15 @@ def _analyze(model: tf.keras.Model) -> SubmodelPlan:
         src = channel(in_group.get(layer.name)) if inside else None
         dst = channel(out_group.get(layer.name)) if inside else None
         if is_principal(layer):
-            groups[layer.name] = Group(layer.name, KERNELS, layer.rank, True, (layer.name,))
+            for pair in layer.pairs:
+                name = kinds.group_name(layer.name, pair)
+                groups[name] = Group(name, KERNELS, layer.pair_rank(pair), True, (layer.name,))
         for weight in layer.weights:
             short = weight.name.split("/")[-1].split(":")[0]
             axes = _weight_axes(layer, short, src, dst, len(weight.shape))
+            group, role = kinds.factor_role(layer, short) or (None, None)
             tensors.append(TensorSlicing(layer.name, short, tuple(int(d) for d in weight.shape),
-                                         tuple((a, g) for a, g in axes if g is not None)))
+                                         tuple((a, g) for a, g in axes if g is not None), group, role))
     return SubmodelPlan(groups, tuple(tensors))
 
 

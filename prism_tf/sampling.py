@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf import streams
-from prism_tf.kinds import principal_layers
+from prism_tf.kinds import kernel_groups
 from prism_tf.plan import SubmodelPlan
 from prism_tf.streams import SeedLike
 
@@ -115,16 +115,16 @@ class Selection:
                 idx = np.asarray(idx)
                 if idx.size == 0 or idx.min() < 0 or idx.max() >= group.size:
                     raise ValueError(f"selection for channel group '{name}' has indices outside [0, {group.size})")
-        layers = {layer.name: layer for layer in principal_layers(model)}
-        for name in layers.keys() - self.layers.keys():
+        ranks = {group: layer.pair_rank(pair) for group, (layer, pair) in kernel_groups(model).items()}
+        for name in ranks.keys() - self.layers.keys():
             raise ValueError(f"selection has no entry for principal layer '{name}' of model '{model.name}'")
         for name, sel in self.layers.items():
-            if name not in layers:
+            if name not in ranks:
                 raise ValueError(f"selection names layer '{name}', which is not a principal layer of '{model.name}'")
-            if sel.rank != layers[name].rank:
+            if sel.rank != ranks[name]:
                 raise ValueError(
                     f"selection for layer '{name}' was drawn for rank {sel.rank}, the model's layer has rank "
-                    f"{layers[name].rank}: the selection comes from another model"
+                    f"{ranks[name]}: the selection comes from another model"
                 )
             if sel.size and (sel.indices.min() < 0 or sel.indices.max() >= sel.rank):
                 raise ValueError(f"selection for layer '{name}' has indices outside [0, {sel.rank})")
@@ -177,10 +177,10 @@ def sample(
       output_rule: ``"random"`` (uniform per client and layer, the default) or ``"first"`` (the first
         channels, the authors' 2023 rule).
     """
-    layers = principal_layers(model)
-    if not layers:
+    groups = kernel_groups(model)
+    if not groups:
         raise ValueError(f"sample: model '{model.name}' has no principal-kernel layer; call prism_tf.factorize first")
-    singular_values = {layer.name: layer.singular_values.numpy() for layer in layers}
+    singular_values = {group: layer.factors(pair).singular_values.numpy() for group, (layer, pair) in groups.items()}
     return sample_from_singular_values(
         singular_values, keep_ratio, seed, strategy, gamma=gamma, clients_per_round=clients_per_round,
         plan=SubmodelPlan.of(model) if output_keep is not None else None, output_keep=output_keep,

@@ -39,12 +39,12 @@ def travelling(plan: SubmodelPlan) -> list[int]:
 
 
 def principal_positions(plan: SubmodelPlan) -> dict[str, dict[str, int]]:
-    """For every principal layer, the flat positions of its factor tensors by weight name."""
-    layers = set(plan.kernel_groups())
+    """For every kernel group (a principal layer's factor pair), the flat positions of its factors by role
+    (``principal_kernels``, ``combination``, ``singular_values``, ``kernel_scale``)."""
     out: dict[str, dict[str, int]] = {}
     for position, tensor in enumerate(plan.tensors):
-        if tensor.layer in layers:
-            out.setdefault(tensor.layer, {})[tensor.weight] = position
+        if tensor.group is not None:
+            out.setdefault(tensor.group, {})[tensor.role] = position
     return out
 
 

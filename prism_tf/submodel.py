@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from prism_tf import server, slicing
 from prism_tf.factorization import clone_with_ranks
-from prism_tf.kinds import principal_layers, walk_layers
+from prism_tf.kinds import kernel_groups, walk_layers
 from prism_tf.plan import FROM_SELECTION, SubmodelPlan
 from prism_tf.sampling import Selection
 
@@ -58,8 +58,8 @@ def submodel_weights(
     indices = selection.indices()
     out = []
     for tensor, variable in zip(plan.tensors, flat_weights(model), strict=True):
-        if tensor.weight == FROM_SELECTION and tensor.layer in selection.layers:
-            out.append(selection.layers[tensor.layer].scale)
+        if tensor.role == FROM_SELECTION and tensor.group in selection.layers:
+            out.append(selection.layers[tensor.group].scale)
         else:
             out.append(slicing.gather_axes(variable, plan.slices(tensor, indices)).numpy())
     return out
@@ -122,11 +122,11 @@ def aggregate(
 def kernel_coverage(model: tf.keras.Model, selections: Sequence[Selection]) -> float:
     """Fraction of all principal kernels of ``model`` that at least one of ``selections`` contains."""
     total = covered = 0
-    for layer in principal_layers(model):
-        seen = np.zeros(layer.rank, bool)
+    for group, (layer, pair) in kernel_groups(model).items():
+        seen = np.zeros(layer.pair_rank(pair), bool)
         for selection in selections:
-            seen[selection.layers[layer.name].indices] = True
-        total += layer.rank
+            seen[selection.layers[group].indices] = True
+        total += layer.pair_rank(pair)
         covered += int(seen.sum())
     return covered / total if total else 0.0
 

@@ -44,6 +44,7 @@ def test_keep_mix_parsing():
     (dict(match="exact"), ("--match must be one of", "exact")),
     (dict(calibration_examples=1), ("--calibration-examples must be >= 2, got 1",)),
     (dict(batch_size=33), ("batch size 33 is odd",)),
+    (dict(attention="partly"), ("--attention must be whole or factorized", "partly")),
 ])
 def test_validate_names_the_flag(options, words):
     with pytest.raises(ValueError) as raised:
@@ -151,3 +152,22 @@ def test_help_states_each_default_from_the_train_config_fields():
             assert action.help.count("default") == 1, action.help  # no second, hand-written default
     assert actions["client_lr"].help.endswith("(default 0.1)") and actions["final_lr"].help.endswith("(default 0.0001)")
     assert actions["clip_norm"].help.endswith("0 disables (default 5)")
+
+
+def test_factorized_attention_changes_the_budget_small_is_matched_to():
+    """``--attention factorized``: the server model's attention is factorized, so PriSM's sub-model (and with it the
+    budget `small` is matched to) costs less than with attention whole (docs/algorithm.md §1)."""
+    shape, classes = (32, 32, 3), 10
+    assert TrainConfig().factorize_options() == {"attention": False}
+    assert TrainConfig(attention="factorized").factorize_options() == {"attention": True}
+    whole = client_budget(TrainConfig(method="small", model="vit", width=32), shape, classes)[2]
+    factorized = client_budget(TrainConfig(method="small", model="vit", width=32, attention="factorized"), shape,
+                               classes)[2]
+    full = prism_tf.cost(prism_tf.models.build_model("vit", width=32, num_classes=classes, input_shape=shape))
+    model = prism_tf.factorize(prism_tf.models.build_model("vit", width=32, num_classes=classes, input_shape=shape),
+                               attention=True)
+    plan = prism_tf.SubmodelPlan.of(model)
+    sub = prism_tf.submodel.submodel_architecture(model, plan, plan.sizes_with(PriSM().sizes(plan)))
+    assert factorized["prism_flops_ratio"] == pytest.approx(prism_tf.cost(sub)["flops"] / full["flops"])
+    assert factorized["prism_flops_ratio"] < whole["prism_flops_ratio"] - 0.1
+    assert factorized["small_width"] < whole["small_width"]

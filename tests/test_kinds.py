@@ -30,7 +30,10 @@ def test_lookups_by_exact_type_and_by_instance():
     assert kinds.CUSTOM_OBJECTS == {"PrincipalConv2D": prism_tf.PrincipalConv2D,
                                     "PrincipalDense": prism_tf.PrincipalDense,
                                     "PrincipalConv1D": prism_tf.layers.PrincipalConv1D,
-                                    "PrincipalEmbedding": prism_tf.layers.PrincipalEmbedding}
+                                    "PrincipalEmbedding": prism_tf.layers.PrincipalEmbedding,
+                                    "PrincipalLSTM": prism_tf.layers.PrincipalLSTM,
+                                    "PrincipalGRU": prism_tf.layers.PrincipalGRU,
+                                    "PrincipalMultiHeadAttention": prism_tf.layers.PrincipalMultiHeadAttention}
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(DenseKind())
 
@@ -47,7 +50,7 @@ def test_every_kind_is_exact_at_full_rank_and_back(layer, shape):
     inputs = tf.keras.Input(shape)
     model = tf.keras.Model(inputs, layer(inputs))
     kind = kinds.kind_of(layer)
-    principal = kind.to_principal(layer.get_config(), kind.full_rank(layer))
+    principal = kind.to_principal(layer.get_config(), kind.full_ranks(layer))
     principal.build((None, *shape))
     kind.load_factors(principal, layer)
     x = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)

@@ -1,4 +1,5 @@
-"""The new layer kinds in real TFF rounds: a ViT's token MLPs, a Conv1D net and a factorized embedding, each trained
+"""The new layer kinds in real TFF rounds: a ViT's token MLPs (and its attention), a Conv1D net, a factorized
+embedding, LSTM and GRU layers (two factor pairs each), a tied embedding and output projection, each trained
 by the TFF process and checked against the same round done by hand with the pure functions (`prism_tf.extract`,
 `prism_tf.server.Accumulator`, `prism_tf.server.finish_round`): per-entry aggregation of every kind."""
 
@@ -43,10 +44,35 @@ def _embedding():
     return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
 
 
+def _recurrent(layer):
+    def build():
+        tf.keras.utils.set_random_seed(0)
+        inputs = tf.keras.Input((6,), dtype=tf.int32)
+        x = tf.keras.layers.Embedding(20, 8, mask_zero=True, name="embed")(inputs)
+        x = layer(12, return_sequences=True, name="rnn1")(x)
+        x = layer(10, name="rnn2")(x)
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
+    return build
+
+
+def _tied():
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((6,), dtype=tf.int32)
+    embed = prism_tf.layers.ReversibleEmbedding(20, 8, name="embed")
+    x = tf.keras.layers.GRU(8, return_sequences=True, name="rnn")(embed(inputs))
+    x = tf.keras.layers.GlobalAveragePooling1D()(embed(x, reverse=True))  # tied output projection
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x))
+
+
 CASES = {
-    "vit": (_vit, (8, 8, 1), np.float32, ["block1_mlp1", "block1_mlp2"]),
-    "conv1d": (_conv1d, (12, 3), np.float32, ["c2"]),
-    "embedding": (_embedding, (6,), np.int32, ["embed"]),
+    "vit": (_vit, (8, 8, 1), np.float32, ["block1_mlp1", "block1_mlp2"], {}),
+    "vit_attention": (_vit, (8, 8, 1), np.float32, ["block1_attention", "block1_mlp1", "block1_mlp2"],
+                      {"attention": True}),
+    "conv1d": (_conv1d, (12, 3), np.float32, ["c2"], {}),
+    "embedding": (_embedding, (6,), np.int32, ["embed"], {}),
+    "lstm": (_recurrent(tf.keras.layers.LSTM), (6,), np.int32, ["embed", "rnn1", "rnn2"], {}),
+    "gru": (_recurrent(tf.keras.layers.GRU), (6,), np.int32, ["embed", "rnn1", "rnn2"], {}),
+    "tied": (_tied, (6,), np.int32, ["embed", "rnn"], {}),
 }
 
 
@@ -60,11 +86,11 @@ def _dataset(n, shape, dtype, seed):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_tff_round_equals_the_round_by_hand(case):
-    build, shape, dtype, factorized = CASES[case]
+    build, shape, dtype, factorized, options = CASES[case]
     process = build_prism_process(
         build, PlusOne(), method=Method("prism", keep_ratio=0.5), batch_size=BATCH, lr_schedule=None,
         client_training=client_work.ClientTraining(clip_norm=None, frobenius_decay=0.0, weight_decay=0.0),
-        refactorize_every=0, input_shape=shape)
+        refactorize_every=0, input_shape=shape, factorize_options=options)
     assert sorted(layer.name for layer in prism_tf.kinds.principal_layers(process.server_model)) == factorized
     state = process.initialize()
     examples = (12, 8)

@@ -1,10 +1,12 @@
 """The builtins runtime's compiler: a functional Keras model's graph walked layer by layer into builtin-gradient
 functions (docs/export.md, "On-device training").
 
-Factorizable layers (``Conv2D``/`prism_tf.PrincipalConv2D`, ``Dense``/`prism_tf.PrincipalDense`) compile through
+Factorizable layers (``Conv2D``, ``Conv1D``, ``Dense``, ``Embedding`` and their principal forms) compile through
 their kind (`prism_tf.kinds.kind_of` → `LayerKind.tflite_layer`) with `export.tflite.ops.BuiltinOps`; the layers kept
-whole (``BatchNormalization``, ``GroupNormalization``, ``ReLU``, ``Activation``, ``Add``, ``GlobalAveragePooling2D``)
-are compiled here. Anything else raises ``ValueError`` naming the layer.
+whole (``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization``, ``MultiHeadAttention``, the ViT's
+`prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation``, ``Add``,
+``GlobalAveragePooling1D``/``2D``) are compiled here. Anything else raises ``ValueError`` naming the layer (and
+``--runtime flex``, which trains it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import tensorflow as tf
 
 import prism_tf
 from export.tflite import ops
-from export.tflite.ops import Updates
+from export.tflite.ops import FLEX_HINT, Updates
 from prism_tf.kinds.base import CompiledLayer
+from prism_tf.models.zoo import PositionEmbedding
 
 
 class ModelGraph:
@@ -40,15 +43,12 @@ class ModelGraph:
                 if node.is_input:
                     continue
                 layer = node.layer
-                if node.call_kwargs and set(node.call_kwargs) - {"training", "mask"}:
-                    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with keyword "
-                                     f"arguments {sorted(node.call_kwargs)}, which on-device training does not "
-                                     "support")
                 if len(node.flat_output_ids) != 1:
-                    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) has several outputs")
-                shapes = [tuple(t.shape) for t in node.keras_inputs]
-                apply = compile_layer(layer, shapes, primitives)
-                self.steps.append((apply, list(node.flat_input_ids), node.flat_output_ids[0]))
+                    raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) has several outputs, which "
+                                     f"on-device training with builtin ops does not support; {FLEX_HINT}")
+                inputs = node_inputs(node)
+                apply = compile_layer(layer, [tuple(t.shape) for t in inputs], primitives)
+                self.steps.append((apply, [str(id(t)) for t in inputs], node.flat_output_ids[0]))
 
     def forward(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, Updates]:
         """Logits of ``x`` and, in training, the BatchNorm statistics updates (variable, new value) to assign."""
@@ -59,8 +59,40 @@ class ModelGraph:
         return values[self.output_id], updates
 
 
+def node_inputs(node) -> list:
+    """The Keras tensors a graph node's layer is called with, in the order its compiled function takes them:
+    the positional ones, or for ``MultiHeadAttention`` ``(query, value[, key])`` however they were passed (a cloned
+    model calls it with ``value=`` as a keyword).
+
+    Raises:
+      ValueError: keyword arguments other than ``training``/``mask`` (and MHA's ``value``/``key``), or arguments
+        that are not Keras tensors.
+    """
+    layer = node.layer
+    kwargs = dict(node.call_kwargs or {})
+    args = list(node.call_args)
+    if type(layer) is tf.keras.layers.MultiHeadAttention:
+        names = ("query", "value", "key")
+        for name in names[len(args):]:
+            if kwargs.get(name) is not None:
+                args.append(kwargs.pop(name))
+            else:
+                kwargs.pop(name, None)
+                break
+    if set(kwargs) - {"training", "mask"}:
+        raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with keyword arguments "
+                         f"{sorted(kwargs)}, which on-device training with builtin ops does not support; {FLEX_HINT}")
+    flat = tf.nest.flatten(args)
+    tensors = {id(t) for t in node.keras_inputs}
+    if not flat or not all(id(t) in tensors for t in flat):
+        raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with arguments that are not "
+                         f"layer outputs, which on-device training with builtin ops does not support; {FLEX_HINT}")
+    return flat
+
+
 def check_model(model: tf.keras.Model) -> None:
-    """One float32 image input ``[None, H, W, C]`` and one logits output ``[None, classes]``, functional graph.
+    """One input ``[None, *dims]`` of known dims (float32: images ``[H, W, C]``, sequences ``[length, channels]``;
+    int32: token ids), one logits output ``[None, classes]``, a functional graph, float32 weights.
 
     Raises:
       ValueError: naming what does not fit.
@@ -71,9 +103,12 @@ def check_model(model: tf.keras.Model) -> None:
         raise ValueError(f"model '{model.name}' must have one input and one output, "
                          f"got {len(model.inputs)} and {len(model.outputs)}")
     input_shape = model.inputs[0].shape
-    if input_shape.rank != 4 or None in input_shape[1:]:
-        raise ValueError(f"model '{model.name}': the input must be [batch, H, W, C] with known H, W, C, "
-                         f"got {input_shape}")
+    if input_shape.rank < 2 or None in input_shape[1:]:
+        raise ValueError(f"model '{model.name}': the input must be [batch, ...] with every other dimension known "
+                         f"(e.g. [batch, H, W, C]), got {input_shape}")
+    if model.inputs[0].dtype not in (tf.float32, tf.int32):
+        raise ValueError(f"model '{model.name}': the input must be float32 (or int32 token ids), got "
+                         f"{model.inputs[0].dtype.name}")
     if model.outputs[0].shape.rank != 2 or model.outputs[0].shape[-1] is None:
         raise ValueError(f"model '{model.name}': the output must be logits [batch, classes]")
     for weight in prism_tf.submodel.flat_weights(model):
@@ -119,6 +154,36 @@ def compile_layer(layer: tf.keras.layers.Layer, shapes: list[tuple], primitives:
             raise ops.unsupported_layer(layer, "normalizes 4-D inputs over the channel axis only")
         return ops.group_norm(layer, shapes[0])
 
+    if layer_type is tf.keras.layers.LayerNormalization:
+        rank = len(shapes[0]) if single else 0
+        axis = list(layer.axis) if isinstance(layer.axis, list | tuple) else [layer.axis]
+        if not single or rank < 2 or [a % rank for a in axis] != [rank - 1]:
+            raise ops.unsupported_layer(layer, "normalizes over the last axis only")
+        return ops.layer_norm(layer, shapes[0])
+
+    if layer_type is tf.keras.layers.MultiHeadAttention:
+        if len(shapes) not in (2, 3) or any(len(s) != 3 or None in s[1:] for s in shapes):
+            raise ops.unsupported_layer(layer, "attends over the tokens of [batch, tokens, dim] inputs "
+                                               "(query, value[, key]) only")
+        if layer._attention_axes not in (None, (1,), [1]):
+            raise ops.unsupported_layer(layer, f"attention_axes {layer._attention_axes}")
+        if float(layer._dropout) != 0.0:
+            raise ops.unsupported_layer(layer, f"dropout {layer._dropout} (training-time randomness)")
+        if layer._output_shape is not None or len(layer._output_dense.kernel.shape) != 3:
+            raise ops.unsupported_layer(layer, "a custom output_shape")
+        return ops.multi_head_attention(layer, shapes)
+
+    if layer_type is PositionEmbedding:
+        if not single or len(shapes[0]) != 3:
+            raise ops.unsupported_layer(layer, "adds its table to [batch, tokens, dim] inputs only")
+        return lambda inputs, training, updates: ops.add_table(inputs[0], tf.convert_to_tensor(layer.table))
+
+    if layer_type is tf.keras.layers.Reshape:
+        if not single or None in shapes[0][1:]:
+            raise ops.unsupported_layer(layer, "reshapes one input of known size only")
+        target = [int(d) for d in layer.compute_output_shape(shapes[0])[1:]]
+        return lambda inputs, training, updates: ops.reshape(inputs[0], [-1, *target])
+
     if layer_type is tf.keras.layers.ReLU:
         if layer.max_value is not None or float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
             raise ops.unsupported_layer(layer, "only plain ReLU (no max_value, negative_slope or threshold)")
@@ -139,7 +204,13 @@ def compile_layer(layer: tf.keras.layers.Layer, shapes: list[tuple], primitives:
         _, height, width, _ = shapes[0]
         return lambda inputs, training, updates: ops.global_average_pool(inputs[0], height, width)
 
+    if layer_type is tf.keras.layers.GlobalAveragePooling1D:
+        if not single or len(shapes[0]) != 3 or layer.data_format != "channels_last" or layer.keepdims:
+            raise ops.unsupported_layer(layer, "channels_last without keepdims only")
+        tokens = int(shapes[0][1])
+        return lambda inputs, training, updates: ops.token_average_pool(inputs[0], tokens)
+
     raise ops.unsupported_layer(layer)
 
 
-__all__ = ["ModelGraph", "check_model", "compile_layer"]
+__all__ = ["ModelGraph", "check_model", "compile_layer", "node_inputs"]

@@ -35,10 +35,13 @@ Two runtimes (`RUNTIMES`):
   refuses GroupNormalization (Keras's dynamic-batch GroupNorm graph converts but fails in the interpreter). It
   accepts any other Keras layer.
 
-Supported layers: ``InputLayer``, ``Conv2D`` and `prism_tf.PrincipalConv2D` (``channels_last``, no dilation, one
-group, ``same``/``valid``), ``Dense`` and `prism_tf.PrincipalDense`, ``BatchNormalization``,
-``GroupNormalization``, ``ReLU``, ``Activation`` and ``activation=`` ``relu``/``linear``, ``Add``,
-``GlobalAveragePooling2D``. Anything else raises ``ValueError`` naming the layer. This module needs no TFF.
+Supported layers (builtins): ``InputLayer``, ``Conv2D`` and `prism_tf.PrincipalConv2D` (``channels_last``, no
+dilation, one group, ``same``/``valid``), ``Dense`` and `prism_tf.PrincipalDense` (on inputs of any rank >= 2),
+``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization`` (last axis), ``MultiHeadAttention`` (no mask
+or dropout), the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation`` and
+``activation=`` ``relu``/``gelu``/``linear``, ``Add``, ``GlobalAveragePooling1D``/``2D``: the model zoo's ResNet-18,
+small CNN and ViT. Anything else raises ``ValueError`` naming the layer and pointing to ``runtime="flex"``. This
+module needs no TFF.
 """
 
 from __future__ import annotations
@@ -129,8 +132,8 @@ class TrainingModule(tf.Module):
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"momentum_{i}")
             for i, v in enumerate(train_vars)
         ]
-        image_shape = tuple(submodel.inputs[0].shape[1:])
-        self.input_signature = tf.TensorSpec([None, *image_shape], tf.float32, name="x")
+        input_shape = tuple(submodel.inputs[0].shape[1:])
+        self.input_signature = tf.TensorSpec([None, *input_shape], submodel.inputs[0].dtype, name="x")
         self.num_classes = int(submodel.outputs[0].shape[-1])
         options = step.options
         lr = tf.constant(step.learning_rate, tf.float32)

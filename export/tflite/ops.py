@@ -5,11 +5,12 @@ Every primitive is a `tf.custom_gradient` whose backward pass avoids the TF kern
 (``Conv2DBackpropFilter``, ``ReluGrad``, ``FusedBatchNorm*``, ``SparseSoftmaxCrossEntropyWithLogits``,
 ``BroadcastGradientArgs``). `BuiltinOps` hands the ones a factorizable layer kind needs to
 `prism_tf.kinds.LayerKind.tflite_layer` (the `prism_tf.kinds.TFLiteOps` interface); `export.tflite.compiler` calls
-the others (normalization, ReLU, Add, pooling) itself.
+the others (normalization, attention, ReLU, gelu, Add, reshapes, pooling) itself.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -19,27 +20,38 @@ from prism_tf.kinds.base import CompiledLayer, TFLiteOps
 _Tensor = tf.Tensor
 Updates = list  # (variable, new value) pairs a training forward pass assigns (BatchNorm moving statistics)
 
-SUPPORTED = ("Conv2D, PrincipalConv2D, Dense, PrincipalDense, BatchNormalization, GroupNormalization, ReLU, "
-             "Activation, Add, GlobalAveragePooling2D")
+SUPPORTED = ("Conv2D, PrincipalConv2D, Conv1D, PrincipalConv1D, Dense, PrincipalDense (on inputs of any rank), "
+             "Embedding, PrincipalEmbedding (no mask_zero), BatchNormalization, "
+             "GroupNormalization, LayerNormalization (last axis), MultiHeadAttention (self- or cross-attention, no "
+             "mask or dropout), PositionEmbedding, Reshape, ReLU, Activation (relu, gelu, linear), Add, "
+             "GlobalAveragePooling1D, GlobalAveragePooling2D")
+
+
+FLEX_HINT = ("`--runtime flex` (runtime='flex': TFLite's standard recipe with select TF ops, which needs the Flex "
+             "delegate on the device) can train it")
 
 
 def unsupported_layer(layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
-    """The error for a layer on-device training cannot compile, naming the layer, its type and ``why``."""
+    """The error for a layer the builtins runtime cannot compile: names the layer, its type and ``why``, and
+    points to ``--runtime flex`` (Keras autodiff with select TF ops), which trains any layer."""
     detail = f": {why}" if why else ""
     return ValueError(
-        f"on-device training does not support layer '{layer.name}' of type {type(layer).__name__}{detail} "
-        f"(supported: {SUPPORTED})"
+        f"on-device training with LiteRT builtin ops does not support layer '{layer.name}' of type "
+        f"{type(layer).__name__}{detail} (supported: {SUPPORTED}); {FLEX_HINT}"
     )
 
 
 def activation_function(layer: tf.keras.layers.Layer, function: Callable) -> Callable[[_Tensor], _Tensor]:
-    """``layer``'s activation ``function`` as a primitive: ``linear`` or ``relu``; anything else is refused."""
+    """``layer``'s activation ``function`` as a primitive: ``linear``, ``relu`` or ``gelu`` (Keras's default, exact
+    erf form); anything else is refused."""
     name = getattr(function, "__name__", repr(function))
     if name == "linear":
         return lambda x: x
     if name == "relu":
         return relu
-    raise unsupported_layer(layer, f"activation '{name}' (only relu and linear)")
+    if name == "gelu":
+        return gelu
+    raise unsupported_layer(layer, f"activation '{name}' (only relu, gelu and linear)")
 
 
 class BuiltinOps(TFLiteOps):
@@ -60,7 +72,7 @@ class BuiltinOps(TFLiteOps):
         return Conv(input_shape, kernel_size, strides, padding, self.batch_size, self.max_patch_bytes)
 
     def matmul(self, x: _Tensor, w: _Tensor) -> _Tensor:
-        """`matmul`: ``x @ w`` over the last axis of a 2-D or 4-D ``x``."""
+        """`matmul`: ``x @ w`` over the last axis of ``x`` (any rank >= 2)."""
         return matmul(x, w)
 
     def bias_add(self, x: _Tensor, b: _Tensor) -> _Tensor:
@@ -74,6 +86,18 @@ class BuiltinOps(TFLiteOps):
     def activation(self, layer: tf.keras.layers.Layer, activation: Callable) -> Callable[[_Tensor], _Tensor]:
         """`activation_function`: relu or linear, else the `unsupported_layer` error."""
         return activation_function(layer, activation)
+
+    def reshape(self, x: _Tensor, shape: list[int]) -> _Tensor:
+        """`reshape`."""
+        return reshape(x, shape)
+
+    def pad(self, x: _Tensor, paddings: list[tuple[int, int]]) -> _Tensor:
+        """`pad`."""
+        return pad(x, paddings)
+
+    def gather(self, table: _Tensor, ids: _Tensor) -> _Tensor:
+        """`gather`."""
+        return gather(table, ids)
 
     def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
         """`unsupported_layer`: the error naming ``layer`` (returned, for the caller to raise)."""
@@ -134,7 +158,8 @@ def scale_rows(omega, combination):
 
 @tf.custom_gradient
 def matmul(x, w):
-    """``x @ w`` over the last axis of a 2-D or 4-D ``x`` (Dense, and the 1×1 combination of a principal conv)."""
+    """``x @ w`` over the last axis of an ``x`` of any rank >= 2 (Dense on images or tokens, and the 1×1 combination
+    of a principal conv): one FULLY_CONNECTED/BATCH_MATMUL on ``x`` reshaped to ``[-1, in]``."""
     shape = x.shape
     x2 = x if shape.rank == 2 else tf.reshape(x, [-1, shape[-1]])
     y2 = tf.matmul(x2, w)
@@ -147,6 +172,227 @@ def matmul(x, w):
         return dx, tf.matmul(x2, dy2, transpose_a=True)
 
     return y, grad
+
+
+_INV_SQRT_2PI = 0.3989422804014327  # φ(0) = 1/√(2π)
+
+
+@tf.custom_gradient
+def gelu(x):
+    """Keras's ``gelu`` (``approximate=False``: ``x·Φ(x)``, Φ the normal CDF) as LiteRT's GELU builtin.
+
+    The gradient ``Φ(x) + x·φ(x)`` needs Φ, and LiteRT has no ERF kernel: Φ is the forward's ``gelu(x) / x``
+    (``0.5 + x·φ(0)`` where ``|x| < 1e-3``, exact there to 1e-10), φ an EXP. Same erf, so the same number as
+    TensorFlow's autodiff of ``0.5·x·(1 + erf(x/√2))`` up to float32 round-off.
+    """
+    y = tf.nn.gelu(x, approximate=False)  # the converter fuses TF's erf formula into one GELU
+
+    def grad(dy):
+        small = tf.abs(x) < 1e-3
+        cdf = tf.where(small, 0.5 + x * _INV_SQRT_2PI, y / tf.where(small, tf.ones_like(x), x))
+        pdf = tf.exp(-0.5 * tf.square(x)) * _INV_SQRT_2PI
+        return dy * (cdf + x * pdf)
+
+    return y, grad
+
+
+def reshape(x: _Tensor, shape: list[int]) -> _Tensor:
+    """``tf.reshape(x, shape)``; the gradient reshapes back to ``x``'s static shape (``-1`` for the batch)."""
+    back = [-1 if d is None else int(d) for d in x.shape]
+
+    @tf.custom_gradient
+    def reshaped(x):
+        def grad(dy):
+            return tf.reshape(dy, back)
+
+        return tf.reshape(x, shape), grad
+
+    return reshaped(x)
+
+
+def pad(x: _Tensor, paddings: list[tuple[int, int]]) -> _Tensor:
+    """PAD with zeros by ``(before, after)`` per axis; the gradient is a STRIDED_SLICE of the unpadded part."""
+    window = tuple(slice(before, -after if after else None) for before, after in paddings)
+
+    @tf.custom_gradient
+    def padded(x):
+        def grad(dy):
+            return dy[window]
+
+        return tf.pad(x, [list(p) for p in paddings]), grad
+
+    return padded(x)
+
+
+def gather(table: _Tensor, ids: _Tensor) -> _Tensor:
+    """``table[ids]`` (GATHER) for integer ``ids`` of any shape; the table's gradient is UNSORTED_SEGMENT_SUM of
+    the output gradients by id (what TensorFlow's sparse gradient adds up, as a dense ``[rows, dim]`` tensor)."""
+    rows, dim = int(table.shape[0]), int(table.shape[-1])
+    ids = tf.cast(ids, tf.int32) if ids.dtype != tf.int32 else ids
+
+    @tf.custom_gradient
+    def lookup(table):
+        def grad(dy):
+            return tf.math.unsorted_segment_sum(tf.reshape(dy, [-1, dim]), tf.reshape(ids, [-1]), rows)
+
+        return tf.gather(table, ids), grad
+
+    return lookup(table)
+
+
+def transpose(x: _Tensor, perm: list[int]) -> _Tensor:
+    """TRANSPOSE by ``perm``; the gradient transposes by its inverse (a constant)."""
+    inverse = [perm.index(i) for i in range(len(perm))]
+
+    @tf.custom_gradient
+    def transposed(x):
+        def grad(dy):
+            return tf.transpose(dy, inverse)
+
+        return tf.transpose(x, perm), grad
+
+    return transposed(x)
+
+
+def scale(x: _Tensor, factor: float) -> _Tensor:
+    """``x · factor`` for a Python constant (MUL; no BroadcastGradientArgs in the gradient)."""
+
+    @tf.custom_gradient
+    def scaled(x):
+        def grad(dy):
+            return dy * factor
+
+        return x * factor, grad
+
+    return scaled(x)
+
+
+def batch_matmul(a: _Tensor, b: _Tensor, transpose_b: bool = False) -> _Tensor:
+    """``a @ b`` (``a @ bᵀ``) over the last two axes of equally ranked ``a``, ``b`` with the same leading axes
+    (BATCH_MATMUL, also in the gradient)."""
+
+    @tf.custom_gradient
+    def product(a, b):
+        y = tf.matmul(a, b, transpose_b=transpose_b)
+
+        def grad(dy):
+            if transpose_b:
+                return tf.matmul(dy, b), tf.matmul(dy, a, transpose_a=True)
+            return tf.matmul(dy, b, transpose_b=True), tf.matmul(a, dy, transpose_a=True)
+
+        return y, grad
+
+    return product(a, b)
+
+
+@tf.custom_gradient
+def softmax(x):
+    """SOFTMAX over the last axis; the gradient ``(dy − Σ dy·y)·y`` (TensorFlow's SoftmaxGrad, in builtins)."""
+    y = tf.nn.softmax(x)
+
+    def grad(dy):
+        return (dy - tf.reduce_sum(dy * y, -1, keepdims=True)) * y
+
+    return y, grad
+
+
+@tf.custom_gradient
+def add_table(x, table):
+    """``x + table`` for a table of ``x``'s shape without the batch (a learned position table); the table's gradient
+    is ``dy`` summed over the batch."""
+
+    def grad(dy):
+        return dy, tf.reduce_sum(dy, 0)
+
+    return x + table, grad
+
+
+def token_average_pool(x: _Tensor, tokens: int) -> _Tensor:
+    """The mean over the ``tokens`` axis of a ``[batch, tokens, dim]`` ``x`` (GlobalAveragePooling1D); the gradient
+    is a TILE."""
+
+    @tf.custom_gradient
+    def pool(x):
+        def grad(dy):
+            return tf.tile(dy[:, tf.newaxis, :], [1, tokens, 1]) / float(tokens)
+
+        return tf.reduce_mean(x, axis=1), grad
+
+    return pool(x)
+
+
+def layer_norm(layer: tf.keras.layers.LayerNormalization, shape: tuple) -> CompiledLayer:
+    """Keras LayerNormalization over the last axis, as Keras computes it unfused (``tf.nn.moments``, then
+    ``x·inv + (β − mean·inv)`` with ``inv = rsqrt(var + ε)·γ``), with the analytic backward pass."""
+    epsilon = float(layer.epsilon)
+    channels = int(shape[-1])
+    axes = list(range(len(shape) - 1))
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        mean = tf.reduce_mean(x, -1, keepdims=True)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, mean), -1, keepdims=True)
+        rstd = tf.math.rsqrt(variance + epsilon)
+        inv = rstd * gamma
+        y = x * inv + (beta - mean * inv)
+
+        def grad(dy):
+            xhat = (x - mean) * rstd
+            dxhat = dy * gamma
+            dx = (dxhat - tf.reduce_mean(dxhat, -1, keepdims=True)
+                  - xhat * tf.reduce_mean(dxhat * xhat, -1, keepdims=True)) * rstd
+            return dx, tf.reduce_sum(dy * xhat, axes), tf.reduce_sum(dy, axes)
+
+        return y, grad
+
+    def apply(inputs, training, updates):
+        gamma = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([channels])
+        beta = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([channels])
+        return normalize(inputs[0], gamma, beta)
+
+    return apply
+
+
+def multi_head_attention(layer: tf.keras.layers.MultiHeadAttention, shapes: list[tuple]) -> CompiledLayer:
+    """Keras MultiHeadAttention on ``[batch, tokens, dim]`` inputs ``(query, value[, key])``, kept whole.
+
+    Each projection (an EinsumDense ``[dim, heads, size]`` + ``[heads, size]``) is one FULLY_CONNECTED on the
+    tokens with the kernel reshaped to ``[dim, heads·size]``; the scaled query and the keys, per head (TRANSPOSE to
+    ``[batch, heads, tokens, size]``), give the scores by one BATCH_MATMUL, then SOFTMAX, the weighted values by
+    another BATCH_MATMUL, and the output projection a FULLY_CONNECTED with ``[heads·size, out]``. Every piece has
+    its own builtin backward pass; the query is scaled by ``1/√key_dim`` after its projection, as Keras does.
+    """
+    heads, key_dim = int(layer._num_heads), int(layer._key_dim)
+    value_dim = int(layer._value_dim or layer._key_dim)
+    factor = 1.0 / math.sqrt(float(key_dim))
+    query_tokens = int(shapes[0][1])
+    dense = (layer._query_dense, layer._value_dense, layer._key_dense, layer._output_dense)
+
+    def project(x, einsum_dense, size):
+        kernel = tf.convert_to_tensor(einsum_dense.kernel)
+        tokens, dim = int(x.shape[1]), int(x.shape[2])
+        y = matmul(x, reshape(kernel, [dim, heads * size]))
+        if einsum_dense.bias is not None:
+            y = bias_add(y, reshape(tf.convert_to_tensor(einsum_dense.bias), [heads * size]))
+        return transpose(reshape(y, [-1, tokens, heads, size]), [0, 2, 1, 3])  # [batch, heads, tokens, size]
+
+    def apply(inputs, training, updates):
+        query_input, value_input = inputs[0], inputs[1]
+        key_input = inputs[2] if len(inputs) > 2 else value_input
+        query_dense, value_dense, key_dense, output_dense = dense
+        query = project(query_input, query_dense, key_dim)
+        key = project(key_input, key_dense, key_dim)
+        value = project(value_input, value_dense, value_dim)
+        scores = softmax(batch_matmul(scale(query, factor), key, transpose_b=True))  # [batch, heads, T, S]
+        context = transpose(batch_matmul(scores, value), [0, 2, 1, 3])  # [batch, T, heads, value_dim]
+        context = reshape(context, [-1, query_tokens, heads * value_dim])
+        kernel = tf.convert_to_tensor(output_dense.kernel)
+        y = matmul(context, reshape(kernel, [heads * value_dim, int(kernel.shape[-1])]))
+        if output_dense.bias is not None:
+            y = bias_add(y, tf.convert_to_tensor(output_dense.bias))
+        return y
+
+    return apply
 
 
 def global_average_pool(x: _Tensor, height: int, width: int) -> _Tensor:
@@ -349,5 +595,7 @@ def group_norm(layer: tf.keras.layers.GroupNormalization, shape: tuple) -> Compi
     return apply
 
 
-__all__ = ["SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "batch_norm", "bias_add",
-           "cross_entropy", "global_average_pool", "group_norm", "matmul", "relu", "scale_rows", "unsupported_layer"]
+__all__ = ["FLEX_HINT", "SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "add_table",
+           "batch_matmul", "batch_norm", "bias_add", "cross_entropy", "gather", "gelu", "global_average_pool",
+           "group_norm", "layer_norm", "matmul", "multi_head_attention", "pad", "relu", "reshape", "scale",
+           "scale_rows", "softmax", "token_average_pool", "transpose", "unsupported_layer"]

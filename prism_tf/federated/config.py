@@ -33,9 +33,10 @@ class TrainConfig:
     method: str = "prism"
     model: str = "resnet18"
     width: int = 16
-    norm: str = "batch"
+    norm: str | None = None
     dataset: str = "cifar10"
     data: str | None = None
+    sequence_length: int | None = None
     clients: int = 20
     clients_per_round: int = 5
     min_clients: int = 1
@@ -60,8 +61,8 @@ class TrainConfig:
     final_lr: float = 1e-4
     frobenius_decay: float = 2e-4
     weight_decay: float = 5e-4
-    augment: str = "crop_flip"
-    normalize: str = "channel"
+    augment: str | None = None
+    normalize: str | None = None
     server_lr: float | None = None
     server_momentum: float = 0.0
     refactorize_every: int = 1
@@ -69,6 +70,11 @@ class TrainConfig:
     eval_norm: str = "recalibrate"
     match: str = "flops"
     calibration_examples: int = 1000
+    attention: str = "whole"
+
+    def factorize_options(self) -> dict[str, Any]:
+        """The keyword arguments of `prism_tf.factorize` this run's server model is factorized with."""
+        return {"attention": self.attention == "factorized"}
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first option (as its CLI flag) whose value a run cannot use."""
@@ -76,6 +82,12 @@ class TrainConfig:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.model not in prism_tf.models.MODELS:
             raise ValueError(f"--model must be one of {', '.join(prism_tf.models.MODELS)}, got {self.model!r}")
+        norms = prism_tf.models.model_spec(self.model).norms
+        if self.norm is not None and self.norm not in norms:
+            raise ValueError(f"--norm {self.norm} does not apply to --model {self.model}: it takes "
+                             f"{' or '.join(norms)} (default {norms[0]})")
+        if self.sequence_length is not None and self.sequence_length < 1:
+            raise ValueError(f"--sequence-length must be >= 1, got {self.sequence_length}")
         positive = dict(width=self.width, clients=self.clients, clients_per_round=self.clients_per_round,
                         rounds=self.rounds, local_epochs=self.local_epochs, batch_size=self.batch_size,
                         eval_every=self.eval_every, min_clients=self.min_clients)
@@ -94,12 +106,14 @@ class TrainConfig:
             raise ValueError(f"--eval-norm must be one of {', '.join(EVAL_NORMS)}, got {self.eval_norm!r}")
         for name, value, allowed in (("lr_schedule", self.lr_schedule, recipe.SCHEDULES),
                                      ("augment", self.augment, AUGMENTS), ("normalize", self.normalize, NORMALIZE)):
-            if value not in allowed:
+            if value is not None and value not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
         for name in ("client_lr", "final_lr", "frobenius_decay", "weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.attention not in ("whole", "factorized"):
+            raise ValueError(f"--attention must be whole or factorized, got {self.attention!r}")
         if self.match not in MATCHES:
             raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.calibration_examples < 2:
@@ -120,6 +134,56 @@ class TrainConfig:
 
 AUGMENTS = ("none", "crop_flip")
 NORMALIZE = ("none", "channel")
+IMAGE_RECIPE = {"augment": "crop_flip", "normalize": "channel"}
+"""The image-only options and their defaults for image datasets (``None`` in `TrainConfig`: the dataset's)."""
+
+
+def input_recipe(config: TrainConfig, dataset: Any) -> dict[str, str]:
+    """``augment`` and ``normalize`` of a run on ``dataset``: the config's, or the dataset's default where unset
+    (`IMAGE_RECIPE` for an image dataset, ``none`` for a sequence dataset, which has no pixels to crop or
+    normalize per channel).
+
+    Raises:
+      ValueError: an image option asked for on a sequence dataset, named as its flag.
+    """
+    images = not is_sequence_data(dataset)
+    out = {}
+    for name, default in IMAGE_RECIPE.items():
+        value = getattr(config, name)
+        if not images and value not in (None, "none"):
+            raise ValueError(f"--{name} {value} is for image datasets; --dataset {config.dataset} holds sequences "
+                             f"(leave --{name} unset or give none)")
+        out[name] = value if value is not None else (default if images else "none")
+    return out
+
+
+def is_sequence_data(dataset: Any) -> bool:
+    """Whether ``dataset`` is a `prism_tf.federated.sequences.SequenceDataset` (else an image dataset)."""
+    return hasattr(dataset, "vocabulary_size")
+
+
+def data_inputs(dataset: Any) -> tuple[str, str]:
+    """What ``dataset`` feeds a model: (`prism_tf.models.ModelSpec.inputs`, task): ``("image", "classification")``,
+    ``("tokens", task)`` or ``("features", task)``."""
+    if not is_sequence_data(dataset):
+        return "image", "classification"
+    return ("tokens" if dataset.x_train.ndim == 2 else "features"), dataset.task
+
+
+def check_model_fits(config: TrainConfig, dataset: Any) -> None:
+    """Raise one `ValueError` naming ``--model`` and ``--dataset`` when the model cannot take the dataset's inputs
+    or labels (an image model on token ids, a classifier on next-token labels, ...)."""
+    spec = prism_tf.models.model_spec(config.model)
+    inputs, task = data_inputs(dataset)
+    if (spec.inputs, spec.task) == (inputs, task):
+        return
+    takes = {"image": "images", "tokens": "token ids", "features": "feature frames"}
+    labels = {"classification": "one label per example", "next_token": "a next token per step"}
+    fitting = [name for name, s in prism_tf.models.MODEL_SPECS.items() if (s.inputs, s.task) == (inputs, task)]
+    raise ValueError(
+        f"--model {config.model} takes {takes[spec.inputs]} with {labels[spec.task]}, but --dataset {config.dataset} "
+        f"holds {takes[inputs]} {list(dataset.input_shape)} with {labels[task]}"
+        + (f"; models for it: {', '.join(fitting)}" if fitting else ""))
 
 
 def parse_keep_mix(text: str | None) -> tuple[tuple[float, float], ...] | None:
@@ -137,14 +201,20 @@ def parse_keep_mix(text: str | None) -> tuple[tuple[float, float], ...] | None:
     return mix
 
 
-def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int | None = None) -> Callable:
+def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int | None = None,
+                  vocabulary_size: int | None = None) -> Callable:
     """A function building the run's model (at ``width``, default ``--width``), seeded by the run: every call,
-    and every method of the same config, starts from the same initial weights."""
+    and every method of the same config, starts from the same initial weights.
+
+    ``vocabulary_size``: the token models' embedding rows (a sequence dataset's ``vocabulary_size``; ignored by the
+    other models). ``--norm`` unset is the model's default (`prism_tf.models.ModelSpec.default_norm`).
+    """
 
     def build() -> tf.keras.Model:
         tf.keras.utils.set_random_seed(config.seed)  # the same initial server model for every method
         return prism_tf.models.build_model(config.model, width=width or config.width, num_classes=num_classes,
-                                           input_shape=input_shape, norm=config.norm)
+                                           input_shape=input_shape, norm=config.norm,
+                                           vocabulary_size=vocabulary_size or None)
 
     return build
 
@@ -152,23 +222,31 @@ def model_builder(config: TrainConfig, input_shape, num_classes: int, width: int
 MATCHES = ("flops", "activations", "nominal")
 
 
-def client_budget(config: TrainConfig, input_shape, num_classes: int) -> tuple[Method, int, dict]:
+def client_budget(config: TrainConfig, input_shape, num_classes: int,
+                  vocabulary_size: int | None = None) -> tuple[Method, int, dict]:
     """The method at the run's client budget (docs/algorithm.md §5): its `Method`, model width and budget record.
 
     ``--match flops`` (default) / ``activations`` give every width method the channel fraction, and ``small`` the
     model width, whose client flops (activation bytes) are closest to PriSM's sub-model at ``--keep-ratio``
     (`Method.match_cost`); ``nominal`` uses ``--keep-ratio`` as the channel fraction and records PriSM's budget
-    (a method that is `Method.always_matched`, ``small``, is still matched by flops).
+    (a method that is `Method.always_matched`, ``small``, is still matched by flops). ``vocabulary_size``: as in
+    `model_builder`.
     """
     method = config.method_spec()
     metric = "activation_bytes" if config.match == "activations" else "flops"
-    full = model_builder(config, input_shape, num_classes)()
+    full = model_builder(config, input_shape, num_classes, vocabulary_size=vocabulary_size)()
+    if method.width and not prism_tf.SubmodelPlan.of(full).free_channel_groups():
+        raise ValueError(f"--method {config.method} slices channels, but --model {config.model} has no channel group "
+                         "it can slice (its layers without a layer kind, such as LSTMs, travel whole); use a method "
+                         "that needs none: prism, fedhm, small or fedavg")
     if config.match == "nominal" and not method.always_matched:
-        _, info = equal_cost_method(PriSM(keep_ratio=method.keep_ratio, output_keep=method.output_keep), full, metric)
+        _, info = equal_cost_method(PriSM(keep_ratio=method.keep_ratio, output_keep=method.output_keep), full, metric,
+                                    factorize_options=config.factorize_options())
         info.update(metric="nominal", width_fraction=None)
         return method, config.width, info
-    build = lambda width: model_builder(config, input_shape, num_classes, width)()  # noqa: E731
-    matched, info = equal_cost_method(method, full, metric, build_model=build, max_width=config.width)
+    build = lambda width: model_builder(config, input_shape, num_classes, width, vocabulary_size)()  # noqa: E731
+    matched, info = equal_cost_method(method, full, metric, build_model=build, max_width=config.width,
+                                      factorize_options=config.factorize_options())
     return matched, matched.model_width(info, config.width), info
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "DataError",
     "PIXEL_MAX",
     "ImageDataset",
+    "client_indices",
     "find_cifar10",
     "load_dataset",
     "partition",
@@ -476,7 +477,8 @@ def _write_cache(cache_file: str, ds: ImageDataset) -> None:
 def _parse_scheme(scheme: str) -> tuple[str, float]:
     text = str(scheme).strip().lower()
     kind, _, arg = text.partition(":")
-    usage = "expected 'iid', 'dirichlet:<alpha>' (alpha > 0) or 'shards:<k>' (k >= 1)"
+    usage = ("expected 'iid', 'dirichlet:<alpha>' (alpha > 0), 'shards:<k>' (k >= 1) or, for datasets with a natural "
+             "partition, 'natural'")
     if kind == "iid" and not arg:
         return "iid", 0.0
     if kind == "dirichlet":
@@ -574,6 +576,44 @@ def partition(
             part = part[:examples_per_client]
         result.append(part)
     return result
+
+
+def client_indices(
+    ds,
+    num_clients: int,
+    scheme: str = "iid",
+    *,
+    seed: int = 0,
+    examples_per_client: int | None = None,
+) -> list[np.ndarray]:
+    """The training indices of each of ``num_clients`` clients of an image or sequence dataset.
+
+    ``scheme`` is a `partition` scheme, or ``"natural"``: the first ``num_clients`` clients of the dataset's own
+    partition (`prism_tf.federated.sequences.SequenceDataset.natural_clients`: one per text file, speaking role,
+    ...; each client's examples in a seeded random order, at most ``examples_per_client`` of them). Label-skew
+    schemes need one label per example: a next-token dataset is partitioned ``iid`` or ``natural``.
+
+    Raises:
+      DataError: as `partition`; a dataset without a natural partition, or with fewer natural clients than asked.
+    """
+    labels = np.asarray(ds.y_train)
+    if str(scheme).strip().lower() == "natural":
+        if not hasattr(ds, "natural_clients") or getattr(ds, "clients_train", None) is None:
+            raise DataError(f"--partition natural: {ds.source} has no natural partition (only sequence datasets "
+                            "whose examples come from people or files do: shakespeare, python_source, a .txt "
+                            "folder, a .npz with clients_train); use iid, dirichlet:ALPHA or shards:K")
+        natural = ds.natural_clients()
+        if len(natural) < num_clients:
+            raise DataError(f"--partition natural: {ds.source} has {len(natural)} natural clients, fewer than "
+                            f"--clients {num_clients}")
+        rng = np.random.default_rng(seed)
+        return [rng.permutation(part).astype(np.int64)[:examples_per_client] for part in natural[:num_clients]]
+    if labels.ndim != 1:
+        if _parse_scheme(scheme)[0] != "iid":
+            raise DataError(f"partition {scheme!r} skews labels, but {ds.source} has a label per step "
+                            f"({labels.shape[1:]} per example); use iid or natural")
+        labels = np.zeros(len(labels), np.int32)
+    return partition(labels, num_clients, scheme, seed=seed, examples_per_client=examples_per_client)
 
 
 def _dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 import prism_tf
-from prism_tf.federated import recipe
+from prism_tf.federated import recipe, sequences
 from prism_tf.federated.config import (
     TrainConfig,
     calibration_batches,
@@ -63,9 +63,11 @@ class RoundReplay:
             raise RunError(f"{self.run.path} has no data_spec.json (written by runs since it existed); resume the "
                            "run once to write it")
         self.input_shape, self.num_classes = tuple(spec["input_shape"]), int(spec["num_classes"])
+        self.vocabulary_size: int | None = spec.get("vocabulary_size")
         self.method, width = self._method()
-        model = model_builder(self.config, self.input_shape, self.num_classes, width)()
-        self.server_model = prism_tf.factorize(model) if self.method.spectral else model
+        model = model_builder(self.config, self.input_shape, self.num_classes, width, self.vocabulary_size)()
+        self.server_model = (prism_tf.factorize(model, **self.config.factorize_options()) if self.method.spectral
+                             else model)
         self.plan = prism_tf.SubmodelPlan.of(self.server_model)
         self.round_num = self.run.open_round() if round_num is None else int(round_num)
         if self.round_num < 1:
@@ -91,7 +93,7 @@ class RoundReplay:
             method = self.config.method_spec().with_budget(info)
             width = method.model_width(info, self.config.width)
         else:  # a run from before budget.json existed: the budget is computed again
-            method, width, _ = client_budget(self.config, self.input_shape, self.num_classes)
+            method, width, _ = client_budget(self.config, self.input_shape, self.num_classes, self.vocabulary_size)
         return method.trained_method(), width
 
     # --- the round -----------------------------------------------------------------------------------------
@@ -107,8 +109,8 @@ class RoundReplay:
 
     def singular_values(self) -> dict[str, np.ndarray]:
         """Each principal layer's singular values at the round's server weights (what spectral methods sample)."""
-        layers = prism_tf.kinds.principal_layers(self.server_model)
-        return {layer.name: layer.singular_values.numpy() for layer in layers}
+        groups = prism_tf.kinds.kernel_groups(self.server_model)
+        return {group: layer.factors(pair).singular_values.numpy() for group, (layer, pair) in groups.items()}
 
     def selections(self, client_ids: Sequence[int] | None = None) -> dict[int, prism_tf.Selection]:
         """Each client's selection, as the process draws it (default: this round's clients; ``collective``'s ``C``
@@ -141,7 +143,10 @@ class RoundReplay:
         return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """Raw pixels -> model inputs, as the run's clients and evaluation saw them (`recipe.preprocess`)."""
+        """Raw pixels -> model inputs, as the run's clients and evaluation saw them (`recipe.preprocess`; sequences
+        as stored)."""
+        if sequences.is_sequence_dataset(self.config.dataset):
+            return np.asarray(x)
         return recipe.preprocess(x, *self.input_stats())
 
     def calibration(self, x_train: np.ndarray) -> list[np.ndarray]:

@@ -661,14 +661,18 @@ class RunDir:
             if match and int(match.group(1)) < before:
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def write_data_spec(self, input_shape: Sequence[int], num_classes: int) -> None:
-        """What the model takes (``data_spec.json``): per-example input shape and number of classes."""
+    def write_data_spec(self, input_shape: Sequence[int], num_classes: int, vocabulary_size: int | None = None) -> None:
+        """What the model takes (``data_spec.json``): per-example input shape and number of classes, and the token
+        vocabulary's size for a token model."""
         self.check_format()
-        _atomic_write(self.data_spec_path, json.dumps(
-            {"input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)}, indent=2))
+        spec: dict[str, Any] = {"input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)}
+        if vocabulary_size:
+            spec["vocabulary_size"] = int(vocabulary_size)
+        _atomic_write(self.data_spec_path, json.dumps(spec, indent=2))
 
     def read_data_spec(self) -> dict[str, Any] | None:
-        """``data_spec.json``: ``input_shape`` and ``num_classes`` (``None``: a run from before it existed)."""
+        """``data_spec.json``: ``input_shape``, ``num_classes`` and, for token models, ``vocabulary_size``
+        (``None``: a run from before it existed)."""
         return self._read_json(self.data_spec_path)
 
     # --- plot ------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ apart (``clients_train``: the natural partition, e.g. one client per text file).
 - `load_python_source`: the offline task of the tests and benches: next-character prediction over the Python
   standard library's own source files (on every machine that runs Python, no download), one client per module.
 
-Bad data is one `DataError` naming the file and what is wrong. No TFF here (docs/design.md).
+`load_sequences` picks the loader from a run's ``--dataset`` (`is_sequence_dataset`); federated Shakespeare needs
+TFF's loader (`tff_pipelines.program.shakespeare`). Bad data is one `DataError` naming the file and what is wrong.
+No TFF here (docs/design.md).
 """
 
 from __future__ import annotations
@@ -252,6 +254,43 @@ def load_sequence_npz(path: str | os.PathLike[str], task: str | None = None) -> 
                            clients_train=None if clients is None else clients.astype(np.int32), client_names=names)
 
 
-__all__ = ["SequenceDataset", "TASKS", "char_vocabulary", "encode", "load_imdb", "load_python_source",
-           "load_sequence_npz", "load_text_folder", "next_token_windows", "pad_front", "split_texts_to_dataset",
-           "texts_to_dataset"]
+NAMED = ("imdb", "python_source", "shakespeare")
+"""The sequence datasets a run names (others are given by path: a folder of ``.txt`` files, a ``.npz``)."""
+DEFAULT_LENGTH = {"imdb": 200, "text": 80}  # IMDB reviews cut to 200 words; next-character windows of 80
+
+
+def is_sequence_dataset(name: str | os.PathLike[str]) -> bool:
+    """Whether a run's ``--dataset`` names a sequence dataset: one of `NAMED`, a ``.npz`` file, or a folder of
+    ``.txt`` files (a folder with ``train/`` and ``test/`` class folders is an image dataset)."""
+    text = os.fspath(name)
+    if text in NAMED or text.lower().endswith(".npz"):
+        return True
+    folder = Path(os.path.expanduser(text))
+    return folder.is_dir() and not (folder / "train").is_dir() and any(folder.glob("*.txt"))
+
+
+def load_sequences(name: str | os.PathLike[str], *, length: int | None = None,
+                   clients: int = 50) -> SequenceDataset:
+    """The sequence dataset a run names (`is_sequence_dataset`; ``shakespeare`` excepted: it needs TFF).
+
+    ``length``: IMDB's review length (default 200) or the next-character window (default 80); a ``.npz`` keeps its
+    stored length. ``clients``: how many standard-library modules ``python_source`` reads (one client each).
+    """
+    text = os.fspath(name)
+    if text == "imdb":
+        return load_imdb(maxlen=length or DEFAULT_LENGTH["imdb"])
+    if text == "python_source":
+        return load_python_source(clients=clients, length=length or DEFAULT_LENGTH["text"])
+    if text == "shakespeare":
+        raise DataError("federated Shakespeare loads through TFF (tff_pipelines.program.shakespeare)")
+    path = Path(os.path.expanduser(text))
+    if text.lower().endswith(".npz"):
+        if not path.is_file():
+            raise DataError(f"dataset path not found: {text}")
+        return load_sequence_npz(path)
+    return load_text_folder(path, length=length or DEFAULT_LENGTH["text"])
+
+
+__all__ = ["DEFAULT_LENGTH", "NAMED", "SequenceDataset", "TASKS", "char_vocabulary", "encode", "is_sequence_dataset",
+           "load_imdb", "load_python_source", "load_sequence_npz", "load_sequences", "load_text_folder",
+           "next_token_windows", "pad_front", "split_texts_to_dataset", "texts_to_dataset"]

@@ -9,7 +9,7 @@ testing layer types themselves (the pattern of tfmot's ``prune_registry``). The 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
@@ -25,11 +25,13 @@ class Rules:
       first_conv: name of the model's first convolution (kept whole when ``skip_first_conv``), or ``None``.
       classifiers: names of layers that produce a model output (kept whole when ``skip_classifier``).
       skip_pointwise: keep 1×1 convolutions whole.
+      attention: factorize attention projections (the authors keep them whole).
     """
 
     first_conv: str | None
     classifiers: frozenset[str]
     skip_pointwise: bool
+    attention: bool = False
 
 
 class TFLiteOps:
@@ -55,6 +57,18 @@ class TFLiteOps:
     def activation(self, layer: tf.keras.layers.Layer, activation: Callable) -> Callable[[tf.Tensor], tf.Tensor]:
         raise NotImplementedError
 
+    def reshape(self, x: tf.Tensor, shape: list[int]) -> tf.Tensor:
+        """``tf.reshape`` (``-1`` for the batch); the gradient reshapes back."""
+        raise NotImplementedError
+
+    def pad(self, x: tf.Tensor, paddings: list[tuple[int, int]]) -> tf.Tensor:
+        """Zero padding of each axis by ``(before, after)``; the gradient is the slice of the unpadded part."""
+        raise NotImplementedError
+
+    def gather(self, table: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+        """Rows ``table[ids]`` (an embedding lookup); the table's gradient sums each row's output gradients."""
+        raise NotImplementedError
+
     def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
         raise NotImplementedError
 
@@ -76,6 +90,7 @@ class LayerKind:
     width_key: ClassVar[str]  # the config entry of the output width ("filters", "units")
     is_conv: ClassVar[bool] = False  # a convolution: the model's first one sees raw inputs (`Rules.first_conv`)
     is_classifier: ClassVar[bool] = False  # may produce a model output (`Rules.classifiers`)
+    pairs: ClassVar[tuple[str, ...]] = ("",)  # the principal layer's factor pairs (`prism_tf.layers`)
 
     # --- matching ------------------------------------------------------------------------------------------
     def holds(self, layer: tf.keras.layers.Layer) -> bool:
@@ -94,17 +109,18 @@ class LayerKind:
     def kernel_shape(self, layer: tf.keras.layers.Layer) -> tuple[int, ...]:
         return tuple(int(d) for d in layer.kernel.shape)
 
-    def full_rank(self, layer: tf.keras.layers.Layer) -> int:
-        """``min(rows, out)`` of the kernel as a matrix: the number of principal kernels at full rank."""
-        shape = self.kernel_shape(layer)
-        rows = 1
-        for d in shape[:-1]:
-            rows *= d
-        return min(rows, shape[-1])
+    def kernel_shapes(self, layer: tf.keras.layers.Layer) -> dict[str, tuple[int, ...]]:
+        """The shape of each factor pair's kernel, by pair (``{"": shape}`` for a single-kernel kind)."""
+        return {"": self.kernel_shape(layer)}
 
-    def to_principal(self, config: dict[str, Any], rank: int) -> tf.keras.layers.Layer:
-        """The principal layer of ``rank`` kernels for a plain layer's ``config`` (a new, unbuilt layer)."""
-        common = dict(rank=rank, activation=config.get("activation"), use_bias=config.get("use_bias", True),
+    def full_ranks(self, layer: tf.keras.layers.Layer) -> dict[str, int]:
+        """Per pair, ``min(rows, out)`` of its kernel as a matrix: the number of principal kernels at full rank."""
+        return {pair: matrix_rank(shape) for pair, shape in self.kernel_shapes(layer).items()}
+
+    def to_principal(self, config: dict[str, Any], ranks: Mapping[str, int]) -> tf.keras.layers.Layer:
+        """The principal layer with ``ranks`` kernels per pair for a plain layer's ``config`` (a new, unbuilt
+        layer)."""
+        common = dict(rank=ranks[""], activation=config.get("activation"), use_bias=config.get("use_bias", True),
                       name=config["name"], trainable=config.get("trainable", True), dtype=config.get("dtype"))
         return self.principal(**self.shape_config(config), **common)
 
@@ -159,6 +175,10 @@ class LayerKind:
         rank-wide response map)."""
         raise NotImplementedError
 
+    def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
+        """`flops` of one call of ``layer`` (a Keras node): a layer called twice (a tied embedding) costs both."""
+        return self.flops(layer, *node_shapes(node))
+
     # --- local step (`prism_tf.local_step`, docs/algorithm.md §7) ------------------------------------------
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         """The variables weight decay applies to: a plain layer's kernel (a principal layer's factors get the
@@ -200,7 +220,8 @@ class ConvKind(LayerKind):
         if layer.data_format != "channels_last":
             return "channels_first is not supported"
         if layer.groups != 1:
-            return f"grouped conv (groups={layer.groups})"
+            return (f"grouped conv (groups={layer.groups}): its kernel is block-diagonal and a low-rank factor would "
+                    "mix the groups; one conv per group (groups=1) is factorized")
         if layer.name == rules.first_conv:
             return "first conv (sees the raw input)"
         if rules.skip_pointwise and all(k == 1 for k in layer.kernel_size):
@@ -225,11 +246,20 @@ class ConvKind(LayerKind):
         return n * window * int(in_shape[-1]) // layer.groups * layer.filters, 0
 
 
+def node_shapes(node: Any) -> tuple[tuple, tuple]:
+    """The first input's and first output's shapes of a Keras node (one call of a layer)."""
+    def first(shapes: Any) -> tuple:
+        shapes = shapes if isinstance(shapes, list) else [shapes]
+        return tuple(shapes[0])
+    return first(node.input_shapes), first(node.output_shapes)
+
+
 class WholeKind:
     """A kind that is never factorized but whose cost `prism_tf.cost` counts (depthwise, separable convs)."""
 
     name: ClassVar[str]
     source: ClassVar[type]
+    why: ClassVar[str]  # why it is kept whole, and what would change that (`prism_tf.factorize`'s report)
 
     def covers(self, layer: tf.keras.layers.Layer) -> bool:
         return isinstance(layer, self.source)
@@ -239,6 +269,33 @@ class WholeKind:
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []
+
+    def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
+        return self.flops(layer, *node_shapes(node))
+
+
+def group_name(layer_name: str, pair: str) -> str:
+    """The kernel group of a layer's factor pair: the layer's name for its only pair, else ``layer/pair``
+    (docs/algorithm.md §1)."""
+    return f"{layer_name}/{pair}" if pair else layer_name
+
+
+def pair_axes(layer: tf.keras.layers.Layer, weight: str, ndim: int) -> list[tuple[int, str | None]] | None:
+    """The kernel-group axes of a multi-pair principal layer's factor ``weight`` (``A``: last axis, ``B``, ``s``,
+    ``ω``: first), or ``None`` if ``weight`` is not a factor."""
+    found = layer.role_of(weight)
+    if found is None:
+        return None
+    group = group_name(layer.name, found[0])
+    return [(ndim - 1, group)] if found[1] == "principal_kernels" else [(0, group)]
+
+
+def matrix_rank(shape: Sequence[int]) -> int:
+    """``min(rows, out)`` of a ``[..., out]`` kernel viewed as a ``[prod(...), out]`` matrix."""
+    rows = 1
+    for d in shape[:-1]:
+        rows *= int(d)
+    return min(rows, int(shape[-1]))
 
 
 def pixels(out_shape: Sequence) -> int:

@@ -40,8 +40,8 @@ class DenseKind(LayerKind):
         return rows * int(in_shape[-1]) * layer.units, 0
 
     def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
-        if len(shapes) != 1 or len(shapes[0]) not in (2, 4):
-            raise ops.unsupported(layer, "expects one 2-D or 4-D input")
+        if len(shapes) != 1 or len(shapes[0]) < 2:
+            raise ops.unsupported(layer, "expects one input of rank 2 or more")
         act = ops.activation(layer, layer.activation)
 
         def dense_layer(inputs: list, training: bool, updates: list) -> tf.Tensor:

@@ -7,14 +7,14 @@ so the sub-model's embedding costs ``k × dim`` multiply-adds per token that the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import LayerKind, Rules
-from prism_tf.layers import PrincipalEmbedding
+from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, node_shapes
+from prism_tf.layers import PrincipalEmbedding, PrincipalReversibleEmbedding, ReversibleEmbedding
 
 
 class EmbeddingKind(LayerKind):
@@ -29,8 +29,8 @@ class EmbeddingKind(LayerKind):
     def kernel_shape(self, layer: tf.keras.layers.Layer) -> tuple[int, ...]:
         return (int(layer.input_dim), int(layer.output_dim))
 
-    def to_principal(self, config: dict[str, Any], rank: int) -> tf.keras.layers.Layer:
-        return PrincipalEmbedding(config["input_dim"], config["output_dim"], rank, mask_zero=config["mask_zero"],
+    def to_principal(self, config: dict[str, Any], ranks: Mapping[str, int]) -> tf.keras.layers.Layer:
+        return self.principal(config["input_dim"], config["output_dim"], ranks[""], mask_zero=config["mask_zero"],
                                   name=config["name"], trainable=config.get("trainable", True),
                                   dtype=config.get("dtype"))
 
@@ -38,7 +38,7 @@ class EmbeddingKind(LayerKind):
         return {"input_dim": config["input_dim"], "output_dim": config["output_dim"]}
 
     def to_plain(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
-        return tf.keras.layers.Embedding(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero,
+        return self.source(layer.input_dim, layer.output_dim, mask_zero=layer.mask_zero,
                                          name=layer.name, dtype=layer.dtype)
 
     def load_factors(self, principal: tf.keras.layers.Layer, plain: tf.keras.layers.Layer) -> None:
@@ -58,3 +58,41 @@ class EmbeddingKind(LayerKind):
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []
+
+    def first_factor(self, layer: tf.keras.layers.Layer) -> tf.Tensor:
+        return tf.convert_to_tensor(layer.principal_kernels if type(layer) is self.principal else layer.embeddings)
+
+    def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
+        """A GATHER of the table's rows (a principal layer's rows of ``A``, then ``diag(ω)·B``)."""
+        if len(shapes) != 1:
+            raise ops.unsupported(layer, "expects one input of token ids")
+        if layer.mask_zero:
+            raise ops.unsupported(layer, "mask_zero (its mask travels to the layers after it)")
+        principal = type(layer) is self.principal
+
+        def embedding_layer(inputs: list, training: bool, updates: list) -> tf.Tensor:
+            rows = ops.gather(self.first_factor(layer), inputs[0])
+            return self.finish_linear(layer, rows, ops, lambda y: y) if principal else rows
+
+        return embedding_layer
+
+
+class ReversibleEmbeddingKind(EmbeddingKind):
+    """`ReversibleEmbedding` ↔ `PrincipalReversibleEmbedding`: one table for the lookup and the tied output
+    projection (`prism_tf.layers.tied`); a reverse call costs ``k·(dim + vocabulary)`` per position factorized,
+    ``dim·vocabulary`` whole."""
+
+    name = "reversible_embedding"
+    source = ReversibleEmbedding
+    principal = PrincipalReversibleEmbedding
+
+    def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
+        in_shape, out_shape = node_shapes(node)
+        if not node.call_kwargs.get("reverse", False):
+            return self.flops(layer, in_shape, out_shape)
+        positions = 1
+        for d in in_shape[1:-1]:
+            positions *= int(d)
+        if isinstance(layer, self.principal):
+            return positions * layer.rank * (layer.output_dim + layer.input_dim), positions * layer.rank
+        return positions * layer.output_dim * layer.input_dim, 0

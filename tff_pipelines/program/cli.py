@@ -14,11 +14,18 @@ from prism_tf.federated.methods import METHODS
 # (`_help`), so the two cannot disagree; an option whose default is ``None`` says what ``None`` means instead.
 _FIELD_HELP = {
     "method": f"federated method: {', '.join(METHODS)}",
-    "model": "model from prism_tf.models: resnet18, vgg11, small_cnn",
-    "width": "base width (channels of the first stage; 64 is the paper's ResNet-18)",
-    "norm": "normalization: batch, group or none",
-    "dataset": "'cifar10' (local copy if found, else Keras download) or a class-folder directory/.tar.gz",
+    "model": "model from prism_tf.models: resnet18, vgg11, small_cnn, vit (images); lstm (token classification, "
+             "e.g. imdb), charlstm (next character: python_source, shakespeare, a .txt folder), kws (Conv1D over "
+             "[frames, features] from a .npz)",
+    "width": "base width: channels of the first stage (64 is the paper's ResNet-18), vit's embedding dimension, "
+             "the LSTMs' hidden size (256 in the papers)",
+    "norm": "normalization: batch, group or none (CNNs, kws); layer or none (vit); none (LSTMs)",
+    "dataset": "images: 'cifar10' (local copy if found, else Keras download) or a class-folder directory/.tar.gz; "
+               "sequences: imdb (Keras download), python_source (offline: the Python standard library's modules, "
+               "one client each), shakespeare (TFF download, one client per role), a folder of .txt files (one "
+               "client each) or a .npz (x_train, y_train, x_test, y_test[, clients_train])",
     "data": "where the local CIFAR-10 copy is",
+    "sequence_length": "sequence datasets: IMDB's review length, the next-character window of text",
     "clients": "number of clients the training set is split over",
     "clients_per_round": "clients sampled per round",
     "min_clients": "fewest good clients (finite update, training did not fail) a round needs; with fewer the server "
@@ -32,7 +39,8 @@ _FIELD_HELP = {
     "gamma": "PriSM's exponent p ~ s^gamma",
     "output_keep": "memory-efficient variant: share of owned output channels each client keeps",
     "keep_mix": "heterogeneous clients, e.g. 0.2:0.6,0.4:0.4 (keep ratio:share of clients)",
-    "partition": "iid, dirichlet:ALPHA (label skew) or shards:K",
+    "partition": "iid, dirichlet:ALPHA (label skew), shards:K, or natural (a sequence dataset's own clients: "
+                 "modules, files, roles, clients_train; the first --clients of them)",
     "eval_every": "evaluate the server model on the test set every T rounds",
     "eval_examples": "evaluate on a fixed random subset of N test examples",
     "seed": "run seed: data split, model init, client sampling, kernel sampling",
@@ -42,8 +50,8 @@ _FIELD_HELP = {
     "final_lr": "learning rate of the last round with --lr-schedule cosine",
     "frobenius_decay": "decay of each factorized product A·B (gradient λ·A(BBᵀ), λ·(AᵀA)B)",
     "weight_decay": "weight decay of the other conv/dense kernels",
-    "augment": "client data augmentation: crop_flip (pad 4, random crop, horizontal flip) or none",
-    "normalize": "input normalization: channel (per-channel mean/std of the training set) or none",
+    "augment": "client data augmentation of images: crop_flip (pad 4, random crop, horizontal flip) or none",
+    "normalize": "input normalization of images: channel (per-channel mean/std of the training set) or none",
     "client_momentum": "client SGD momentum",
     "clip_norm": "client gradient-norm clip, 0 disables",
     "server_lr": "server SGD learning rate on the rebuilt kernels",
@@ -56,10 +64,16 @@ _FIELD_HELP = {
     "calibration_examples": "training examples used by --eval-norm recalibrate",
     "refactorize_every": "re-run the SVD every N rounds, 0 never",
     "weighting": "examples (weight clients by examples) or uniform",
+    "attention": "MultiHeadAttention projections: whole (the authors' DeiT runs: only the MLPs are factorized) or "
+                 "factorized (query, key, value and output as principal kernels)",
 }
 # What a ``None`` default means, for the options that have one.
 _NONE_MEANS = {
+    "norm": "the model's: batch, vit layer, LSTMs none",
     "data": "$PRISM_DATA or ../shared/data/cifar10-jpg.tar.gz",
+    "sequence_length": "200 for imdb, 80 for text; a .npz keeps its own",
+    "augment": "crop_flip for images, none for sequences",
+    "normalize": "channel for images, none for sequences",
     "examples_per_client": "all of its partition",
     "gamma": "4 at keep <= 0.2, else 2.5",
     "output_keep": "all",
@@ -86,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     from tff_pipelines.round.distributor import DISTRIBUTIONS
 
     choices_of = {
-        "method": METHODS, "model": tuple(prism_tf.models.MODELS), "norm": prism_tf.models.zoo.NORMS,
+        "method": METHODS, "model": tuple(prism_tf.models.MODELS),
+        "norm": tuple(sorted({n for spec in prism_tf.models.MODEL_SPECS.values() for n in spec.norms})),
         "strategy": prism_tf.STRATEGIES, "distribution": DISTRIBUTIONS, "weighting": ("examples", "uniform"),
         "eval_norm": EVAL_NORMS, "lr_schedule": recipe.SCHEDULES, "augment": AUGMENTS, "normalize": NORMALIZE,
-        "match": MATCHES,
+        "match": MATCHES, "attention": ("whole", "factorized"),
     }
 
     parser = argparse.ArgumentParser(

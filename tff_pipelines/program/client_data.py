@@ -1,5 +1,6 @@
-"""The run's training set as a TFF ``ClientData``: one client dataset per partition of
-`prism_tf.federated.data.partition` (docs/design.md: the TFF-free data loading stays in `prism_tf.federated.data`).
+"""The run's training set as a TFF ``ClientData``: one client dataset per part of
+`prism_tf.federated.data.client_indices` (docs/design.md: the TFF-free data loading stays in
+`prism_tf.federated.data` and `prism_tf.federated.sequences`).
 """
 
 from __future__ import annotations
@@ -10,28 +11,32 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from prism_tf.federated.data import PIXEL_MAX, ImageDataset, partition
+from prism_tf.federated.data import PIXEL_MAX, ImageDataset, client_indices
+from prism_tf.federated.sequences import SequenceDataset
 
 __all__ = ["make_client_data"]
 
 
 def make_client_data(
-    ds: ImageDataset,
+    ds: ImageDataset | SequenceDataset,
     num_clients: int,
     scheme: str = "iid",
     *,
     seed: int = 0,
     examples_per_client: int | None = None,
 ) -> tff.simulation.datasets.ClientData:
-    """Partition ``ds``'s training set (see :func:`partition`) into a TFF ``ClientData``.
+    """Partition ``ds``'s training set (see :func:`client_indices`: a `partition` scheme or ``natural``) into a TFF
+    ``ClientData``.
 
-    Client ids are ``"0" .. str(num_clients - 1)``; client ``i`` holds ``partition(...)[i]`` (same
-    arguments), in that order. Each client dataset yields unbatched
-    ``OrderedDict(x=float32[H, W, C] in [0, 1], y=int32[])``. Built with
+    Client ids are ``"0" .. str(num_clients - 1)``; client ``i`` holds ``client_indices(...)[i]`` (same
+    arguments), in that order. Each client dataset yields unbatched ``OrderedDict(x, y)``: images as
+    ``x=float32[H, W, C]`` in ``[0, 1]``, ``y=int32[]``; sequences as stored (``x=int32[T]`` token ids or
+    ``float32[T, F]`` features, ``y=int32[]`` or ``int32[T]`` next tokens). Built with
     ``ClientData.from_clients_and_tf_fn``: the dataset function is traceable (``dataset_computation`` works);
     only the images used by some client are embedded in it.
     """
-    parts = partition(ds.y_train, num_clients, scheme, seed=seed, examples_per_client=examples_per_client)
+    parts = client_indices(ds, num_clients, scheme, seed=seed, examples_per_client=examples_per_client)
+    images = isinstance(ds, ImageDataset)
     used = np.concatenate(parts)
     splits = np.zeros(num_clients + 1, dtype=np.int64)
     splits[1:] = np.cumsum([len(p) for p in parts])
@@ -40,7 +45,8 @@ def make_client_data(
     captured: list[tf.Tensor] = []  # eager copies, made once, captured by tf.function traces
 
     def scale(x: tf.Tensor, y: tf.Tensor) -> collections.OrderedDict:
-        return collections.OrderedDict(x=tf.cast(x, tf.float32) / PIXEL_MAX, y=y)
+        # Pixels to [0, 1]; token ids stay int32 (an Embedding's input), features stay float32.
+        return collections.OrderedDict(x=tf.cast(x, tf.float32) / PIXEL_MAX if images else x, y=y)
 
     def dataset_fn(client_id: str | tf.Tensor) -> tf.data.Dataset:
         if tf.executing_eagerly():  # create_tf_dataset_for_client: slice in numpy, copy one client only

@@ -18,7 +18,7 @@ import prism_tf
 from prism_tf import evaluation
 from prism_tf.federated import data as data_lib
 from prism_tf.federated import methods as methods_lib
-from prism_tf.federated import recipe
+from prism_tf.federated import recipe, sequences
 from prism_tf.federated.config import (
     AUGMENTS,
     LEGACY_DEFAULTS,
@@ -26,7 +26,10 @@ from prism_tf.federated.config import (
     NORMALIZE,
     TrainConfig,
     calibration_batches,
+    check_model_fits,
     client_budget,
+    input_recipe,
+    is_sequence_data,
     model_builder,
     parse_keep_mix,
     round_clients,
@@ -39,8 +42,21 @@ from tff_pipelines.round.process import PrismProcess, build_prism_process
 
 # The run's options and budget live in `prism_tf.federated.config` (no TFF); they stay importable from here.
 __all__ = ["AUGMENTS", "LEGACY_DEFAULTS", "MATCHES", "NORMALIZE", "RunDir", "RunError", "Simulation", "TrainConfig",
-           "client_budget", "evaluate", "load_run", "model_builder", "parse_keep_mix", "resume", "round_clients",
-           "start", "stored_config"]
+           "client_budget", "evaluate", "load_data", "load_run", "model_builder", "parse_keep_mix", "resume",
+           "round_clients", "start", "stored_config"]
+
+
+def load_data(config: TrainConfig, *, progress: bool = False) -> data_lib.ImageDataset | sequences.SequenceDataset:
+    """The run's dataset: a sequence dataset when ``--dataset`` names one (``imdb``, ``python_source``,
+    ``shakespeare``, a ``.npz``, a folder of ``.txt`` files: `prism_tf.federated.sequences.is_sequence_dataset`),
+    else an image dataset (`prism_tf.federated.data.load_dataset`)."""
+    if config.dataset == "shakespeare":
+        from tff_pipelines.program.shakespeare import load_shakespeare
+
+        return load_shakespeare(length=config.sequence_length or sequences.DEFAULT_LENGTH["text"])
+    if sequences.is_sequence_dataset(config.dataset):
+        return sequences.load_sequences(config.dataset, length=config.sequence_length, clients=config.clients)
+    return data_lib.load_dataset(config.dataset, data=config.data, progress=progress)
 
 
 def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 500, norm: str = "moving",
@@ -55,19 +71,24 @@ class Simulation:
     def __init__(self, config: TrainConfig, out: str, *, log: Callable[[str], None] = print) -> None:
         config.validate()
         self.config, self.run, self.log = config, RunDir(out), log
-        self.dataset = data_lib.load_dataset(config.dataset, data=config.data, progress=sys.stderr.isatty())
+        self.dataset = load_data(config, progress=sys.stderr.isatty())
+        check_model_fits(config, self.dataset)
+        self.image_options = input_recipe(config, self.dataset)  # augment, normalize: the config's or the dataset's
+        self.sequences = is_sequence_data(self.dataset)
+        # Token models' embedding rows (None for images and feature frames).
+        self.vocabulary_size = getattr(self.dataset, "vocabulary_size", 0) or None
         self.client_data = make_client_data(
             self.dataset, config.clients, config.partition, seed=config.seed,
             examples_per_client=config.examples_per_client)
         # Per-channel input statistics of the training set (the standard CIFAR constants, measured): clients and
         # evaluation normalize with the same numbers, which are stored with the run for whoever deploys it.
-        self.input_mean, self.input_std = (recipe.channel_stats(self.dataset.x_train) if config.normalize == "channel"
-                                           else (None, None))
+        self.input_mean, self.input_std = (recipe.channel_stats(self.dataset.x_train)
+                                           if self.image_options["normalize"] == "channel" else (None, None))
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
-        method, width, self.budget = client_budget(config, shape, classes)
+        method, width, self.budget = client_budget(config, shape, classes, self.vocabulary_size)
         self.model_width = width
         self._method = method.trained_method()  # what the server trains (`small`: its narrower model, whole)
-        reference = model_builder(config, shape, classes)()
+        reference = model_builder(config, shape, classes, vocabulary_size=self.vocabulary_size)()
         self.reference_cost = prism_tf.cost(reference)
         # The loaded test set is ordered by class: a prefix would be one class. Take a seeded random subset (in
         # random order; `prism_tf.evaluation.evaluate` does not depend on the order anyway).
@@ -84,16 +105,19 @@ class Simulation:
 
         config, shape, classes = self.config, self.dataset.input_shape, self.dataset.num_classes
         return build_prism_process(  # each part and option from the config by the mapping the API's defaults use
-            model_builder(config, shape, classes, self.model_width),
+            model_builder(config, shape, classes, self.model_width, self.vocabulary_size),
             client_work.client_optimizer_of(config), finalizer.server_optimizer_of(config),
             method=self._method, model_distributor=distributor.named(config.distribution),
             client_weighting=client_work.client_weighting_of(config),
             client_training=client_work.ClientTraining.of(config), lr_schedule=client_work.lr_schedule_of(config),
             batch_size=config.batch_size, refactorize_every=config.refactorize_every, seed=config.seed,
-            min_clients=config.min_clients)
+            min_clients=config.min_clients, factorize_options=config.factorize_options())
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """Raw test/training pixels -> model inputs, as the clients see them."""
+        """Raw test/training pixels -> model inputs, as the clients see them (sequences: as stored, token ids
+        int32, features float32)."""
+        if self.sequences:
+            return np.asarray(x)
         return recipe.preprocess(x, self.input_mean, self.input_std)
 
     def input_stats(self) -> dict | None:
@@ -168,7 +192,7 @@ class Simulation:
             # other clients trained on phones feeds it the same batches.
             order = prism_tf.streams.rng((cfg.seed, round_index, int(client)), "shuffle")
             ds = ds.shuffle(max(n, 1), seed=int(order.integers(2**31))).repeat(cfg.local_epochs)
-            if cfg.augment == "crop_flip":  # before normalizing: the crop pads with black pixels
+            if self.image_options["augment"] == "crop_flip":  # before normalizing: the crop pads with black pixels
                 ds = recipe.augment_dataset(ds, recipe.client_seed(cfg.seed, round_index, int(client)))
             if self.input_mean is not None:
                 ds = ds.map(lambda e, m=self.input_mean, s=self.input_std: collections.OrderedDict(
@@ -317,7 +341,7 @@ def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str
     run.clear_results()
     run.write_input_stats(simulation.input_stats())
     run.write_budget(simulation.budget)
-    run.write_data_spec(simulation.dataset.input_shape, simulation.dataset.num_classes)
+    run.write_data_spec(simulation.dataset.input_shape, simulation.dataset.num_classes, simulation.vocabulary_size)
     return simulation.train()
 
 
@@ -348,5 +372,6 @@ def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
     if rounds is not None:
         run.write_config(dataclasses.asdict(config), overwrite=True)
     if run.read_data_spec() is None:  # a run from before data_spec.json existed
-        run.write_data_spec(simulation.dataset.input_shape, simulation.dataset.num_classes)
+        run.write_data_spec(simulation.dataset.input_shape, simulation.dataset.num_classes,
+                            simulation.vocabulary_size)
     return simulation.train(resume=True)

@@ -123,9 +123,9 @@ def materialize(layout: RoundLayout, received: Received, indices: list, scale: l
     scales = dict(zip(layout.scale_layers, scale, strict=True))
     weights = []
     for position, tensor in enumerate(layout.tensors):
-        if tensor.weight == FROM_SELECTION and tensor.layer in scales:
-            weights.append(scales[tensor.layer])
-        elif tensor.weight == SERVER_ONLY:
+        if tensor.role == FROM_SELECTION and tensor.group in scales:
+            weights.append(scales[tensor.group])
+        elif tensor.role == SERVER_ONLY:
             weights.append(tf.zeros(layout.sub_shape(position)))  # s is only used by the server's sampler
         elif position in from_rows:
             weights.append(from_rows[position])
@@ -171,9 +171,10 @@ def train_submodel(
             for variable, value in zip(train_vars, updated, strict=True):
                 variable.assign(value)
             size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
-            loss_sum += loss * size
+            loss_sum += loss * size  # the mean over the batch's labels (every step's, [B, T] next tokens)
             predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            correct += tf.reduce_sum(tf.cast(tf.equal(predictions, batch["y"]), tf.float32))
+            hits = tf.cast(tf.equal(predictions, batch["y"]), tf.float32)
+            correct += tf.reduce_sum(hits) * size / tf.cast(tf.size(hits), tf.float32)  # per-label accuracy × size
             count += size
         uploads = [variables[i].read_value() for i in layout.travelling()]
         return uploads, loss_sum, correct, count

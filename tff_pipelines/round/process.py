@@ -352,8 +352,8 @@ class PrismProcess:
     def singular_values(self, state) -> dict[str, np.ndarray]:
         """Per principal layer, the server's current singular values (what sampling reads)."""
         weights = state["weights"]
-        return {t.layer: np.asarray(weights[i]) for i, t in enumerate(self.layout.tensors)
-                if t.weight == SERVER_ONLY}
+        return {t.group: np.asarray(weights[i]) for i, t in enumerate(self.layout.tensors)
+                if t.role == SERVER_ONLY}
 
     def selections(self, state, client_ids: Sequence[int] | int) -> list[prism_tf.Selection]:
         """This round's selections, one per client of ``client_ids`` (global ids; an int ``n`` means ``0..n-1``):
@@ -564,11 +564,14 @@ def _py(value):
     return array.item() if array.shape == () else array.tolist()
 
 
-def batch_spec(input_shape: Sequence[int], batch_size: int, input_dtype: np.dtype | str = np.float32) -> tff.Type:
+def batch_spec(input_shape: Sequence[int], batch_size: int, input_dtype: np.dtype | str = np.float32,
+               label_shape: Sequence[int] = ()) -> tff.Type:
     """The TFF type of a client batch: ``<x=float32[B, H, W, C], y=int32[B]>`` (fixed batch size); ``x`` is
-    ``input_dtype`` (int32 for token ids: an `Embedding` model)."""
+    ``input_dtype`` (int32 for token ids: an `Embedding` model); ``y`` is ``int32[B, *label_shape]`` (``[B, T]``:
+    a label per step, a next-token model)."""
     return tff.to_type(collections.OrderedDict(
-        x=tff.TensorType(np.dtype(input_dtype), [batch_size, *input_shape]), y=tff.TensorType(np.int32, [batch_size])))
+        x=tff.TensorType(np.dtype(input_dtype), [batch_size, *input_shape]),
+        y=tff.TensorType(np.int32, [batch_size, *label_shape])))
 
 
 def build_prism_process(
@@ -645,8 +648,9 @@ def build_prism_process(
         model = prism_tf.factorize(model, **(factorize_options or {}))
     shape = tuple(input_shape) if input_shape is not None else tuple(model.inputs[0].shape[1:])
     dtype = np.dtype(model.inputs[0].dtype.as_numpy_dtype)
+    labels = tuple(model.outputs[0].shape[1:-1])  # logits [B, ..., classes]: a label per position before classes
     return PrismProcess(
-        model, method, batch_spec(shape, batch_size, dtype), training, model_distributor=model_distributor,
+        model, method, batch_spec(shape, batch_size, dtype, labels), training, model_distributor=model_distributor,
         client_weighting=client_weighting, refactorize_every=refactorize_every, seed=seed,
         collective_clients=collective_clients, server_optimizer=server_optimizer, lr_schedule=lr_schedule,
         min_clients=min_clients)

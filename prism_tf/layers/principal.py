@@ -10,7 +10,8 @@ same layer classes; a sub-model's layers simply have a smaller ``rank``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import tensorflow as tf
 
@@ -26,10 +27,51 @@ PRINCIPAL, COMBINATION, BIAS, SINGULAR_VALUES, SCALE = (
 )
 
 
+ROLES = (PRINCIPAL, COMBINATION, SINGULAR_VALUES, SCALE)
+
+
+class Factors(NamedTuple):
+    """One factor pair's variables: ``A`` (principal kernels), ``B`` (combination), ``s`` and ``ω``."""
+
+    principal: tf.Variable
+    combination: tf.Variable
+    singular_values: tf.Variable
+    scale: tf.Variable
+
+
 class _PrincipalMixin:
-    """Weights, config and factor I/O shared by both principal layers."""
+    """Weights, config and factor I/O shared by the single-pair principal layers.
+
+    Every principal layer names its factor pairs in ``pairs`` (docs/design.md, "Layer kinds"): ``("",)`` for a layer
+    with one kernel (its kernel group is the layer's name), several for layers with several kernels (an LSTM's
+    input and recurrent kernels, attention's projections; groups ``layer/pair``). `factors`, `pair_rank`,
+    `set_pair_factors` and `config_with_ranks` are the pair interface the rest of the project uses.
+    """
 
     rank: int
+    pairs: ClassVar[tuple[str, ...]] = ("",)
+
+    def factors(self, pair: str = "") -> Factors:
+        """The variables of factor pair ``pair`` (the only pair, ``""``)."""
+        return Factors(self.principal_kernels, self.combination, self.singular_values, self.kernel_scale)
+
+    def pair_rank(self, pair: str = "") -> int:
+        return self.rank
+
+    def set_pair_factors(self, pair: str, principal: Any, combination: Any, singular_values: Any,
+                         scale: Any | None = None) -> None:
+        """`set_factors` without the bias: what re-factorization writes."""
+        self.set_factors(principal, combination, singular_values, scale=scale)
+
+    @classmethod
+    def config_with_ranks(cls, config: dict[str, Any], ranks: Mapping[str, int]) -> dict[str, Any]:
+        """``config`` with the rank of every pair replaced (``ranks`` by pair name)."""
+        return {**config, "rank": int(ranks[""])}
+
+    @classmethod
+    def role_of(cls, weight: str) -> tuple[str, str] | None:
+        """``(pair, role)`` of the weight named ``weight`` if it is a factor (`ROLES`), else ``None``."""
+        return ("", weight) if weight in ROLES else None
 
     def _add_factor_weights(self, fan_in_shape: tuple[int, ...], out_dim: int) -> None:
         self.principal_kernels = self.add_weight(
