@@ -317,16 +317,17 @@ def test_kill_9_keeps_every_accepted_upload_and_the_deadline_closes_a_round_with
     drawn = RoundReplay(run).clients()
     straggler = drawn[3]
     data = batches(tmp_path / "batches.npz")
-    server = Server(run, tmp_path / "server.log", "--round-timeout", "30")
+    server = Server(run, tmp_path / "server.log", "--round-timeout", "45")
     try:
         reports = phones(server.url, [tokens[c] for c in drawn[:3]], data, tmp_path)
         assert [r["status"] for r in reports] == [201, 201, 201]
         deadline = server.wait_for(tokens[drawn[0]], lambda s: s["updates"] == 3)["deadline"]
         server.proc.send_signal(signal.SIGKILL)  # no shutdown of any kind
         server.proc.wait(30)
-        kept = _tree(run)
+        kept = {k: v for k, v in _tree(run).items() if k.startswith("device_updates")}  # the accepted uploads
         assert sorted(u.client for u in RunDir(run).read_device_updates(1)) == sorted(drawn[:3])
-        # Restarted with another timeout: the round, its uploads and its deadline (from when it opened) hold.
+        # Restarted with another timeout: the round, its uploads and its deadline (from when it opened) hold (on a
+        # busy machine the deadline may have passed during the restart: the round is then closed at once).
         server = Server(run, tmp_path / "server2.log", "--round-timeout", "600")
         status = server.wait_for(tokens[drawn[0]], lambda s: s["state"] == "open" or s["round"] == 2)
         assert status["round"] == 2 or (status["updates"], status["deadline"]) == (3, deadline)
