@@ -146,10 +146,12 @@ class RoundServer:
                 if record.get("deadline") is None and self.round_timeout is not None:
                     record["deadline"] = self.clock() + float(self.round_timeout)
                     self.run.write_serve_round(number, record, {})
-        except (RunError, ValueError, OSError) as e:
+        except Exception as e:  # RunError, a layer the runtime cannot train, a full disk, a converter error, ...
+            reason = " ".join(f"no round can open: {e if isinstance(e, RunError | ValueError | OSError) else repr(e)}"
+                              .split())[:500]
             with self.lock:
-                self.round, self.unavailable = None, f"no round can open: {e}"
-            self.log(f"no round can open: {e}")
+                self.round, self.unavailable = None, reason
+            self.log(reason)
             return
         manifests = {int(c): json.loads(self.run.serve_file(number, files["manifest.json"]).read_bytes())
                      for c, files in record["clients"].items()}
