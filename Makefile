@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo lint bench bench-quick bench-export bench-speed clean
+.PHONY: install test test-all demo lint bench bench-quick bench-export bench-speed bench-serve clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ bench-export: install
 # `--profile quick` about 3 minutes on an idle machine): results in bench/results/speed/.
 bench-speed: install
 	$(PY) bench/speed.py --profile full
+
+# The round server under load: uploads/s, p50/p99 latency at 10/50/200 devices, memory, round open/close
+# (bench/serve.py): results in bench/results/serve/.
+bench-serve: install
+	$(PY) bench/serve.py
 
 lint: install
 	$(VENV)/bin/ruff check .

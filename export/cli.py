@@ -1,7 +1,7 @@
-"""``python -m export {model,client,ingest,finish-round}``: models out of a run for devices, updates back in.
+"""``python -m export {model,client,ingest,finish-round,serve,enrol}``: models out of a run for devices, updates in.
 
-docs/export.md (its command table and "The way back"). Needs no TFF: every command reads the run directory with
-TensorFlow and numpy only.
+docs/export.md (its command table and "The way back"), docs/serve.md (``serve``, ``enrol``). Needs no TFF: every
+command reads the run directory with TensorFlow and numpy only.
 """
 
 from __future__ import annotations
@@ -44,6 +44,28 @@ def _parser() -> argparse.ArgumentParser:
     finish.add_argument("--run", required=True)
     finish.add_argument("--round", type=int, help="the open round (default)")
     finish.add_argument("--min-clients", type=int, default=1)
+
+    serve = commands.add_parser("serve", help="serve the run's rounds to enrolled devices over HTTP(S)",
+                                description="docs/serve.md")
+    serve.add_argument("--run", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    serve.add_argument("--min-updates", type=int,
+                       help="close a round once this many updates are in (default: all its clients)")
+    serve.add_argument("--round-timeout", type=float,
+                       help="seconds after which a round closes with the updates it has (at least one)")
+    serve.add_argument("--rounds", type=int, help="stop after closing this many rounds (default: keep serving)")
+    serve.add_argument("--runtime", default="builtins", choices=("builtins", "flex"))
+    serve.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--allow-plain-http", action="store_true",
+                       help="plain HTTP on a non-loopback --host (behind a TLS-terminating reverse proxy only)")
+
+    enrol = commands.add_parser("enrol", help="issue a device its credential for `serve` (stored only as a hash)")
+    enrol.add_argument("--run", required=True)
+    enrol.add_argument("--device", required=True, help="the device's name (letters, digits, . _ -)")
+    enrol.add_argument("--client", type=int, help="the client id it trains for (default: the lowest free one)")
+    enrol.add_argument("--replace", action="store_true", help="issue an enrolled device a new credential")
     return parser
 
 
@@ -72,10 +94,23 @@ def main(argv: list[str] | None = None) -> int:
 
             result = ingest(options.run, options.client_dir, options.weights, examples=options.examples,
                             replace=options.replace)
-        else:
+        elif options.command == "finish-round":
             from export.ingest import finish_round
 
             result = finish_round(options.run, options.round, min_clients=options.min_clients)
+        elif options.command == "enrol":
+            from export.serve.credentials import enrol
+
+            result = enrol(options.run, options.device, options.client, replace=options.replace)
+        else:
+            from export.serve.app import serve
+            from export.serve.rounds import RoundServer
+
+            server = RoundServer(options.run, min_updates=options.min_updates, round_timeout=options.round_timeout,
+                                 runtime=options.runtime, max_rounds=options.rounds,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+            return serve(server, host=options.host, port=options.port, tls_cert=options.tls_cert,
+                         tls_key=options.tls_key, allow_plain_http=options.allow_plain_http)
     except (ValueError, RunError, OSError) as e:
         print(f"python -m export {options.command}: error: {e}", file=sys.stderr)
         return 2

@@ -81,23 +81,51 @@ def export_client(
 
     Raises:
       prism_tf.federated.rundir.RunError: no such run, or the round's checkpoint is gone.
-      ValueError: an unknown client or runtime, or a layer the runtime cannot train (named).
+      ValueError: an unknown client or runtime, a layer the runtime cannot train (named), or a finished round (its
+        updates would be refused).
     """
     replay = RoundReplay(run_dir, round_num)
+    open_round = replay.run.open_round()
+    if replay.round_num < open_round:
+        raise ValueError(f"round {replay.round_num} of {replay.run.path} is finished (its open round is {open_round}): "
+                         "an update trained on it would be refused; export the open round (omit --round)")
     round_export = client_round(replay, int(client), runtime)
-    module = tflite.build_training_module(round_export.submodel, round_export.step, runtime,
-                                                batch_size=replay.config.batch_size)
-    flatbuffer = tflite.convert(module, runtime)
+    files = client_files(round_export, training_model(replay, round_export, runtime))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "model.tflite", flatbuffer)
+    for name in ("model.tflite", "weights.npz", "manifest.json"):  # the manifest last: it names the others
+        write_atomic(out / name, files[name])
+    manifest = json.loads(files["manifest.json"])
+    return ClientExport(str(out), manifest, len(files["model.tflite"]), len(files["weights.npz"]))
+
+
+def training_model(replay: RoundReplay, round_export: ClientRound, runtime: str = "builtins") -> bytes:
+    """The TFLite training model (flatbuffer) of ``round_export``'s sub-model with its round's step.
+
+    Clients whose manifests have the same `graph_key` get the same graph, so one file serves them all: the
+    weights in it are only initial values, which ``set_weights`` (from ``weights.npz``) replaces.
+    """
+    module = tflite.build_training_module(round_export.submodel, round_export.step, runtime,
+                                          batch_size=replay.config.batch_size)
+    return tflite.convert(module, runtime)
+
+
+def graph_key(manifest: dict[str, Any]) -> str:
+    """What identifies a client's ``model.tflite`` graph: its sub-model sizes (``size_key``), the step baked into
+    it (optimizer and learning rate, which a schedule changes every round), the runtime and the batch size."""
+    return hashlib.sha256(json.dumps([manifest["size_key"], manifest["optimizer"], manifest["runtime"],
+                                      manifest["batch_size"]], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def client_files(round_export: ClientRound, flatbuffer: bytes) -> dict[str, bytes]:
+    """The three files of a client's round, as bytes: ``model.tflite`` (``flatbuffer``, from `training_model`),
+    ``weights.npz`` and ``manifest.json`` (its ``files`` naming the other two's sizes and SHA-256)."""
     weights_file = npz_bytes(round_export.weights)
-    write_atomic(out / "weights.npz", weights_file)
     manifest = {**round_export.manifest,
                 "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                           for name, data in (("model.tflite", flatbuffer), ("weights.npz", weights_file))}}
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2).encode())
-    return ClientExport(str(out), manifest, len(flatbuffer), len(weights_file))
+    return {"model.tflite": flatbuffer, "weights.npz": weights_file,
+            "manifest.json": json.dumps(manifest, indent=2).encode()}
 
 
 @dataclasses.dataclass
@@ -168,5 +196,5 @@ def read_manifest(client_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["ClientExport", "ClientRound", "MANIFEST_FIELDS", "client_round", "export_client", "read_manifest",
-           "size_key", "train_step"]
+__all__ = ["ClientExport", "ClientRound", "MANIFEST_FIELDS", "client_files", "client_round", "export_client",
+           "graph_key", "read_manifest", "size_key", "train_step", "training_model"]

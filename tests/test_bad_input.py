@@ -394,6 +394,13 @@ def _(ctx, box):
                                   str(box / "client_out")])
 
 
+@row("export client of a finished round", "round 2 of", "is finished (its open round is 3)", "omit --round")
+def _(ctx, box):
+    # A device would train it for nothing: `ingest` refuses updates of finished rounds.
+    return _cli(export_cli.main, ["client", "--run", str(ctx.run_copy(box, ctx.open_run)), "--client", "0",
+                                  "--round", "2", "--out", str(box / "client_out")])
+
+
 # --- export ingest: manifests and device weight files
 def _ingest(run: Path, client_dir: Path, upload: Path, *extra: str) -> Callable[[], tuple]:
     return _cli(export_cli.main, ["ingest", "--run", str(run), "--client-dir", str(client_dir), "--weights",

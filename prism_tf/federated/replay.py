@@ -84,6 +84,7 @@ class RoundReplay:
                 raise RunError(f"checkpoint {self.round_num - 1} of {self.run.path} holds round {saved.rounds}")
         self.weights = [w.numpy() for w in prism_tf.submodel.flat_weights(self.server_model)]
         self.server_digest = weights_digest(self.weights)
+        self._selections: dict[tuple[int, ...], dict[int, prism_tf.Selection]] = {}
 
     def _method(self) -> tuple[Method, int]:
         """The method the run's server trained (`Method.trained_method`) at its stored budget, and the model width."""
@@ -118,9 +119,12 @@ class RoundReplay:
         for c in ids:
             if not 0 <= c < self.config.clients:
                 raise ValueError(f"client {c} does not exist: the run has clients 0..{self.config.clients - 1}")
-        chosen = round_selections(self.method, self.plan, self.singular_values(), self.config.seed, self.round_index,
-                                  ids)
-        return dict(zip(ids, chosen, strict=True))
+        key = tuple(ids)
+        if key not in self._selections:  # drawn once per set of clients: the server model does not change
+            chosen = round_selections(self.method, self.plan, self.singular_values(), self.config.seed,
+                                      self.round_index, ids)
+            self._selections[key] = dict(zip(ids, chosen, strict=True))
+        return dict(self._selections[key])
 
     def selection(self, client_id: int) -> prism_tf.Selection:
         """Client ``client_id``'s selection in this round (drawn among the round's clients when it is one of them)."""

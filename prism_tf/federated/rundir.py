@@ -12,6 +12,10 @@
     DIR/run_id             the run's identity, made once (what exported client manifests name)
     DIR/device_updates/    devices' trained weights per round (`python -m export ingest`):
                            ``round_<N>/client_<c>.npz`` (the weights by exchange name) and ``client_<c>.json``
+    DIR/devices.json       devices enrolled for `python -m export serve`: name -> client id and the SHA-256 of the
+                           device's credential (never the credential itself)
+    DIR/serve/round_<N>/   the round server's open round: ``round.json`` (when it opened, its deadline, each
+                           client's files by SHA-256) and ``files/<sha256>``, the files devices download
     DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
 
 Format versions: ``config.json`` records ``format_version`` (`FORMAT_VERSION`; a run written before the field
@@ -585,6 +589,19 @@ class RunDir:
              "selection": dict(selection)}).encode())
         return path
 
+    def read_device_update(self, round_num: int, client: int) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """Client ``client``'s stored update for round ``round_num``: its weights by name and its ``.json`` record
+        (``None``: not stored; an ``.npz`` whose ``.json`` was never written, by a kill between the two, is not
+        stored either)."""
+        self.check_format()
+        path = self.device_update_path(round_num, client)
+        meta_path = path.with_suffix(".json")
+        if not meta_path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            weights = {name: data[name] for name in data.files}
+        return weights, json.loads(meta_path.read_text())
+
     def read_device_updates(self, round_num: int) -> list[DeviceUpdate]:
         """The stored device updates of round ``round_num`` (1-based), by client (values in the sub-model's weight
         order)."""
@@ -597,6 +614,52 @@ class RunDir:
                 values = [data[name] for name in data.files]
             out.append(DeviceUpdate(int(meta["client"]), values, meta["selection"], float(meta["weight"])))
         return out
+
+    # --- the round server (`python -m export serve`) -----------------------------------------------------------
+    devices_path = property(lambda self: self.path / "devices.json")
+
+    def read_devices(self) -> dict[str, dict[str, Any]]:
+        """The enrolled devices (``devices.json``): name -> ``{"client", "token_sha256", "enrolled"}`` (empty when
+        none is)."""
+        return self._read_json(self.devices_path) or {}
+
+    def write_devices(self, devices: Mapping[str, Mapping[str, Any]]) -> None:
+        """Replace ``devices.json`` (atomically) with ``devices``."""
+        self.check_format()
+        _atomic_write(self.devices_path, json.dumps(devices, indent=2, sort_keys=True))
+
+    def serve_round_dir(self, round_num: int) -> Path:
+        """The round server's directory of round ``round_num``: ``serve/round_<N>``."""
+        return self.path / "serve" / f"round_{int(round_num)}"
+
+    def read_serve_round(self, round_num: int) -> dict[str, Any] | None:
+        """``serve/round_<N>/round.json`` (``None``: the server has not opened that round)."""
+        return self._read_json(self.serve_round_dir(round_num) / "round.json")
+
+    def write_serve_round(self, round_num: int, record: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
+        """Open round ``round_num`` on the round server: its ``files`` (by SHA-256, each written once) first, then
+        ``round.json`` (``record``), so a ``round.json`` that exists names only complete files."""
+        self.check_format()
+        directory = self.serve_round_dir(round_num) / "files"
+        directory.mkdir(parents=True, exist_ok=True)
+        for digest, data in files.items():
+            if not (directory / digest).exists():
+                write_atomic(directory / digest, data)
+        _atomic_write(self.serve_round_dir(round_num) / "round.json", json.dumps(record, indent=2))
+
+    def serve_file(self, round_num: int, digest: str) -> Path:
+        """The file of SHA-256 ``digest`` the round server hands out in round ``round_num``."""
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise RunError(f"{digest!r} is not a SHA-256 hex digest")
+        return self.serve_round_dir(round_num) / "files" / digest
+
+    def remove_serve_rounds(self, before: int) -> None:
+        """Remove the round server's directories of rounds before ``before`` (finished: nobody downloads them)."""
+        base = self.path / "serve"
+        for entry in base.iterdir() if base.is_dir() else []:
+            match = re.fullmatch(r"round_(\d+)", entry.name)
+            if match and int(match.group(1)) < before:
+                shutil.rmtree(entry, ignore_errors=True)
 
     def write_data_spec(self, input_shape: Sequence[int], num_classes: int, vocabulary_size: int | None = None) -> None:
         """What the model takes (``data_spec.json``): per-example input shape and number of classes, and the token
@@ -729,18 +792,35 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename (a file that exists
-    is complete); the temporary file is removed if the write fails. Every file of a run and every export is
-    written this way."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsynced, and a rename (a file
+    that exists is complete, even after a crash); the temporary file is removed if the write fails. Every file of
+    a run and every export is written this way."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it (a crash leaves old or new)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _json_default(value: Any) -> Any:
