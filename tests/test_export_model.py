@@ -8,6 +8,7 @@ agree with the run's own evaluation of the same weights.
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -83,3 +84,54 @@ def test_bad_requests_get_one_clear_message(tiny_run, tmp_path, capsys, argv, me
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank-keep", "0"], "--rank-keep must be in (0, 1], got 0.0"),
+    (["--energy", "1.5"], "--energy must be in (0, 1], got 1.5"),
+    (["--rank-keep", "0.5", "--energy", "0.9"], "not allowed with argument"),
+])
+def test_bad_truncation_requests_get_one_clear_message(tiny_run, tmp_path, capsys, argv, message):
+    try:
+        code = cli.main(["model", "--run", str(tiny_run), "--out", str(tmp_path / "m.keras"), *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_truncated_export_writes_the_reported_model(tiny_run, tmp_path, capsys):
+    out = tmp_path / "t.keras"
+    assert cli.main(["model", "--run", str(tiny_run), "--out", str(out), "--energy", "0.5",
+                     "--eval-examples", "24"]) == 0
+    printed = capsys.readouterr().out
+    recorded = json.loads((tmp_path / "t.keras.export.json").read_text())
+    table = recorded["truncation"]
+    assert recorded["energy"] == 0.5 and table["energy"] == 0.5 and recorded["truncation_table"] in printed
+    layers = {entry["name"]: entry for entry in table["layers"]}
+    assert layers and all(g["energy"] >= 0.5 - 1e-6 for e in layers.values() for g in e["groups"])
+    assert {e["form"] for e in layers.values()} <= {"factorized", "plain"}
+    loaded = tf.keras.models.load_model(out, custom_objects=prism_tf.CUSTOM_OBJECTS)
+    inner = loaded.layers[-1]  # the run's model behind the built-in preprocessing
+    cost = prism_tf.cost(inner)
+    assert (cost["params"], cost["flops"]) == (table["params"], table["flops"])
+    for layer in prism_tf.kinds.walk_layers(inner):
+        if layer.name in layers:
+            assert prism_tf.kinds.is_principal(layer) == (layers[layer.name]["form"] == "factorized")
+    assert table["params"] < table["source_params"]
+
+
+def test_a_run_trained_whole_is_factorized_then_truncated():
+    """FedAvg (or any method whose deployed model is plain): SVD of each eligible kernel, then the same cut."""
+    plain = prism_tf.models.resnet18(width=4, num_classes=3)
+    replay = types.SimpleNamespace(deployed_model=lambda: plain, input_stats=lambda: (None, None),
+                                   config=types.SimpleNamespace(eval_norm="moving", factorize_options=lambda: {}))
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
+    full = deployable_model(replay, rank_keep=1.0, preprocessing=False)
+    np.testing.assert_allclose(full(x / 255.0, training=False), plain(x / 255.0, training=False), atol=1e-5)
+    cut = deployable_model(replay, rank_keep=0.25)
+    report = cut.prism_truncation
+    assert report is not None and full.prism_truncation.rank_keep == 1.0
+    assert [e.name for e in report.layers] == [f.name for f in prism_tf.plan_factorization(plain).factorized]
+    assert report.params < prism_tf.cost(plain)["params"]
+    assert cut(x).shape == (2, 3)
