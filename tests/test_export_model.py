@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import prism_tf
 from export import cli
-from export.model import deployable_model, export_model, tflite_accuracy
+from export.model import deployable_model, export_model, tflite_accuracy, to_tflite
 from prism_tf.federated.data import load_dataset
 from prism_tf.federated.replay import RoundReplay
 
@@ -135,3 +135,18 @@ def test_a_run_trained_whole_is_factorized_then_truncated():
     assert [e.name for e in report.layers] == [f.name for f in prism_tf.plan_factorization(plain).factorized]
     assert report.params < prism_tf.cost(plain)["params"]
     assert cut(x).shape == (2, 3)
+
+
+@pytest.mark.slow  # two conversions and a calibration: 20-50 s
+def test_a_truncated_factorized_model_converts_to_float_and_int8_tflite():
+    from prism_tf import truncation
+
+    tf.keras.utils.set_random_seed(0)
+    model = prism_tf.refactorize(prism_tf.factorize(prism_tf.models.resnet18(width=4, num_classes=3)))
+    cut, report = truncation.truncate(model, rank_keep=0.25)
+    assert {entry.form for entry in report.layers} == {"factorized"}
+    x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype(np.float32)
+    y = np.argmax(cut.predict(x, verbose=0), -1)
+    plain, quantized = to_tflite(cut), to_tflite(cut, int8=True, representative=x)
+    assert len(quantized) < 0.8 * len(plain)
+    assert tflite_accuracy(plain, x, y) == 1.0 and tflite_accuracy(quantized, x, y) >= 0.75
