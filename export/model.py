@@ -47,6 +47,8 @@ class ModelExport:
     energy: float | None = None
     truncation: dict | None = None  # `prism_tf.truncation.TruncationReport.to_dict()`
     truncation_table: str | None = None
+    params: int | None = None  # `prism_tf.cost` of the deployed model (without the built-in preprocessing)
+    flops: int | None = None
 
     def report(self) -> str:
         lines = [f"wrote {self.path} ({self.format}{', int8' if self.int8 else ''}, {self.bytes:,} bytes) from "
@@ -74,7 +76,8 @@ def deployable_model(replay: RoundReplay, *, factorized: bool = False, x_train: 
     smaller form by ``criterion``, or every one factorized with ``factorized``). A run whose deployed model is not
     factorized (FedAvg, HeteroFL, ...) is factorized first (`prism_tf.factorize` with the run's options: the SVD of
     each eligible kernel, exact), so it is truncated the same way. BatchNorm is recalibrated after truncation. The
-    returned model's ``prism_truncation`` is the `TruncationReport` (``None`` without truncation).
+    returned model's ``prism_truncation`` is the `TruncationReport` (``None`` without truncation), its
+    ``prism_cost`` `prism_tf.cost` of the model without the preprocessing layers.
     """
     model = replay.deployed_model()
     report = None
@@ -89,6 +92,7 @@ def deployable_model(replay: RoundReplay, *, factorized: bool = False, x_train: 
         if x_train is None:
             raise ValueError("this run recalibrates BatchNorm before evaluation: pass its training images")
         evaluation.recalibrate_batchnorm(model, replay.calibration(x_train))
+    model_cost = prism_tf.cost(model)
     if preprocessing:
         mean, std = replay.input_stats()
         raw = tf.keras.Input(shape=model.inputs[0].shape[1:], name="pixels")
@@ -96,7 +100,7 @@ def deployable_model(replay: RoundReplay, *, factorized: bool = False, x_train: 
         if mean is not None:
             x = tf.keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize_channels")(x)
         model = tf.keras.Model(raw, model(x), name=f"{model.name}_deployed")
-    model.prism_truncation = report
+    model.prism_truncation, model.prism_cost = report, model_cost
     return model
 
 
@@ -176,7 +180,8 @@ def export_model(
                              energy=energy, criterion=criterion)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = ModelExport(str(out), fmt, 0, replay.round_num - 1, int8, rank_keep=rank_keep, energy=energy)
+    report = ModelExport(str(out), fmt, 0, replay.round_num - 1, int8, rank_keep=rank_keep, energy=energy,
+                         params=model.prism_cost["params"], flops=model.prism_cost["flops"])
     if model.prism_truncation is not None:
         report.truncation = model.prism_truncation.to_dict()
         report.truncation_table = str(model.prism_truncation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,31 @@ def test_a_truncated_factorized_model_converts_to_float_and_int8_tflite():
     plain, quantized = to_tflite(cut), to_tflite(cut, int8=True, representative=x)
     assert len(quantized) < 0.8 * len(plain)
     assert tflite_accuracy(plain, x, y) == 1.0 and tflite_accuracy(quantized, x, y) >= 0.75
+
+
+def test_litert_latency_of_a_tiny_model():
+    from export.sweep import tflite_latency
+
+    model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(3)])
+    flatbuffer = to_tflite(model)
+    seconds = {b: tflite_latency(flatbuffer, np.ones(6, np.float32), b, repeats=3, warmup=1) for b in (1, 32)}
+    assert all(0 < s < 1 for s in seconds.values())
+    with pytest.raises(ValueError, match="batch_size"):
+        tflite_latency(flatbuffer, np.ones(6, np.float32), 0)
+
+
+@pytest.mark.slow  # three TFLite exports of the tiny run: 1-2 min
+def test_truncation_sweep_rows_are_the_written_files(tiny_run, tmp_path):
+    from export.sweep import truncation_sweep
+
+    rows = truncation_sweep(tiny_run, tmp_path, energies=(0.5,), rank_keeps=(0.25,), eval_examples=24,
+                            repeats=2)
+    assert [(r.rule, r.value) for r in rows] == [("full", None), ("energy", 0.5), ("rank_keep", 0.25)]
+    for row in rows:
+        assert row.bytes == (tmp_path / Path(row.path).name).stat().st_size
+        assert set(row.latency) == {1, 32} and row.accuracy is not None
+        recorded = json.loads(Path(row.path + ".export.json").read_text())
+        assert (recorded["params"], recorded["flops"]) == (row.params, row.flops)
+    full, *cut = rows
+    assert all(r.params < full.params and r.flops < full.flops for r in cut)
+    assert full.layers_factorized == full.layers_plain == 0 and cut[1].layers_factorized > 0
