@@ -24,6 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--representative", type=int, default=200, help="calibration images for --int8")
     model.add_argument("--eval-examples", type=int, default=2000,
                        help="test images to measure accuracy on (0: skip, -1: all)")
+    rule = model.add_mutually_exclusive_group()
+    rule.add_argument("--rank-keep", type=float, metavar="F",
+                      help="keep ceil(F·r) principal kernels of every layer, 0 < F <= 1 (docs/export.md, \"Picking a "
+                           "rank\")")
+    rule.add_argument("--energy", type=float, metavar="E",
+                      help="keep the fewest kernels of each layer holding a share E of its squared singular values")
+    model.add_argument("--by", default="params", choices=("params", "flops"),
+                       help="what decides whether a truncated layer is written factorized or whole (default params)")
 
     client = commands.add_parser("client", help="one client's TFLite training sub-model for one round")
     client.add_argument("--run", required=True)
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             n = None if options.eval_examples < 0 else options.eval_examples
             result = export_model(options.run, options.out, fmt=options.format, round_num=options.round,
                                   factorized=options.factorized, int8=options.int8,
-                                  representative=options.representative, eval_examples=n)
+                                  representative=options.representative, eval_examples=n,
+                                  rank_keep=options.rank_keep, energy=options.energy, criterion=options.by)
         elif options.command == "client":
             from export.client import export_client
 

@@ -1,7 +1,8 @@
 """The trained global model as a user takes it away: Keras, SavedModel or TFLite (float or int8).
 
 docs/export.md, "The global model". The model is the run's deployed model (`prism_tf.federated.methods.deployed_models`)
-at a kept checkpoint, un-factorized back to plain Conv2D/Dense (`prism_tf.unfactorize`) unless ``factorized``,
+at a kept checkpoint, un-factorized back to plain Conv2D/Dense (`prism_tf.unfactorize`) unless ``factorized``, or
+cut to a rank share or energy with each layer in its smaller form (`prism_tf.truncation`, ``rank_keep``/``energy``),
 with the BatchNorm statistics the run evaluated with (recalibrated on the run's calibration batches for
 ``--eval-norm recalibrate``), and the run's input preprocessing built in: the exported model takes raw pixels
 (0..255, float32) and normalizes them itself, so an app feeds it camera pixels as they are.
@@ -21,7 +22,7 @@ import tensorflow as tf
 
 import prism_tf
 from export.files import write_atomic
-from prism_tf import evaluation
+from prism_tf import evaluation, truncation
 from prism_tf.federated.data import load_dataset
 from prism_tf.federated.replay import RoundReplay
 
@@ -42,10 +43,18 @@ class ModelExport:
     float_tflite_bytes: int | None = None
     float_tflite_accuracy: float | None = None
     test_examples: int = 0
+    rank_keep: float | None = None
+    energy: float | None = None
+    truncation: dict | None = None  # `prism_tf.truncation.TruncationReport.to_dict()`
+    truncation_table: str | None = None
+    params: int | None = None  # `prism_tf.cost` of the deployed model (without the built-in preprocessing)
+    flops: int | None = None
 
     def report(self) -> str:
         lines = [f"wrote {self.path} ({self.format}{', int8' if self.int8 else ''}, {self.bytes:,} bytes) from "
                  f"the server model after round {self.round}"]
+        if self.truncation_table:
+            lines.append(self.truncation_table)
         if self.keras_accuracy is not None:
             lines.append(f"test accuracy on {self.test_examples} images: Keras {self.keras_accuracy:.4f}")
         if self.float_tflite_accuracy is not None:
@@ -58,25 +67,41 @@ class ModelExport:
 
 
 def deployable_model(replay: RoundReplay, *, factorized: bool = False, x_train: np.ndarray | None = None,
-                     preprocessing: bool = True) -> tf.keras.Model:
+                     preprocessing: bool = True, rank_keep: float | None = None, energy: float | None = None,
+                     criterion: str = "params") -> tf.keras.Model:
     """The run's deployed model at ``replay``'s server weights, ready to save (see the module docstring).
 
     ``x_train``: the training images the run recalibrates BatchNorm on (needed for ``--eval-norm recalibrate``).
+    ``rank_keep`` or ``energy``: truncate every principal layer (`prism_tf.truncation.truncate`; each layer in its
+    smaller form by ``criterion``, or every one factorized with ``factorized``). A run whose deployed model is not
+    factorized (FedAvg, HeteroFL, ...) is factorized first (`prism_tf.factorize` with the run's options: the SVD of
+    each eligible kernel, exact), so it is truncated the same way. BatchNorm is recalibrated after truncation. The
+    returned model's ``prism_truncation`` is the `TruncationReport` (``None`` without truncation), its
+    ``prism_cost`` `prism_tf.cost` of the model without the preprocessing layers.
     """
     model = replay.deployed_model()
-    model = model if factorized else prism_tf.unfactorize(model)
+    report = None
+    if rank_keep is not None or energy is not None:
+        if not prism_tf.kinds.principal_layers(model):
+            model = prism_tf.factorize(model, **replay.config.factorize_options())
+        model, report = truncation.truncate(model, rank_keep=rank_keep, energy=energy, criterion=criterion,
+                                            form="factorized" if factorized else "smaller")
+    elif not factorized:
+        model = prism_tf.unfactorize(model)
     if replay.config.eval_norm == "recalibrate" and evaluation.batch_norm_layers(model):
         if x_train is None:
             raise ValueError("this run recalibrates BatchNorm before evaluation: pass its training images")
         evaluation.recalibrate_batchnorm(model, replay.calibration(x_train))
-    if not preprocessing:
-        return model
-    mean, std = replay.input_stats()
-    raw = tf.keras.Input(shape=model.inputs[0].shape[1:], name="pixels")
-    x = tf.keras.layers.Rescaling(1.0 / 255.0, name="scale_pixels")(raw)
-    if mean is not None:
-        x = tf.keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize_channels")(x)
-    return tf.keras.Model(raw, model(x), name=f"{model.name}_deployed")
+    model_cost = prism_tf.cost(model)
+    if preprocessing:
+        mean, std = replay.input_stats()
+        raw = tf.keras.Input(shape=model.inputs[0].shape[1:], name="pixels")
+        x = tf.keras.layers.Rescaling(1.0 / 255.0, name="scale_pixels")(raw)
+        if mean is not None:
+            x = tf.keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize_channels")(x)
+        model = tf.keras.Model(raw, model(x), name=f"{model.name}_deployed")
+    model.prism_truncation, model.prism_cost = report, model_cost
+    return model
 
 
 def to_tflite(model: tf.keras.Model, *, int8: bool = False, representative: np.ndarray | None = None) -> bytes:
@@ -123,6 +148,9 @@ def export_model(
     representative: int = 200,
     eval_examples: int | None = 2000,
     seed: int = 0,
+    rank_keep: float | None = None,
+    energy: float | None = None,
+    criterion: str = "params",
 ) -> ModelExport:
     """Write the run's deployed model after round ``round_num`` (default: the latest checkpoint) to ``out``.
 
@@ -130,8 +158,13 @@ def export_model(
     the float32 conversion beside an int8 one), on ``eval_examples`` test images in a seeded random order
     (``None``: all; 0: skip).
 
+    ``rank_keep`` (``--rank-keep``) or ``energy`` (``--energy``): a rank-truncated model (`deployable_model`,
+    docs/export.md "Picking a rank"), its per-layer report in ``truncation``; ``criterion``: ``params`` or ``flops``,
+    what decides each layer's form.
+
     Raises:
-      ValueError: an unknown format, ``int8`` without TFLite, ``factorized`` with TFLite int8.
+      ValueError: an unknown format, ``int8`` without TFLite, both ``rank_keep`` and ``energy`` or one outside
+        (0, 1], an unknown ``criterion``, a model with no layer to factorize.
       prism_tf.federated.rundir.RunError: no such run or checkpoint.
     """
     if fmt not in FORMATS:
@@ -140,12 +173,18 @@ def export_model(
         raise ValueError("--int8 applies to --format tflite only")
     if fmt == "keras" and not str(out).endswith(".keras"):
         raise ValueError(f"--format keras writes a .keras file: --out must end in .keras, got {str(out)!r}")
+    check_truncation(rank_keep, energy, criterion)
     replay = RoundReplay(run_dir, None if round_num is None else int(round_num) + 1)
     dataset = load_dataset(replay.config.dataset, data=replay.config.data, progress=False)
-    model = deployable_model(replay, factorized=factorized, x_train=dataset.x_train)
+    model = deployable_model(replay, factorized=factorized, x_train=dataset.x_train, rank_keep=rank_keep,
+                             energy=energy, criterion=criterion)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = ModelExport(str(out), fmt, 0, replay.round_num - 1, int8)
+    report = ModelExport(str(out), fmt, 0, replay.round_num - 1, int8, rank_keep=rank_keep, energy=energy,
+                         params=model.prism_cost["params"], flops=model.prism_cost["flops"])
+    if model.prism_truncation is not None:
+        report.truncation = model.prism_truncation.to_dict()
+        report.truncation_table = str(model.prism_truncation)
     n = len(dataset.x_test) if eval_examples is None else min(int(eval_examples), len(dataset.x_test))
     order = np.random.default_rng([seed, 11]).permutation(len(dataset.x_test))[:n]
     x_test, y_test = dataset.x_test[order].astype(np.float32), dataset.y_test[order]
@@ -188,10 +227,22 @@ def export_model(
     return report
 
 
+def check_truncation(rank_keep: float | None, energy: float | None, criterion: str = "params") -> None:
+    """Refuse a truncation request `export_model` cannot serve, naming the command-line flags."""
+    if rank_keep is not None and energy is not None:
+        raise ValueError("--rank-keep and --energy are two rules for the same choice: give one")
+    for flag, value in (("--rank-keep", rank_keep), ("--energy", energy)):
+        if value is not None and not (isinstance(value, int | float) and 0.0 < float(value) <= 1.0):
+            raise ValueError(f"{flag} must be in (0, 1], got {value!r}")
+    if criterion not in truncation.CRITERIA:
+        raise ValueError(f"--by must be one of {', '.join(truncation.CRITERIA)}, got {criterion!r}")
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-__all__ = ["FORMATS", "ModelExport", "deployable_model", "export_model", "tflite_accuracy", "to_tflite"]
+__all__ = ["FORMATS", "ModelExport", "check_truncation", "deployable_model", "export_model", "tflite_accuracy",
+           "to_tflite"]

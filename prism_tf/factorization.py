@@ -259,18 +259,27 @@ def _check_graph_model(model: tf.keras.Model) -> None:
         raise ValueError(f"Sequential model '{model.name}' has no known input shape: build it first")
 
 
-def unfactorize(model: tf.keras.Model) -> tf.keras.Model:
+def unfactorize(model: tf.keras.Model, only: Iterable[str] | None = None) -> tf.keras.Model:
     """A plain Keras copy of ``model``: every principal layer back to a ``Conv2D``/``Dense`` with ``W = A·diag(ω)·B``.
 
     What a user deploys or evaluates without prism-tf: the result has only built-in Keras layers and the same
     function as ``model`` (up to float rounding). Other layers, BatchNorm statistics included, are copied.
+    ``only``: un-factorize just these principal layers (by name) and copy the others as they are
+    (`prism_tf.truncation` writes each layer in its smaller form).
     """
     _check_graph_model(model)
+    if only is not None:
+        only = set(only)
+        missing = only - {layer.name for layer in principal_layers(model)}
+        if missing:
+            raise ValueError(f"unfactorize: no principal layer named {sorted(missing)} in model '{model.name}'")
+    chosen = (lambda layer: is_principal(layer)) if only is None else (
+        lambda layer: is_principal(layer) and layer.name in only)
 
     def clone_layer(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
         if isinstance(layer, tf.keras.Model):
             return tf.keras.models.clone_model(layer, clone_function=clone_layer)
-        if not is_principal(layer):
+        if not chosen(layer):
             return layer.__class__.from_config(layer.get_config())
         return kinds.kind_of(layer).to_plain(layer)
 
@@ -278,7 +287,7 @@ def unfactorize(model: tf.keras.Model) -> tf.keras.Model:
     sources = {layer.name: layer for layer in walk_layers(model)}
     for layer in walk_layers(plain):
         source = sources[layer.name]
-        if is_principal(source):
+        if chosen(source):
             layer.set_weights(kinds.kind_of(source).plain_weights(source))
         elif source.weights:
             layer.set_weights(source.get_weights())

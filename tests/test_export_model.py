@@ -8,6 +8,8 @@ agree with the run's own evaluation of the same weights.
 from __future__ import annotations
 
 import json
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import tensorflow as tf
 
 import prism_tf
 from export import cli
-from export.model import deployable_model, export_model, tflite_accuracy
+from export.model import deployable_model, export_model, tflite_accuracy, to_tflite
 from prism_tf.federated.data import load_dataset
 from prism_tf.federated.replay import RoundReplay
 
@@ -83,3 +85,97 @@ def test_bad_requests_get_one_clear_message(tiny_run, tmp_path, capsys, argv, me
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank-keep", "0"], "--rank-keep must be in (0, 1], got 0.0"),
+    (["--energy", "1.5"], "--energy must be in (0, 1], got 1.5"),
+    (["--rank-keep", "0.5", "--energy", "0.9"], "not allowed with argument"),
+])
+def test_bad_truncation_requests_get_one_clear_message(tiny_run, tmp_path, capsys, argv, message):
+    try:
+        code = cli.main(["model", "--run", str(tiny_run), "--out", str(tmp_path / "m.keras"), *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_truncated_export_writes_the_reported_model(tiny_run, tmp_path, capsys):
+    out = tmp_path / "t.keras"
+    assert cli.main(["model", "--run", str(tiny_run), "--out", str(out), "--energy", "0.5",
+                     "--eval-examples", "24"]) == 0
+    printed = capsys.readouterr().out
+    recorded = json.loads((tmp_path / "t.keras.export.json").read_text())
+    table = recorded["truncation"]
+    assert recorded["energy"] == 0.5 and table["energy"] == 0.5 and recorded["truncation_table"] in printed
+    layers = {entry["name"]: entry for entry in table["layers"]}
+    assert layers and all(g["energy"] >= 0.5 - 1e-6 for e in layers.values() for g in e["groups"])
+    assert {e["form"] for e in layers.values()} <= {"factorized", "plain"}
+    loaded = tf.keras.models.load_model(out, custom_objects=prism_tf.CUSTOM_OBJECTS)
+    inner = loaded.layers[-1]  # the run's model behind the built-in preprocessing
+    cost = prism_tf.cost(inner)
+    assert (cost["params"], cost["flops"]) == (table["params"], table["flops"])
+    for layer in prism_tf.kinds.walk_layers(inner):
+        if layer.name in layers:
+            assert prism_tf.kinds.is_principal(layer) == (layers[layer.name]["form"] == "factorized")
+    assert table["params"] < table["source_params"]
+
+
+def test_a_run_trained_whole_is_factorized_then_truncated():
+    """FedAvg (or any method whose deployed model is plain): SVD of each eligible kernel, then the same cut."""
+    plain = prism_tf.models.resnet18(width=4, num_classes=3)
+    replay = types.SimpleNamespace(deployed_model=lambda: plain, input_stats=lambda: (None, None),
+                                   config=types.SimpleNamespace(eval_norm="moving", factorize_options=lambda: {}))
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
+    full = deployable_model(replay, rank_keep=1.0, preprocessing=False)
+    np.testing.assert_allclose(full(x / 255.0, training=False), plain(x / 255.0, training=False), atol=1e-5)
+    cut = deployable_model(replay, rank_keep=0.25)
+    report = cut.prism_truncation
+    assert report is not None and full.prism_truncation.rank_keep == 1.0
+    assert [e.name for e in report.layers] == [f.name for f in prism_tf.plan_factorization(plain).factorized]
+    assert report.params < prism_tf.cost(plain)["params"]
+    assert cut(x).shape == (2, 3)
+
+
+@pytest.mark.slow  # two conversions and a calibration: 20-50 s
+def test_a_truncated_factorized_model_converts_to_float_and_int8_tflite():
+    from prism_tf import truncation
+
+    tf.keras.utils.set_random_seed(0)
+    model = prism_tf.refactorize(prism_tf.factorize(prism_tf.models.resnet18(width=4, num_classes=3)))
+    cut, report = truncation.truncate(model, rank_keep=0.25)
+    assert {entry.form for entry in report.layers} == {"factorized"}
+    x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype(np.float32)
+    y = np.argmax(cut.predict(x, verbose=0), -1)
+    plain, quantized = to_tflite(cut), to_tflite(cut, int8=True, representative=x)
+    assert len(quantized) < 0.8 * len(plain)
+    assert tflite_accuracy(plain, x, y) == 1.0 and tflite_accuracy(quantized, x, y) >= 0.75
+
+
+def test_litert_latency_of_a_tiny_model():
+    from export.sweep import tflite_latency
+
+    model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(3)])
+    flatbuffer = to_tflite(model)
+    seconds = {b: tflite_latency(flatbuffer, np.ones(6, np.float32), b, repeats=3, warmup=1) for b in (1, 32)}
+    assert all(0 < s < 1 for s in seconds.values())
+    with pytest.raises(ValueError, match="batch_size"):
+        tflite_latency(flatbuffer, np.ones(6, np.float32), 0)
+
+
+@pytest.mark.slow  # three TFLite exports of the tiny run: 1-2 min
+def test_truncation_sweep_rows_are_the_written_files(tiny_run, tmp_path):
+    from export.sweep import truncation_sweep
+
+    rows = truncation_sweep(tiny_run, tmp_path, energies=(0.5,), rank_keeps=(0.25,), eval_examples=24,
+                            repeats=2)
+    assert [(r.rule, r.value) for r in rows] == [("full", None), ("energy", 0.5), ("rank_keep", 0.25)]
+    for row in rows:
+        assert row.bytes == (tmp_path / Path(row.path).name).stat().st_size
+        assert set(row.latency) == {1, 32} and row.accuracy is not None
+        recorded = json.loads(Path(row.path + ".export.json").read_text())
+        assert (recorded["params"], recorded["flops"]) == (row.params, row.flops)
+    full, *cut = rows
+    assert all(r.params < full.params and r.flops < full.flops for r in cut)
+    assert full.layers_factorized == full.layers_plain == 0 and cut[1].layers_factorized > 0

@@ -124,6 +124,11 @@ class _PrincipalMixin:
         if bias is not None and self.use_bias:
             self.bias.assign(bias)
 
+    def get_prunable_weights(self) -> list[tf.Variable]:
+        """The trainable factors ``A`` and ``B``: what tfmot's magnitude pruning masks (its ``PrunableLayer``
+        interface; `prism_tf.compression`). ``s``, ``ω`` and the bias are left alone."""
+        return [self.principal_kernels, self.combination]
+
     def dense_kernel(self) -> tf.Tensor:
         """The kernel this layer represents, ``A·diag(ω)·B`` in the replaced layer's kernel shape."""
         return spectral.rebuild_kernel(

@@ -1,0 +1,147 @@
+"""tensorflow-model-optimization on factorized models (`prism_tf.compression`): tfmot's magnitude pruning wraps the
+principal layers and strips back to them with sparse factors; tfmot's quantization-aware training quantizes them
+with our configs and the result converts to a full-integer TFLite model. Kept small: these run by default."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
+
+import prism_tf
+from prism_tf import compression
+from prism_tf.kinds import principal_layers
+from prism_tf.layers import PrincipalConv2D, PrincipalDense, PrincipalEmbedding
+
+
+def _factorized_cnn() -> tf.keras.Model:
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((12, 12, 3))
+    x = tf.keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = tf.keras.layers.ReLU()(x)
+    x = tf.keras.layers.Conv2D(16, 3, padding="same", name="conv")(x)
+    x = tf.keras.layers.BatchNormalization(name="bn")(x)
+    x = tf.keras.layers.ReLU()(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    x = tf.keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    model = prism_tf.factorize(tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="classifier")(x)))
+    assert [type(layer) for layer in principal_layers(model)] == [PrincipalConv2D, PrincipalDense]
+    return model
+
+
+def _batch(n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return rng.uniform(size=(n, 12, 12, 3)).astype(np.float32), (np.arange(n) % 3).astype(np.int32)
+
+
+def test_principal_layers_are_tfmot_prunable_layers():
+    from tensorflow_model_optimization.python.core.sparsity.keras.prunable_layer import PrunableLayer
+
+    model = _factorized_cnn()
+    for layer in principal_layers(model):
+        assert isinstance(layer, PrunableLayer)
+        assert layer.get_prunable_weights() == [layer.principal_kernels, layer.combination]
+    embedding = PrincipalEmbedding(10, 4, rank=3)
+    embedding.build(None)
+    assert isinstance(embedding, PrunableLayer) and compression.prunable_weights(embedding) == [
+        embedding.principal_kernels, embedding.combination]
+
+
+def test_pruned_model_trains_and_strips_back_to_principal_layers_with_sparse_factors():
+    model = _factorized_cnn()
+    frozen = {layer.name: (layer.singular_values.numpy(), layer.kernel_scale.numpy())
+              for layer in principal_layers(model)}
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    wrapped = [layer for layer in pruned.layers if isinstance(layer, PruneLowMagnitude)]
+    assert {type(layer.layer) for layer in wrapped} >= {PrincipalConv2D, PrincipalDense}
+    pruned.compile(tf.keras.optimizers.SGD(0.01), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _batch()
+    history = pruned.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                         callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    assert np.isfinite(history.history["loss"][0])
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    layers = principal_layers(stripped)
+    assert [type(layer) for layer in layers] == [PrincipalConv2D, PrincipalDense]
+    assert not any(isinstance(layer, PruneLowMagnitude) for layer in stripped.layers)
+    for layer in layers:
+        for factor in (layer.principal_kernels.numpy(), layer.combination.numpy()):
+            assert np.mean(factor == 0) == pytest.approx(0.5, abs=0.02)
+        np.testing.assert_array_equal(layer.singular_values.numpy(), frozen[layer.name][0])  # frozen: untouched
+        np.testing.assert_array_equal(layer.kernel_scale.numpy(), frozen[layer.name][1])
+    # the stripped model is an ordinary factorized model: it saves, loads and computes as before stripping
+    np.testing.assert_allclose(stripped(x).numpy(), pruned(x).numpy(), atol=1e-5)
+    assert prism_tf.unfactorize(stripped).count_params() < model.count_params() + 1
+
+
+def test_quantized_model_trains_and_converts_to_full_integer_tflite():
+    model = _factorized_cnn()
+    with pytest.raises(RuntimeError, match="not supported"):  # tfmot alone refuses our layers
+        tfmot.quantization.keras.quantize_model(model)
+    annotated = compression.quantize_annotate(model)
+    with compression.quantize_scope():  # tfmot's own quantize_model on the annotated model, in our scope
+        quantized = tfmot.quantization.keras.quantize_model(annotated)
+    wrapped = {layer.name: layer for layer in quantized.layers
+               if isinstance(layer, tfmot.quantization.keras.QuantizeWrapperV2)}
+    assert isinstance(wrapped["quant_conv"].layer, PrincipalConv2D)
+    assert isinstance(wrapped["quant_conv"].quantize_config, compression.PrincipalQuantizeConfig)
+    assert isinstance(wrapped["quant_hidden"].layer, PrincipalDense)
+    x, y = _batch()
+    quantized.compile(tf.keras.optimizers.SGD(0.01), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert np.isfinite(quantized.fit(x, y, batch_size=8, epochs=1, verbose=0).history["loss"][0])
+    logits = quantized(x, training=False).numpy()
+    assert logits.shape == (8, 3) and np.all(np.isfinite(logits))
+    # the same through our one-call form
+    assert [type(layer) for layer in compression.quantize_model(model).layers] == [type(layer) for layer in
+                                                                                   quantized.layers]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(quantized)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # every op int8, or fail
+    flatbuffer = converter.convert()
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    tensors = interpreter.get_tensor_details()
+    ops = interpreter._get_ops_details()
+    products = [op for op in ops if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    assert len([op for op in ops if op["op_name"] == "CONV_2D"]) == 2  # the stem and the principal kernels A
+    assert len([op for op in ops if op["op_name"] == "FULLY_CONNECTED"]) == 4  # B of conv, A and B of hidden, head
+    for op in products:
+        assert [tensors[i]["dtype"] for i in op["inputs"][:2]] == [np.int8, np.int8]
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], x)
+    interpreter.invoke()
+    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert np.mean(np.argmax(lite, -1) == np.argmax(logits, -1)) >= 0.75
+
+
+def test_layers_with_several_kernels_are_refused_by_name():
+    inputs = tf.keras.Input((5,), dtype="int32")
+    x = tf.keras.layers.Embedding(30, 8, name="embedding")(inputs)
+    x = tf.keras.layers.LSTM(8, name="lstm")(x)
+    model = prism_tf.factorize(tf.keras.Model(inputs, tf.keras.layers.Dense(2)(x)))
+    with pytest.raises(ValueError, match=r"several kernels.*\['lstm'\]"):
+        compression.quantize_annotate(model)
+
+
+def test_only_the_compression_package_imports_tfmot():
+    """tfmot stays out of the core's import time: no module but prism_tf.compression's imports it."""
+    root = Path(prism_tf.__file__).resolve().parents[1]
+    importers = set()
+    for path in [*(root / "prism_tf").rglob("*.py"), *(root / "export").rglob("*.py"),
+                 *(root / "tff_pipelines").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.startswith("tensorflow_model_optimization") for name in names):
+                importers.add(path.relative_to(root).parent.as_posix())
+    assert importers == {"prism_tf/compression"}
