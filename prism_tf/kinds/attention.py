@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import LayerKind, Rules, pair_axes
+from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pair_axes, pair_product
 from prism_tf.layers.attention import KEY, OUTPUT, QUERY, VALUE, PrincipalMultiHeadAttention
 
 _SUBLAYERS = {QUERY: "_query_dense", KEY: "_key_dense", VALUE: "_value_dense", OUTPUT: "_output_dense"}
@@ -96,6 +96,33 @@ class MultiHeadAttentionKind(LayerKind):
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []  # as before attention was a kind: its projections are not weight-decayed
+
+    def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
+        """A `PrincipalMultiHeadAttention`: each projection ``(x·A)·(diag(ω)·B) + b`` through its pair's factors,
+        then the attention of the kept-whole layer (`TFLiteOps.attention`). The plain ``MultiHeadAttention`` is
+        compiled by the exporter itself."""
+        if type(layer) is not self.principal:
+            raise ops.unsupported(layer)
+        if len(shapes) not in (2, 3) or any(len(s) != 3 or None in s[1:] for s in shapes):
+            raise ops.unsupported(layer, "attends over the tokens of [batch, tokens, dim] inputs (query, value[, key]) "
+                                         "only")
+        if layer.dropout != 0.0:
+            raise ops.unsupported(layer, f"dropout {layer.dropout} (training-time randomness)")
+        heads, key_dim, value_dim = layer.num_heads, layer.key_dim, layer.value_dim
+
+        def attention_layer(inputs: list, training: bool, updates: list) -> tf.Tensor:
+            query_input, value_input = inputs[0], inputs[1]
+            key_input = inputs[2] if len(inputs) > 2 else value_input
+
+            def projection(x: tf.Tensor, pair: str) -> tf.Tensor:
+                y = pair_product(layer, pair, ops)(x)
+                return ops.bias_add(y, tf.convert_to_tensor(layer.biases[pair])) if layer.use_bias else y
+
+            context = ops.attention(projection(query_input, QUERY), projection(key_input, KEY),
+                                    projection(value_input, VALUE), heads, key_dim, value_dim)
+            return projection(context, OUTPUT)
+
+        return attention_layer
 
 
 def _matrix_shape(pair: str, kernel_shape: Sequence) -> tuple[int, int]:
