@@ -1,12 +1,12 @@
 """The builtins runtime's compiler: a functional Keras model's graph walked layer by layer into builtin-gradient
 functions (docs/export.md, "On-device training").
 
-Factorizable layers (``Conv2D``, ``Conv1D``, ``Dense``, ``Embedding`` and their principal forms) compile through
-their kind (`prism_tf.kinds.kind_of` → `LayerKind.tflite_layer`) with `export.tflite.ops.BuiltinOps`; the layers kept
-whole (``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization``, ``MultiHeadAttention``, the ViT's
-`prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation``, ``Add``,
-``GlobalAveragePooling1D``/``2D``) are compiled here. Anything else raises ``ValueError`` naming the layer (and
-``--runtime flex``, which trains it).
+Layers with a kind (``Conv2D``, ``Conv1D``, ``Dense``, ``Embedding``, ``ReversibleEmbedding``, ``LSTM``, ``GRU``,
+``MultiHeadAttention`` and their principal forms) compile through it (`prism_tf.kinds.kind_of` →
+`LayerKind.tflite_layer`) with `export.tflite.ops.BuiltinOps`; the other layers (``BatchNormalization``,
+``GroupNormalization``, ``LayerNormalization``, the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``,
+``ReLU``, ``Activation``, ``Add``, ``GlobalAveragePooling1D``/``2D``) are compiled here. Anything else raises
+``ValueError`` naming the layer (and ``--runtime flex``, which trains it).
 """
 
 from __future__ import annotations
@@ -175,18 +175,6 @@ def compile_layer(layer: tf.keras.layers.Layer, shapes: list[tuple], primitives:
         if not single or rank < 2 or [a % rank for a in axis] != [rank - 1]:
             raise ops.unsupported_layer(layer, "normalizes over the last axis only")
         return ops.layer_norm(layer, shapes[0])
-
-    if layer_type is tf.keras.layers.MultiHeadAttention:
-        if len(shapes) not in (2, 3) or any(len(s) != 3 or None in s[1:] for s in shapes):
-            raise ops.unsupported_layer(layer, "attends over the tokens of [batch, tokens, dim] inputs "
-                                               "(query, value[, key]) only")
-        if layer._attention_axes not in (None, (1,), [1]):
-            raise ops.unsupported_layer(layer, f"attention_axes {layer._attention_axes}")
-        if float(layer._dropout) != 0.0:
-            raise ops.unsupported_layer(layer, f"dropout {layer._dropout} (training-time randomness)")
-        if layer._output_shape is not None or len(layer._output_dense.kernel.shape) != 3:
-            raise ops.unsupported_layer(layer, "a custom output_shape")
-        return ops.multi_head_attention(layer, shapes)
 
     if layer_type is PositionEmbedding:
         if not single or len(shapes[0]) != 3:

@@ -496,39 +496,6 @@ def attention(query: _Tensor, key: _Tensor, value: _Tensor, heads: int, key_dim:
     return reshape(context, [-1, query_tokens, heads * value_dim])
 
 
-def multi_head_attention(layer: tf.keras.layers.MultiHeadAttention, shapes: list[tuple]) -> CompiledLayer:
-    """Keras MultiHeadAttention on ``[batch, tokens, dim]`` inputs ``(query, value[, key])``, kept whole.
-
-    Each projection (an EinsumDense ``[dim, heads, size]`` + ``[heads, size]``) is one FULLY_CONNECTED on the
-    tokens with the kernel reshaped to ``[dim, heads·size]``, then `attention`, and the output projection a
-    FULLY_CONNECTED with ``[heads·size, out]``.
-    """
-    heads, key_dim = int(layer._num_heads), int(layer._key_dim)
-    value_dim = int(layer._value_dim or layer._key_dim)
-    dense = (layer._query_dense, layer._value_dense, layer._key_dense, layer._output_dense)
-
-    def project(x, einsum_dense, size):
-        kernel = tf.convert_to_tensor(einsum_dense.kernel)
-        y = matmul(x, reshape(kernel, [int(x.shape[2]), heads * size]))
-        if einsum_dense.bias is not None:
-            y = bias_add(y, reshape(tf.convert_to_tensor(einsum_dense.bias), [heads * size]))
-        return y
-
-    def apply(inputs, training, updates):
-        query_input, value_input = inputs[0], inputs[1]
-        key_input = inputs[2] if len(inputs) > 2 else value_input
-        query_dense, value_dense, key_dense, output_dense = dense
-        context = attention(project(query_input, query_dense, key_dim), project(key_input, key_dense, key_dim),
-                            project(value_input, value_dense, value_dim), heads, key_dim, value_dim)
-        kernel = tf.convert_to_tensor(output_dense.kernel)
-        y = matmul(context, reshape(kernel, [heads * value_dim, int(kernel.shape[-1])]))
-        if output_dense.bias is not None:
-            y = bias_add(y, tf.convert_to_tensor(output_dense.bias))
-        return y
-
-    return apply
-
-
 def global_average_pool(x: _Tensor, height: int, width: int) -> _Tensor:
     """The mean over the ``height × width`` positions of a 4-D ``x``; the gradient is a TILE."""
 
@@ -732,5 +699,5 @@ def group_norm(layer: tf.keras.layers.GroupNormalization, shape: tuple) -> Compi
 __all__ = ["FLEX_HINT", "SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "add_table",
            "attention", "batch_matmul", "batch_norm", "bias_add", "cross_entropy", "gather", "gelu",
            "global_average_pool", "group_norm", "gru_cell", "layer_norm", "lstm_cell", "matmul",
-           "multi_head_attention", "pad", "relu", "reshape", "scale", "scale_rows", "sigmoid", "softmax", "stack",
+           "pad", "relu", "reshape", "scale", "scale_rows", "sigmoid", "softmax", "stack",
            "tanh", "token_average_pool", "transpose", "unstack", "unsupported_layer"]
