@@ -36,12 +36,15 @@ Two runtimes (`RUNTIMES`):
   refuses GroupNormalization (Keras's dynamic-batch GroupNorm graph converts but fails in the interpreter). It
   accepts any other Keras layer.
 
-Supported layers (builtins): ``InputLayer``, ``Conv2D`` and `prism_tf.PrincipalConv2D` (``channels_last``, no
-dilation, one group, ``same``/``valid``), ``Dense`` and `prism_tf.PrincipalDense` (on inputs of any rank >= 2),
-``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization`` (last axis), ``MultiHeadAttention`` (no mask
-or dropout), the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation`` and
-``activation=`` ``relu``/``gelu``/``linear``, ``Add``, ``GlobalAveragePooling1D``/``2D``: the model zoo's ResNet-18,
-small CNN and ViT. Anything else raises ``ValueError`` naming the layer and pointing to ``runtime="flex"``. This
+Supported layers (builtins): ``InputLayer``, ``Conv2D``/``Conv1D`` and their principal forms (``channels_last``, no
+dilation, one group), ``Dense`` and `prism_tf.PrincipalDense` (on inputs of any rank >= 2), ``Embedding``,
+``ReversibleEmbedding`` and their principal forms (no ``mask_zero``), ``LSTM``/``GRU`` and their principal forms
+(tanh/sigmoid, unrolled over the static steps; no mask, ``go_backwards``, ``return_state`` or dropout),
+``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization`` (last axis), ``MultiHeadAttention`` and its
+principal form (no mask or dropout), the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``,
+``Activation`` and ``activation=`` ``relu``/``gelu``/``tanh``/``sigmoid``/``linear``, ``Add``,
+``GlobalAveragePooling1D``/``2D``: the model zoo's ResNet-18, small CNN, ViT (attention whole or factorized), LSTM
+and charlstm. Anything else raises ``ValueError`` naming the layer and pointing to ``runtime="flex"``. This
 module needs no TFF.
 """
 
