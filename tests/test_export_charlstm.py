@@ -88,7 +88,7 @@ def test_a_charlstm_round_with_phones_equals_the_same_round_in_tff(charlstm_roun
     print(f"charlstm round with phones vs TFF round: max abs difference {worst:.2e} (the round moved weights by up "
           f"to {moved:.2e})")
     assert moved > 1e-3
-    assert worst < 1e-3, worst  # tests/test_export.py's tolerance for ResNet-18
+    assert worst < 1e-5, worst  # measured 1.2e-7
     metrics = RunDir(charlstm_round["device_run"]).read_metrics()
     assert metrics[-1]["round"] == ROUND and metrics[-1]["finished_by"] == "export finish-round"
     assert charlstm_round["finished"].clients == charlstm_round["clients"]
