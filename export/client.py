@@ -157,7 +157,8 @@ def client_round(replay: RoundReplay, client: int, runtime: str = "builtins") ->
         "input": {"shape": list(replay.input_shape), "dtype": submodel.inputs[0].dtype.name,
                   "preprocessing": {"scale": "pixels / 255", "mean": None if mean is None else mean.tolist(),
                                     "std": None if std is None else std.tolist()}},
-        "label": {"dtype": "int32", "classes": replay.num_classes},
+        "label": {"dtype": "int32", "classes": replay.num_classes,
+                  "shape": [int(d) for d in submodel.outputs[0].shape[1:-1]]},  # [] or [T]: a label per step
         "batch_size": replay.config.batch_size, "local_epochs": replay.config.local_epochs,
         "optimizer": {"name": "sgd_momentum", "learning_rate": step.learning_rate, "momentum": step.momentum,
                       **dataclasses.asdict(step.options)},

@@ -7,8 +7,9 @@ proves the exported model needs nothing else. The Kotlin equivalent is in ``expo
     python -m export.device --client-dir CLIENT_DIR --data BATCHES.npz --out TRAINED.npz
 
 ``BATCHES.npz`` holds ``x`` (``[steps, batch, H, W, C]`` float32 preprocessed as the manifest says, or the
-manifest's other input shape and dtype) and ``y`` (``[steps, batch]`` int32); every step runs ``train`` once, in
-order. The trained weights (``get_weights``) are written to ``TRAINED.npz`` for ``python -m export ingest``.
+manifest's other input shape and dtype) and ``y`` (``[steps, batch]`` int32, or ``[steps, batch, T]`` for a model
+with a label per step: the manifest's ``label.shape``); every step runs ``train`` once, in order. The trained
+weights (``get_weights``) are written to ``TRAINED.npz`` for ``python -m export ingest``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def get_weights(interpreter) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.device", description=__doc__.splitlines()[0])
     parser.add_argument("--client-dir", required=True)
-    parser.add_argument("--data", required=True, help=".npz with x [steps, batch, H, W, C] and y [steps, batch]")
+    parser.add_argument("--data", required=True, help=".npz with x [steps, batch, H, W, C] and y [steps, batch] (or "
+                        "[steps, batch, T]: a label per step)")
     parser.add_argument("--out", required=True, help="where to write the trained weights (.npz)")
     options = parser.parse_args(argv)
     interpreter, manifest = load_interpreter(options.client_dir)
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     losses = train(interpreter, x, y, manifest["input"]["dtype"])
     np.savez(options.out, **get_weights(interpreter))
     print(json.dumps({"client": manifest["client"], "round": manifest["round"], "steps": len(losses),
-                      "examples": int(np.prod(y.shape)), "losses": losses, "tensorflow": "tensorflow" in sys.modules}))
+                      "examples": int(np.prod(y.shape[:2])),  # steps × batch: a sequence's T labels are one example
+                      "losses": losses, "tensorflow": "tensorflow" in sys.modules}))
     return 0
 
 

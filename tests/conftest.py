@@ -69,19 +69,20 @@ def tiny_run(shapes_dataset, tmp_path_factory) -> Path:
 
 def max_weight_difference(plan, ours, theirs) -> float:
     """Largest absolute difference between two flat server weights of one model: principal layers compared by the
-    kernel ``A·B`` they represent (an SVD's factors are only defined up to signs), every other tensor (singular
-    values and ω included) entry by entry."""
+    kernel ``A·B`` each factor pair represents (an SVD's factors are only defined up to signs, and up to a rotation
+    where singular values nearly coincide), every other tensor (singular values and ω included) entry by entry."""
     positions = {}
     for i, tensor in enumerate(plan.tensors):
         positions.setdefault(tensor.layer, {})[tensor.weight] = i
+    principal, combination = "principal_kernels", "combination"
     worst = 0.0
     for i, tensor in enumerate(plan.tensors):
-        layer = positions[tensor.layer]
-        if tensor.weight == "principal_kernels":
+        layer, weight = positions[tensor.layer], tensor.weight
+        if weight.endswith(principal) and weight[:-len(principal)] + combination in layer:
             rank = np.asarray(ours[i]).shape[-1]
-            kernels = [np.reshape(np.asarray(w[i]), (-1, rank)) @ np.asarray(w[layer["combination"]])
-                       for w in (ours, theirs)]
+            b = layer[weight[:-len(principal)] + combination]
+            kernels = [np.reshape(np.asarray(w[i]), (-1, rank)) @ np.asarray(w[b]) for w in (ours, theirs)]
             worst = max(worst, float(np.max(np.abs(kernels[0] - kernels[1]))))
-        elif tensor.weight != "combination" or "principal_kernels" not in layer:
+        elif not (weight.endswith(combination) and weight[:-len(combination)] + principal in layer):
             worst = max(worst, float(np.max(np.abs(np.asarray(ours[i]) - np.asarray(theirs[i])))))
     return worst

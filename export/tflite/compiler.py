@@ -1,12 +1,12 @@
 """The builtins runtime's compiler: a functional Keras model's graph walked layer by layer into builtin-gradient
 functions (docs/export.md, "On-device training").
 
-Factorizable layers (``Conv2D``, ``Conv1D``, ``Dense``, ``Embedding`` and their principal forms) compile through
-their kind (`prism_tf.kinds.kind_of` → `LayerKind.tflite_layer`) with `export.tflite.ops.BuiltinOps`; the layers kept
-whole (``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization``, ``MultiHeadAttention``, the ViT's
-`prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation``, ``Add``,
-``GlobalAveragePooling1D``/``2D``) are compiled here. Anything else raises ``ValueError`` naming the layer (and
-``--runtime flex``, which trains it).
+Layers with a kind (``Conv2D``, ``Conv1D``, ``Dense``, ``Embedding``, ``ReversibleEmbedding``, ``LSTM``, ``GRU``,
+``MultiHeadAttention`` and their principal forms) compile through it (`prism_tf.kinds.kind_of` →
+`LayerKind.tflite_layer`) with `export.tflite.ops.BuiltinOps`; the other layers (``BatchNormalization``,
+``GroupNormalization``, ``LayerNormalization``, the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``,
+``ReLU``, ``Activation``, ``Add``, ``GlobalAveragePooling1D``/``2D``) are compiled here. Anything else raises
+``ValueError`` naming the layer (and ``--runtime flex``, which trains it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import prism_tf
 from export.tflite import ops
 from export.tflite.ops import FLEX_HINT, Updates
 from prism_tf.kinds.base import CompiledLayer
+from prism_tf.layers import PrincipalMultiHeadAttention, PrincipalReversibleEmbedding, ReversibleEmbedding
 from prism_tf.models.zoo import PositionEmbedding
 
 
@@ -61,17 +62,19 @@ class ModelGraph:
 
 def node_inputs(node) -> list:
     """The Keras tensors a graph node's layer is called with, in the order its compiled function takes them:
-    the positional ones, or for ``MultiHeadAttention`` ``(query, value[, key])`` however they were passed (a cloned
-    model calls it with ``value=`` as a keyword).
+    the positional ones, or for ``MultiHeadAttention`` (and its principal form) ``(query, value[, key])`` however
+    they were passed (a cloned model calls it with ``value=`` as a keyword). A tied embedding's ``reverse=True``
+    call (`prism_tf.layers.ReversibleEmbedding`) takes float hidden states and its lookup int ids: the compiled layer
+    goes by the input's dtype.
 
     Raises:
-      ValueError: keyword arguments other than ``training``/``mask`` (and MHA's ``value``/``key``), or arguments
-        that are not Keras tensors.
+      ValueError: keyword arguments other than ``training``/``mask`` (and MHA's ``value``/``key``, a tied
+        embedding's ``reverse``), or arguments that are not Keras tensors.
     """
     layer = node.layer
     kwargs = dict(node.call_kwargs or {})
     args = list(node.call_args)
-    if type(layer) is tf.keras.layers.MultiHeadAttention:
+    if type(layer) in (tf.keras.layers.MultiHeadAttention, PrincipalMultiHeadAttention):
         names = ("query", "value", "key")
         for name in names[len(args):]:
             if kwargs.get(name) is not None:
@@ -79,6 +82,15 @@ def node_inputs(node) -> list:
             else:
                 kwargs.pop(name, None)
                 break
+    if type(layer) in (ReversibleEmbedding, PrincipalReversibleEmbedding):
+        # The tied projection (reverse=True) takes float hidden states, the lookup int ids: the compiled layer tells
+        # them apart by the input's dtype, as the layer's own compute_mask does; check the call agrees.
+        reverse = bool(kwargs.pop("reverse", False))
+        first = tf.nest.flatten(args)[:1]
+        if first and reverse == first[0].dtype.is_integer:
+            raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with reverse={reverse} on "
+                             f"{first[0].dtype.name} inputs, which on-device training with builtin ops does not "
+                             f"support; {FLEX_HINT}")
     if set(kwargs) - {"training", "mask"}:
         raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is called with keyword arguments "
                          f"{sorted(kwargs)}, which on-device training with builtin ops does not support; {FLEX_HINT}")
@@ -92,7 +104,8 @@ def node_inputs(node) -> list:
 
 def check_model(model: tf.keras.Model) -> None:
     """One input ``[None, *dims]`` of known dims (float32: images ``[H, W, C]``, sequences ``[length, channels]``;
-    int32: token ids), one logits output ``[None, classes]``, a functional graph, float32 weights.
+    int32: token ids), one logits output ``[None, classes]`` or ``[None, steps, classes]`` (a label per step: next
+    tokens), a functional graph, float32 weights.
 
     Raises:
       ValueError: naming what does not fit.
@@ -109,8 +122,10 @@ def check_model(model: tf.keras.Model) -> None:
     if model.inputs[0].dtype not in (tf.float32, tf.int32):
         raise ValueError(f"model '{model.name}': the input must be float32 (or int32 token ids), got "
                          f"{model.inputs[0].dtype.name}")
-    if model.outputs[0].shape.rank != 2 or model.outputs[0].shape[-1] is None:
-        raise ValueError(f"model '{model.name}': the output must be logits [batch, classes]")
+    output_shape = model.outputs[0].shape
+    if output_shape.rank not in (2, 3) or None in output_shape[1:]:
+        raise ValueError(f"model '{model.name}': the output must be logits [batch, classes] or [batch, steps, "
+                         f"classes] of known size, got {output_shape}")
     for weight in prism_tf.submodel.flat_weights(model):
         if weight.dtype != tf.float32:
             raise ValueError(f"weight '{weight.name}' is {weight.dtype.name}: only float32 models are supported")
@@ -160,18 +175,6 @@ def compile_layer(layer: tf.keras.layers.Layer, shapes: list[tuple], primitives:
         if not single or rank < 2 or [a % rank for a in axis] != [rank - 1]:
             raise ops.unsupported_layer(layer, "normalizes over the last axis only")
         return ops.layer_norm(layer, shapes[0])
-
-    if layer_type is tf.keras.layers.MultiHeadAttention:
-        if len(shapes) not in (2, 3) or any(len(s) != 3 or None in s[1:] for s in shapes):
-            raise ops.unsupported_layer(layer, "attends over the tokens of [batch, tokens, dim] inputs "
-                                               "(query, value[, key]) only")
-        if layer._attention_axes not in (None, (1,), [1]):
-            raise ops.unsupported_layer(layer, f"attention_axes {layer._attention_axes}")
-        if float(layer._dropout) != 0.0:
-            raise ops.unsupported_layer(layer, f"dropout {layer._dropout} (training-time randomness)")
-        if layer._output_shape is not None or len(layer._output_dense.kernel.shape) != 3:
-            raise ops.unsupported_layer(layer, "a custom output_shape")
-        return ops.multi_head_attention(layer, shapes)
 
     if layer_type is PositionEmbedding:
         if not single or len(shapes[0]) != 3:

@@ -5,7 +5,8 @@
 signatures and `export.tflite.conversion.convert` turns it into a ``.tflite`` flatbuffer:
 
 - ``train(x float32[None, H, W, C], y int32[None]) -> {"loss"}``: one local step, exactly the federated client's
-  (`tff_pipelines.round.client_work.train_submodel`): sparse softmax cross-entropy averaged over the batch, loss
+  (`tff_pipelines.round.client_work.train_submodel`): sparse softmax cross-entropy averaged over the batch (over
+  every position for a model with a label per step, ``y int32[None, T]`` and logits ``[None, T, classes]``), loss
   gradients, `prism_tf.local_step.step_gradients` (Frobenius decay, ClipLR, global-norm clip, weight decay), then
   TFF's SGD with momentum ``a ← μ·a + g, w ← w − lr·a``. BatchNorm moving statistics update as Keras's do in
   training (``m ← μ·m + (1−μ)·batch``, the variance Bessel-corrected).
@@ -35,12 +36,15 @@ Two runtimes (`RUNTIMES`):
   refuses GroupNormalization (Keras's dynamic-batch GroupNorm graph converts but fails in the interpreter). It
   accepts any other Keras layer.
 
-Supported layers (builtins): ``InputLayer``, ``Conv2D`` and `prism_tf.PrincipalConv2D` (``channels_last``, no
-dilation, one group, ``same``/``valid``), ``Dense`` and `prism_tf.PrincipalDense` (on inputs of any rank >= 2),
-``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization`` (last axis), ``MultiHeadAttention`` (no mask
-or dropout), the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``, ``Activation`` and
-``activation=`` ``relu``/``gelu``/``linear``, ``Add``, ``GlobalAveragePooling1D``/``2D``: the model zoo's ResNet-18,
-small CNN and ViT. Anything else raises ``ValueError`` naming the layer and pointing to ``runtime="flex"``. This
+Supported layers (builtins): ``InputLayer``, ``Conv2D``/``Conv1D`` and their principal forms (``channels_last``, no
+dilation, one group), ``Dense`` and `prism_tf.PrincipalDense` (on inputs of any rank >= 2), ``Embedding``,
+``ReversibleEmbedding`` and their principal forms (no ``mask_zero``), ``LSTM``/``GRU`` and their principal forms
+(tanh/sigmoid, unrolled over the static steps; no mask, ``go_backwards``, ``return_state`` or dropout),
+``BatchNormalization``, ``GroupNormalization``, ``LayerNormalization`` (last axis), ``MultiHeadAttention`` and its
+principal form (no mask or dropout), the ViT's `prism_tf.models.zoo.PositionEmbedding`, ``Reshape``, ``ReLU``,
+``Activation`` and ``activation=`` ``relu``/``gelu``/``tanh``/``sigmoid``/``linear``, ``Add``,
+``GlobalAveragePooling1D``/``2D``: the model zoo's ResNet-18, small CNN, ViT (attention whole or factorized), LSTM
+and charlstm. Anything else raises ``ValueError`` naming the layer and pointing to ``runtime="flex"``. This
 module needs no TFF.
 """
 
@@ -55,7 +59,7 @@ import tensorflow as tf
 
 import prism_tf
 from export.tflite.compiler import ModelGraph, check_model
-from export.tflite.ops import cross_entropy
+from export.tflite.ops import cross_entropy, reshape
 from prism_tf import local_step
 
 RUNTIMES = ("builtins", "flex")
@@ -135,6 +139,9 @@ class TrainingModule(tf.Module):
         input_shape = tuple(submodel.inputs[0].shape[1:])
         self.input_signature = tf.TensorSpec([None, *input_shape], submodel.inputs[0].dtype, name="x")
         self.num_classes = int(submodel.outputs[0].shape[-1])
+        # [None] for one label per example, [None, steps] for a label per step (a next-token model's [N, T])
+        self.label_signature = tf.TensorSpec([None, *(int(d) for d in submodel.outputs[0].shape[1:-1])], tf.int32,
+                                             name="y")
         options = step.options
         lr = tf.constant(step.learning_rate, tf.float32)
         momentum = tf.constant(step.momentum, tf.float32)
@@ -153,6 +160,8 @@ class TrainingModule(tf.Module):
             def train(x, y):
                 with tf.GradientTape() as tape:
                     logits, updates = forward(x, training=True)
+                    if logits.shape.rank > 2:  # a label per step: the mean over every position, as Keras's loss
+                        logits, y = reshape(logits, [-1, num_classes]), tf.reshape(y, [-1])
                     loss = cross_entropy(logits, tf.one_hot(y, num_classes, dtype=logits.dtype))
                 grads = tape.gradient(loss, train_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 for variable, value in updates:
@@ -187,7 +196,7 @@ class TrainingModule(tf.Module):
             return {"assigned": tf.constant(len(flat), tf.int32)}
 
         self.train = tf.function(
-            train, input_signature=[self.input_signature, tf.TensorSpec([None], tf.int32, name="y")])
+            train, input_signature=[self.input_signature, self.label_signature])
         self.infer = tf.function(infer, input_signature=[self.input_signature])
         self.get_weights = tf.function(get_weights, input_signature=[])
         self.set_weights = tf.function(

@@ -21,9 +21,11 @@ _Tensor = tf.Tensor
 Updates = list  # (variable, new value) pairs a training forward pass assigns (BatchNorm moving statistics)
 
 SUPPORTED = ("Conv2D, PrincipalConv2D, Conv1D, PrincipalConv1D, Dense, PrincipalDense (on inputs of any rank), "
-             "Embedding, PrincipalEmbedding (no mask_zero), BatchNormalization, "
-             "GroupNormalization, LayerNormalization (last axis), MultiHeadAttention (self- or cross-attention, no "
-             "mask or dropout), PositionEmbedding, Reshape, ReLU, Activation (relu, gelu, linear), Add, "
+             "Embedding, PrincipalEmbedding, ReversibleEmbedding, PrincipalReversibleEmbedding (no mask_zero), "
+             "LSTM, PrincipalLSTM, GRU, PrincipalGRU (tanh/sigmoid, GRU reset_after, no mask, state or "
+             "go_backwards), BatchNormalization, GroupNormalization, LayerNormalization (last axis), "
+             "MultiHeadAttention, PrincipalMultiHeadAttention (self- or cross-attention, no mask or dropout), "
+             "PositionEmbedding, Reshape, ReLU, Activation (relu, gelu, tanh, sigmoid, linear), Add, "
              "GlobalAveragePooling1D, GlobalAveragePooling2D")
 
 
@@ -42,16 +44,15 @@ def unsupported_layer(layer: tf.keras.layers.Layer, why: str = "") -> ValueError
 
 
 def activation_function(layer: tf.keras.layers.Layer, function: Callable) -> Callable[[_Tensor], _Tensor]:
-    """``layer``'s activation ``function`` as a primitive: ``linear``, ``relu`` or ``gelu`` (Keras's default, exact
-    erf form); anything else is refused."""
+    """``layer``'s activation ``function`` as a primitive: ``linear``, ``relu``, ``gelu`` (Keras's default, exact
+    erf form), ``tanh`` or ``sigmoid``; anything else is refused."""
     name = getattr(function, "__name__", repr(function))
     if name == "linear":
         return lambda x: x
-    if name == "relu":
-        return relu
-    if name == "gelu":
-        return gelu
-    raise unsupported_layer(layer, f"activation '{name}' (only relu, gelu and linear)")
+    found = {"relu": relu, "gelu": gelu, "tanh": tanh, "sigmoid": sigmoid}.get(name)
+    if found is None:
+        raise unsupported_layer(layer, f"activation '{name}' (only relu, gelu, tanh, sigmoid and linear)")
+    return found
 
 
 class BuiltinOps(TFLiteOps):
@@ -99,6 +100,35 @@ class BuiltinOps(TFLiteOps):
         """`gather`."""
         return gather(table, ids)
 
+    def transpose(self, x: _Tensor, perm: list[int]) -> _Tensor:
+        """`transpose`."""
+        return transpose(x, perm)
+
+    def add(self, *xs: _Tensor) -> _Tensor:
+        """`add`."""
+        return add(*xs)
+
+    def unstack(self, x: _Tensor, axis: int) -> list[_Tensor]:
+        """`unstack`."""
+        return unstack(x, axis)
+
+    def stack(self, xs: list[_Tensor], axis: int) -> _Tensor:
+        """`stack`."""
+        return stack(xs, axis)
+
+    def lstm_cell(self, z: _Tensor, c: _Tensor) -> tuple[_Tensor, _Tensor]:
+        """`lstm_cell`."""
+        return lstm_cell(z, c)
+
+    def gru_cell(self, projected: _Tensor, inner: _Tensor, h: _Tensor) -> _Tensor:
+        """`gru_cell`."""
+        return gru_cell(projected, inner, h)
+
+    def attention(self, query: _Tensor, key: _Tensor, value: _Tensor, heads: int, key_dim: int,
+                  value_dim: int) -> _Tensor:
+        """`attention`."""
+        return attention(query, key, value, heads, key_dim, value_dim)
+
     def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
         """`unsupported_layer`: the error naming ``layer`` (returned, for the caller to raise)."""
         return unsupported_layer(layer, why)
@@ -113,6 +143,102 @@ def relu(x):
         return dy * tf.cast(y > 0, dy.dtype)
 
     return y, grad
+
+
+@tf.custom_gradient
+def sigmoid(x):
+    """LOGISTIC with the analytic gradient ``dy·y·(1 − y)`` (no SigmoidGrad)."""
+    y = tf.sigmoid(x)
+
+    def grad(dy):
+        return dy * y * (1.0 - y)
+
+    return y, grad
+
+
+@tf.custom_gradient
+def tanh(x):
+    """TANH with the analytic gradient ``dy·(1 − y²)`` (no TanhGrad)."""
+    y = tf.tanh(x)
+
+    def grad(dy):
+        return dy * (1.0 - y * y)
+
+    return y, grad
+
+
+def unstack(x: _Tensor, axis: int) -> list[_Tensor]:
+    """UNPACK of ``x`` along a static ``axis`` (a recurrent layer's time steps, no strided slices); the gradient is a
+    PACK of the pieces' gradients (zeros for a piece nothing used)."""
+    count = int(x.shape[axis])
+
+    @tf.custom_gradient
+    def pieces(x):
+        def grad(*dys):
+            return tf.stack([tf.zeros_like(p) if d is None else d for p, d in zip(outputs, dys, strict=True)], axis)
+
+        outputs = tf.unstack(x, num=count, axis=axis)
+        return outputs, grad
+
+    return list(pieces(x))
+
+
+def stack(xs: list[_Tensor], axis: int) -> _Tensor:
+    """PACK of equally shaped ``xs`` along a new ``axis``; the gradient is an UNPACK."""
+    count = len(xs)
+
+    @tf.custom_gradient
+    def stacked(*xs):
+        def grad(dy):
+            return tf.unstack(dy, num=count, axis=axis)
+
+        return tf.stack(xs, axis), grad
+
+    return stacked(*xs)
+
+
+@tf.custom_gradient
+def lstm_cell(z, c):
+    """One LSTM step from the pre-activations ``z = x·W + h·U + b`` (``[batch, 4H]``, Keras's gate order ``i, f, g,
+    o``) and the cell state ``c``: ``c' = σ(f)·c + σ(i)·tanh(g)``, ``h' = σ(o)·tanh(c')`` as Keras's standard LSTM
+    computes it (SPLIT, LOGISTIC, TANH, MUL, ADD), returning ``(h', c')``. The backward pass is the analytic one
+    (MUL, SUB, ADD, CONCATENATION): no SigmoidGrad, TanhGrad or SplitGrad."""
+    zi, zf, zg, zo = tf.split(z, 4, axis=-1)
+    i, f, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.sigmoid(zo)
+    g = tf.tanh(zg)
+    c_new = f * c + i * g
+    t = tf.tanh(c_new)
+    h = o * t
+
+    def grad(dh, dc_new):
+        dc = dc_new + dh * o * (1.0 - t * t)
+        dz = tf.concat([dc * g * i * (1.0 - i), dc * c * f * (1.0 - f), dc * i * (1.0 - g * g),
+                        dh * t * o * (1.0 - o)], axis=-1)
+        return dz, dc * f
+
+    return (h, c_new), grad
+
+
+@tf.custom_gradient
+def gru_cell(projected, inner, h):
+    """One GRU step (``reset_after=True``, Keras's default) from ``projected = x·W + b_in`` and ``inner = h·U + b_rec``
+    (``[batch, 3H]`` each, gate order ``z, r, h̃``): ``z = σ(x_z + u_z)``, ``r = σ(x_r + u_r)``,
+    ``h̃ = tanh(x_h + r·u_h)``, ``h' = z·h + (1 − z)·h̃`` as Keras's standard GRU computes it; analytic backward
+    pass in builtins (MUL, SUB, ADD, CONCATENATION)."""
+    x_z, x_r, x_h = tf.split(projected, 3, axis=-1)
+    u_z, u_r, u_h = tf.split(inner, 3, axis=-1)
+    z = tf.sigmoid(x_z + u_z)
+    r = tf.sigmoid(x_r + u_r)
+    candidate = tf.tanh(x_h + r * u_h)
+    h_new = z * h + (1.0 - z) * candidate
+
+    def grad(dh):
+        da_z = dh * (h - candidate) * z * (1.0 - z)
+        da_h = dh * (1.0 - z) * (1.0 - candidate * candidate)
+        da_r = da_h * u_h * r * (1.0 - r)
+        return (tf.concat([da_z, da_r, da_h], axis=-1), tf.concat([da_z, da_r, da_h * r], axis=-1), dh * z)
+
+    return h_new, grad
 
 
 @tf.custom_gradient
@@ -353,46 +479,21 @@ def layer_norm(layer: tf.keras.layers.LayerNormalization, shape: tuple) -> Compi
     return apply
 
 
-def multi_head_attention(layer: tf.keras.layers.MultiHeadAttention, shapes: list[tuple]) -> CompiledLayer:
-    """Keras MultiHeadAttention on ``[batch, tokens, dim]`` inputs ``(query, value[, key])``, kept whole.
+def attention(query: _Tensor, key: _Tensor, value: _Tensor, heads: int, key_dim: int, value_dim: int) -> _Tensor:
+    """Multi-head attention of projected ``[batch, tokens, heads·size]`` query, key and value (biases added), as
+    Keras's MultiHeadAttention computes it: the query scaled by ``1/√key_dim``, per head (TRANSPOSE to ``[batch,
+    heads, tokens, size]``) the scores by one BATCH_MATMUL, SOFTMAX, the weighted values by another BATCH_MATMUL;
+    returns the heads merged, ``[batch, query tokens, heads·value_dim]``, for the output projection. Every piece
+    has its own builtin backward pass."""
+    query_tokens = int(query.shape[1])
 
-    Each projection (an EinsumDense ``[dim, heads, size]`` + ``[heads, size]``) is one FULLY_CONNECTED on the
-    tokens with the kernel reshaped to ``[dim, heads·size]``; the scaled query and the keys, per head (TRANSPOSE to
-    ``[batch, heads, tokens, size]``), give the scores by one BATCH_MATMUL, then SOFTMAX, the weighted values by
-    another BATCH_MATMUL, and the output projection a FULLY_CONNECTED with ``[heads·size, out]``. Every piece has
-    its own builtin backward pass; the query is scaled by ``1/√key_dim`` after its projection, as Keras does.
-    """
-    heads, key_dim = int(layer._num_heads), int(layer._key_dim)
-    value_dim = int(layer._value_dim or layer._key_dim)
-    factor = 1.0 / math.sqrt(float(key_dim))
-    query_tokens = int(shapes[0][1])
-    dense = (layer._query_dense, layer._value_dense, layer._key_dense, layer._output_dense)
+    def split(x, size):  # [batch, heads, tokens, size]
+        return transpose(reshape(x, [-1, int(x.shape[1]), heads, size]), [0, 2, 1, 3])
 
-    def project(x, einsum_dense, size):
-        kernel = tf.convert_to_tensor(einsum_dense.kernel)
-        tokens, dim = int(x.shape[1]), int(x.shape[2])
-        y = matmul(x, reshape(kernel, [dim, heads * size]))
-        if einsum_dense.bias is not None:
-            y = bias_add(y, reshape(tf.convert_to_tensor(einsum_dense.bias), [heads * size]))
-        return transpose(reshape(y, [-1, tokens, heads, size]), [0, 2, 1, 3])  # [batch, heads, tokens, size]
-
-    def apply(inputs, training, updates):
-        query_input, value_input = inputs[0], inputs[1]
-        key_input = inputs[2] if len(inputs) > 2 else value_input
-        query_dense, value_dense, key_dense, output_dense = dense
-        query = project(query_input, query_dense, key_dim)
-        key = project(key_input, key_dense, key_dim)
-        value = project(value_input, value_dense, value_dim)
-        scores = softmax(batch_matmul(scale(query, factor), key, transpose_b=True))  # [batch, heads, T, S]
-        context = transpose(batch_matmul(scores, value), [0, 2, 1, 3])  # [batch, T, heads, value_dim]
-        context = reshape(context, [-1, query_tokens, heads * value_dim])
-        kernel = tf.convert_to_tensor(output_dense.kernel)
-        y = matmul(context, reshape(kernel, [heads * value_dim, int(kernel.shape[-1])]))
-        if output_dense.bias is not None:
-            y = bias_add(y, tf.convert_to_tensor(output_dense.bias))
-        return y
-
-    return apply
+    q = split(scale(query, 1.0 / math.sqrt(float(key_dim))), key_dim)
+    scores = softmax(batch_matmul(q, split(key, key_dim), transpose_b=True))  # [batch, heads, T, S]
+    context = transpose(batch_matmul(scores, split(value, value_dim)), [0, 2, 1, 3])  # [batch, T, heads, value_dim]
+    return reshape(context, [-1, query_tokens, heads * value_dim])
 
 
 def global_average_pool(x: _Tensor, height: int, width: int) -> _Tensor:
@@ -596,6 +697,7 @@ def group_norm(layer: tf.keras.layers.GroupNormalization, shape: tuple) -> Compi
 
 
 __all__ = ["FLEX_HINT", "SUPPORTED", "BuiltinOps", "Conv", "Updates", "activation_function", "add", "add_table",
-           "batch_matmul", "batch_norm", "bias_add", "cross_entropy", "gather", "gelu", "global_average_pool",
-           "group_norm", "layer_norm", "matmul", "multi_head_attention", "pad", "relu", "reshape", "scale",
-           "scale_rows", "softmax", "token_average_pool", "transpose", "unsupported_layer"]
+           "attention", "batch_matmul", "batch_norm", "bias_add", "cross_entropy", "gather", "gelu",
+           "global_average_pool", "group_norm", "gru_cell", "layer_norm", "lstm_cell", "matmul",
+           "pad", "relu", "reshape", "scale", "scale_rows", "sigmoid", "softmax", "stack",
+           "tanh", "token_average_pool", "transpose", "unstack", "unsupported_layer"]

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import LayerKind, Rules, pair_axes
+from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pair_axes, pair_product
 from prism_tf.layers.attention import KEY, OUTPUT, QUERY, VALUE, PrincipalMultiHeadAttention
 
 _SUBLAYERS = {QUERY: "_query_dense", KEY: "_key_dense", VALUE: "_value_dense", OUTPUT: "_output_dense"}
@@ -96,6 +96,50 @@ class MultiHeadAttentionKind(LayerKind):
 
     def decayed(self, layer: tf.keras.layers.Layer) -> list[tf.Variable]:
         return []  # as before attention was a kind: its projections are not weight-decayed
+
+    def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
+        """Attention on ``[batch, tokens, dim]`` inputs ``(query, value[, key])`` (docs/export.md, "On-device
+        training"): each projection one product on the tokens (kept whole: the EinsumDense kernel reshaped to
+        ``[dim, heads·size]``; principal: ``(x·A)·(diag(ω)·B)`` through its pair's factors), plus its bias, then
+        `TFLiteOps.attention` (scores, softmax, weighted values, heads merged) and the output projection."""
+        if len(shapes) not in (2, 3) or any(len(s) != 3 or None in s[1:] for s in shapes):
+            raise ops.unsupported(layer, "attends over the tokens of [batch, tokens, dim] inputs (query, value[, key]) "
+                                         "only")
+        principal = type(layer) is self.principal
+        if principal:
+            heads, key_dim, value_dim, dropout = layer.num_heads, layer.key_dim, layer.value_dim, layer.dropout
+        else:
+            heads, key_dim = int(layer._num_heads), int(layer._key_dim)
+            value_dim, dropout = int(layer._value_dim or layer._key_dim), layer._dropout
+            if layer._attention_axes not in (None, (1,), [1]):
+                raise ops.unsupported(layer, f"attention_axes {layer._attention_axes}")
+            if layer._output_shape is not None or len(layer._output_dense.kernel.shape) != 3:
+                raise ops.unsupported(layer, "a custom output_shape")
+        if float(dropout) != 0.0:
+            raise ops.unsupported(layer, f"dropout {dropout} (training-time randomness)")
+        sizes = {QUERY: heads * key_dim, KEY: heads * key_dim, VALUE: heads * value_dim}
+
+        def projection(x: tf.Tensor, pair: str) -> tf.Tensor:
+            if principal:
+                y = pair_product(layer, pair, ops)(x)
+                return ops.bias_add(y, tf.convert_to_tensor(layer.biases[pair])) if layer.use_bias else y
+            dense = getattr(layer, _SUBLAYERS[pair])
+            kernel = tf.convert_to_tensor(dense.kernel)
+            rows = int(x.shape[-1])
+            width = sizes.get(pair) or int(kernel.shape[-1])
+            y = ops.matmul(x, ops.reshape(kernel, [rows, width]))
+            if dense.bias is not None:
+                y = ops.bias_add(y, ops.reshape(tf.convert_to_tensor(dense.bias), [width]))
+            return y
+
+        def attention_layer(inputs: list, training: bool, updates: list) -> tf.Tensor:
+            query_input, value_input = inputs[0], inputs[1]
+            key_input = inputs[2] if len(inputs) > 2 else value_input
+            context = ops.attention(projection(query_input, QUERY), projection(key_input, KEY),
+                                    projection(value_input, VALUE), heads, key_dim, value_dim)
+            return projection(context, OUTPUT)
+
+        return attention_layer
 
 
 def _matrix_shape(pair: str, kernel_shape: Sequence) -> tuple[int, int]:

@@ -69,6 +69,36 @@ class TFLiteOps:
         """Rows ``table[ids]`` (an embedding lookup); the table's gradient sums each row's output gradients."""
         raise NotImplementedError
 
+    def transpose(self, x: tf.Tensor, perm: list[int]) -> tf.Tensor:
+        """TRANSPOSE by ``perm``; the gradient transposes back."""
+        raise NotImplementedError
+
+    def add(self, *xs: tf.Tensor) -> tf.Tensor:
+        """The sum of equally shaped tensors (no broadcasting)."""
+        raise NotImplementedError
+
+    def unstack(self, x: tf.Tensor, axis: int) -> list[tf.Tensor]:
+        """The slices of ``x`` along a static ``axis`` (UNPACK; a recurrent layer's time steps)."""
+        raise NotImplementedError
+
+    def stack(self, xs: list[tf.Tensor], axis: int) -> tf.Tensor:
+        """PACK of equally shaped tensors along a new ``axis``."""
+        raise NotImplementedError
+
+    def lstm_cell(self, z: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One Keras LSTM step (tanh/sigmoid) from the pre-activations ``z`` ``[batch, 4H]`` and the cell state:
+        ``(h', c')``."""
+        raise NotImplementedError
+
+    def gru_cell(self, projected: tf.Tensor, inner: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
+        """One Keras GRU step (``reset_after=True``, tanh/sigmoid) from ``x·W + b_in``, ``h·U + b_rec`` and ``h``."""
+        raise NotImplementedError
+
+    def attention(self, query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, heads: int, key_dim: int,
+                  value_dim: int) -> tf.Tensor:
+        """Keras's multi-head attention of projected ``[batch, tokens, heads·size]`` inputs, heads merged."""
+        raise NotImplementedError
+
     def unsupported(self, layer: tf.keras.layers.Layer, why: str = "") -> ValueError:
         raise NotImplementedError
 
@@ -304,3 +334,13 @@ def pixels(out_shape: Sequence) -> int:
     for d in out_shape[1:-1]:
         n *= int(d)
     return n
+
+
+def pair_product(layer: tf.keras.layers.Layer, pair: str, ops: TFLiteOps) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``x ↦ (x·A)·(diag(ω)·B)`` through factor pair ``pair`` of a multi-pair principal ``layer``, with the
+    exporter's primitives: the product `prism_tf.layers.pairs.FactorPairsMixin.project` computes. ``diag(ω)·B`` is
+    formed once (at the call of this function), so a layer applying it at every time step shares it."""
+    factors = layer.factors(pair)
+    principal = tf.convert_to_tensor(factors.principal)
+    combination = ops.scale_rows(tf.convert_to_tensor(factors.scale), tf.convert_to_tensor(factors.combination))
+    return lambda x: ops.matmul(ops.matmul(x, principal), combination)

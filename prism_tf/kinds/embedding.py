@@ -86,6 +86,26 @@ class ReversibleEmbeddingKind(EmbeddingKind):
     source = ReversibleEmbedding
     principal = PrincipalReversibleEmbedding
 
+    def tflite_layer(self, layer: tf.keras.layers.Layer, shapes: list[tuple], ops: TFLiteOps) -> CompiledLayer:
+        """The lookup (int ids: `EmbeddingKind.tflite_layer`'s GATHER) or the tied projection (float hidden states,
+        a ``reverse=True`` call): ``h·Eᵀ``, a principal layer's ``(h·(diag(ω)·B)ᵀ)·Aᵀ``, FULLY_CONNECTED with
+        TRANSPOSEd factors. The two calls share the table, so their gradients add up."""
+        lookup = super().tflite_layer(layer, shapes, ops)
+        principal = type(layer) is self.principal
+
+        def tied_layer(inputs: list, training: bool, updates: list) -> tf.Tensor:
+            (x,) = inputs
+            if x.dtype.is_integer:
+                return lookup(inputs, training, updates)
+            if principal:
+                combination = ops.scale_rows(tf.convert_to_tensor(layer.kernel_scale),
+                                             tf.convert_to_tensor(layer.combination))
+                responses = ops.matmul(x, ops.transpose(combination, [1, 0]))
+                return ops.matmul(responses, ops.transpose(tf.convert_to_tensor(layer.principal_kernels), [1, 0]))
+            return ops.matmul(x, ops.transpose(tf.convert_to_tensor(layer.embeddings), [1, 0]))
+
+        return tied_layer
+
     def node_flops(self, layer: tf.keras.layers.Layer, node: Any) -> tuple[int, int]:
         in_shape, out_shape = node_shapes(node)
         if not node.call_kwargs.get("reverse", False):
