@@ -31,6 +31,7 @@ def test_lookups_by_exact_type_and_by_instance():
                                     "PrincipalDense": prism_tf.PrincipalDense,
                                     "PrincipalConv1D": prism_tf.layers.PrincipalConv1D,
                                     "PrincipalEmbedding": prism_tf.layers.PrincipalEmbedding,
+                                    "PrincipalReversibleEmbedding": prism_tf.layers.PrincipalReversibleEmbedding,
                                     "PrincipalLSTM": prism_tf.layers.PrincipalLSTM,
                                     "PrincipalGRU": prism_tf.layers.PrincipalGRU,
                                     "PrincipalMultiHeadAttention": prism_tf.layers.PrincipalMultiHeadAttention}
