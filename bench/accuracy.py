@@ -129,11 +129,13 @@ PROFILES = {
         ("iid",),
         (("prism_prism", ("--method", "prism", "--gamma", "3")), ("fedavg", ("--method", "fedavg")),
          ("small", ("--method", "small")),
-         ("prism_attention", ("--method", "prism", "--gamma", "3", "--attention", "factorized"))),
+         ("prism_attention", ("--method", "prism", "--gamma", "3", "--attention", "factorized")),
+         ("small_attention", ("--method", "small", "--attention", "factorized"))),
         "a CIFAR ViT (patch 4, 64 wide, 4 pre-norm blocks, 2 heads, MLP ratio 2) at the quick budget: PriSM as the "
         "authors run DeiT (MLPs factorized, attention whole, gamma 3) and with its attention factorized too, "
-        "beside FedAvg and the small model at PriSM's client flops (a width method can slice only the MLPs' hidden "
-        "units here: the residual stream feeds attention, which no channel slice passes)",
+        "beside FedAvg and the small model at PriSM's client flops (`small_attention`: matched to the cheaper "
+        "PriSM with factorized attention; a width method can slice only the MLPs' hidden units here: the residual "
+        "stream feeds attention, which no channel slice passes)",
         seeds=(0, 1, 2),
     ),
     "recurrent": Profile(
