@@ -360,14 +360,16 @@ def plot(out: Path, records: list[dict]) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in (r for r in records if r["partition"] == partition):
             rounds, acc = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
-            ax.plot(rounds, acc, "o-", ms=3, label=r["name"])
+            seed = r.get("seed")
+            ax.plot(rounds, acc, "o-", ms=3, label=r["name"] if seed is None else f"{r['name']} (seed {seed})")
         ax.set(xlabel="round", ylabel="test accuracy", title=f"test accuracy per round ({partition})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(out / f"accuracy_{partition.replace(':', '_')}.png", dpi=120)
         plt.close(fig)
-    first = [r for r in records if r["partition"] == records[0]["partition"]]
+    first = [r for r in records
+             if r["partition"] == records[0]["partition"] and r.get("seed") == records[0].get("seed")]
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r["name"] for r in first]
     keys = (("flops_ratio", "flops"), ("bytes_down_ratio", "bytes down"), ("activation_ratio", "activations"))
