@@ -311,6 +311,7 @@ def test_bad_requests_are_refused_over_tls_and_change_nothing(tmp_path):
     assert not (tmp_path / "late_export").exists()
 
 
+@pytest.mark.slow  # ~75 s: two server starts and a deadline (make test-all)
 def test_kill_9_keeps_every_accepted_upload_and_the_deadline_closes_a_round_with_stragglers(tmp_path):
     run, tokens = make_run(tmp_path / "run", clients=6, per_round=4)
     reference = Path(shutil.copytree(run, tmp_path / "reference"))
