@@ -358,10 +358,14 @@ def plot(out: Path, records: list[dict]) -> None:
 
     for partition in sorted({r["partition"] for r in records}):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        names = list(dict.fromkeys(r["name"] for r in records))  # one colour per configuration, a style per seed
+        seeds = sorted({r.get("seed") for r in records}, key=lambda v: -1 if v is None else v)
         for r in (r for r in records if r["partition"] == partition):
             rounds, acc = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
             seed = r.get("seed")
-            ax.plot(rounds, acc, "o-", ms=3, label=r["name"] if seed is None else f"{r['name']} (seed {seed})")
+            ax.plot(rounds, acc, "o" + ("-", "--", ":", "-.")[seeds.index(seed) % 4], ms=3,
+                    color=f"C{names.index(r['name']) % 10}",
+                    label=r["name"] if seed is None else f"{r['name']} (seed {seed})")
         ax.set(xlabel="round", ylabel="test accuracy", title=f"test accuracy per round ({partition})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
