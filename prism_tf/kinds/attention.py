@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pair_axes, pair_product
+from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pair_product
 from prism_tf.layers.attention import KEY, OUTPUT, QUERY, VALUE, PrincipalMultiHeadAttention
 
 _SUBLAYERS = {QUERY: "_query_dense", KEY: "_key_dense", VALUE: "_value_dense", OUTPUT: "_output_dense"}
@@ -72,12 +72,6 @@ class MultiHeadAttentionKind(LayerKind):
 
     def mixes_channels(self, layer: tf.keras.layers.Layer) -> bool:
         return False  # heads mix tokens: no channel group is sliced through attention
-
-    def weight_axes(self, layer: tf.keras.layers.Layer, weight: str, src: str | None, dst: str | None,
-                    ndim: int) -> list[tuple[int, str | None]]:
-        if type(layer) is self.principal:
-            return pair_axes(layer, weight, ndim) or []
-        return []
 
     def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
         tokens, dim, out_dim = int(in_shape[1]), int(in_shape[-1]), int(out_shape[-1])

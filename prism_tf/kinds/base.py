@@ -185,7 +185,14 @@ class LayerKind:
 
     def weight_axes(self, layer: tf.keras.layers.Layer, weight: str, src: str | None, dst: str | None,
                     ndim: int) -> list[tuple[int, str | None]]:
-        """The ``(axis, group)`` pairs a selection slices ``weight`` of ``layer`` by (docs/algorithm.md §2)."""
+        """The ``(axis, group)`` pairs a selection slices ``weight`` of ``layer`` by (docs/algorithm.md §2).
+
+        A layer with several kernels (`pairs`) is sliced by its kernel groups only: its outputs are no channel
+        group (`mixes_channels` is false for them)."""
+        if type(layer) is self.principal and self.pairs != ("",):
+            return pair_axes(layer, weight, ndim) or []
+        if self.pairs != ("",):
+            return []
         if type(layer) is self.principal:
             k = layer.name
             if weight == "principal_kernels":

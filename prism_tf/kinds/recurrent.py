@@ -11,7 +11,7 @@ from typing import Any
 import tensorflow as tf
 
 from prism_tf import spectral
-from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pair_axes, pair_product
+from prism_tf.kinds.base import CompiledLayer, LayerKind, Rules, TFLiteOps, pair_product
 from prism_tf.layers.recurrent import INPUT, RECURRENT, PrincipalGRU, PrincipalLSTM
 
 
@@ -60,12 +60,6 @@ class _RecurrentKind(LayerKind):
 
     def mixes_channels(self, layer: tf.keras.layers.Layer) -> bool:
         return False  # the state stays whole: what follows sees all H features
-
-    def weight_axes(self, layer: tf.keras.layers.Layer, weight: str, src: str | None, dst: str | None,
-                    ndim: int) -> list[tuple[int, str | None]]:
-        if type(layer) is self.principal:
-            return pair_axes(layer, weight, ndim) or []
-        return []
 
     def flops(self, layer: tf.keras.layers.Layer, in_shape: Sequence, out_shape: Sequence) -> tuple[int, int]:
         steps, features, width = int(in_shape[1]), int(in_shape[-1]), self.gates * layer.units
