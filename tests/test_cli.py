@@ -538,6 +538,7 @@ def test_train_fedavg_costs_equal_full_model(fedavg_piped):
 # --------------------------------------------------------------------------------------------- 3. resume
 
 
+@pytest.mark.slow  # a CLI resume; test_resume_drops_metrics_newer_than_checkpoint resumes in the default suite
 def test_resume_continues_from_last_checkpoint(jobs, prism_run):
     original = _read_rows(prism_run[0])
     run, result = jobs.result("resume")  # a copy of the prism run (2 rounds), resumed with --rounds 3

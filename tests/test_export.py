@@ -13,61 +13,27 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import max_weight_difference
+from phone_round import copy_run, play_phone_round
 
 import prism_tf
-from export import client as client_export
 from export import ingest as ingest_lib
-from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir
 from tff_pipelines.program import driver
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND = 3
 # About 3 minutes on 2 cores (exports, LiteRT subprocesses, two TFF rounds): `make test-all` runs it, keeping the
 # default suite under 15 minutes; tests/test_replay.py keeps the pure path against a TFF round in the default.
 pytestmark = pytest.mark.slow
 
 
-def _copy_run(src: Path, dst: Path, rounds: int) -> Path:
-    shutil.copytree(src, dst)
-    run = RunDir(dst)
-    run.write_config({**run.read_config(), "rounds": rounds}, overwrite=True)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def device_round(tiny_run, tmp_path_factory):
-    base = tmp_path_factory.mktemp("export")
-    device_run = _copy_run(tiny_run, base / "device_run", ROUND)
-    tff_run = _copy_run(tiny_run, base / "tff_run", ROUND)
-    replay = RoundReplay(device_run, ROUND)
-    clients = replay.clients()
-    # Only the data pipeline: the clients' batches exactly as the simulated round would see them (no TFF process).
-    simulation = driver.Simulation(driver.stored_config(RunDir(tff_run)), str(tff_run), log=lambda _: None)
-    exports, reports = {}, {}
-    for client, dataset in zip(clients, simulation.client_datasets(ROUND - 1, clients), strict=True):
-        exports[client] = client_export.export_client(device_run, client, base / f"client_{client}")
-        batches = list(dataset.as_numpy_iterator())
-        data = base / f"data_{client}.npz"
-        np.savez(data, x=np.stack([b["x"] for b in batches]), y=np.stack([b["y"] for b in batches]))
-        trained = base / f"trained_{client}.npz"
-        proc = subprocess.run(
-            [sys.executable, "-m", "export.device", "--client-dir", exports[client].directory, "--data", str(data),
-             "--out", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        reports[client] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ingest_lib.ingest(device_run, exports[client].directory, trained, examples=reports[client]["examples"])
-    finished = ingest_lib.finish_round(device_run)
-    driver.resume(str(tff_run), rounds=ROUND)
-    return dict(device_run=device_run, tff_run=tff_run, exports=exports, reports=reports, finished=finished,
-                replay=replay, base=base, clients=clients)
+    return play_phone_round(tiny_run, tmp_path_factory.mktemp("export"), ROUND)
 
 
 def test_phones_train_without_tensorflow_on_the_simulated_batches(device_round):
@@ -147,7 +113,7 @@ def test_ingest_refuses_what_does_not_belong_and_changes_nothing(device_round, t
     expect("round 3, but the run's open round is 4: that round is finished")  # the round is over
 
     # A fresh copy whose round 3 is open again: everything else must be refused there too.
-    open_run = _copy_run(device_round["tff_run"], tmp_path / "open", ROUND)
+    open_run = copy_run(device_round["tff_run"], tmp_path / "open", ROUND)
     shutil.rmtree(open_run / "checkpoints" / f"program_state_{ROUND}")
     (open_run / "run_id").write_text((device_run / "run_id").read_text())
 
@@ -210,7 +176,7 @@ def test_an_update_changes_only_the_entries_its_selection_holds(device_round):
 
 def test_a_round_mixing_phones_and_simulated_clients_equals_the_tff_round(device_round, tmp_path):
     """`resume` finishes an open round whose first client trained on a phone and whose others TFF simulates."""
-    mixed = _copy_run(device_round["tff_run"], tmp_path / "mixed", ROUND)
+    mixed = copy_run(device_round["tff_run"], tmp_path / "mixed", ROUND)
     shutil.rmtree(mixed / "checkpoints" / f"program_state_{ROUND}")
     RunDir(mixed).truncate_metrics(ROUND - 1)
     (mixed / "run_id").write_text((device_round["device_run"] / "run_id").read_text())

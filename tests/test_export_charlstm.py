@@ -10,25 +10,19 @@ see, ingested and finished; and ``resume`` in TFF. The server weights agree to f
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import max_weight_difference
-from test_export_vit import ROUND, _copy_run
+from phone_round import play_phone_round
+from test_export_vit import ROUND
 
 import prism_tf
-from export import client as client_export
-from export import ingest as ingest_lib
 from export.tflite import model_ops
-from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir
 from tff_pipelines.program import driver
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
 pytestmark = pytest.mark.slow  # a charlstm run, two exports and LiteRT subprocesses, two TFF rounds
 
@@ -41,28 +35,7 @@ def charlstm_round(tmp_path_factory):
                                 examples_per_client=24, sequence_length=STEPS, calibration_examples=16,
                                 lr_schedule="constant")
     driver.start(config, str(base / "run"))
-    device_run = _copy_run(base / "run", base / "device_run", ROUND)
-    tff_run = _copy_run(base / "run", base / "tff_run", ROUND)
-    replay = RoundReplay(device_run, ROUND)
-    clients = replay.clients()
-    simulation = driver.Simulation(driver.stored_config(RunDir(tff_run)), str(tff_run), log=lambda _: None)
-    exports, reports = {}, {}
-    for client, dataset in zip(clients, simulation.client_datasets(ROUND - 1, clients), strict=True):
-        exports[client] = client_export.export_client(device_run, client, base / f"client_{client}")
-        batches = list(dataset.as_numpy_iterator())
-        data = base / f"data_{client}.npz"
-        np.savez(data, x=np.stack([b["x"] for b in batches]), y=np.stack([b["y"] for b in batches]))
-        trained = base / f"trained_{client}.npz"
-        proc = subprocess.run(
-            [sys.executable, "-m", "export.device", "--client-dir", exports[client].directory, "--data", str(data),
-             "--out", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        reports[client] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ingest_lib.ingest(device_run, exports[client].directory, trained, examples=reports[client]["examples"])
-    finished = ingest_lib.finish_round(device_run)
-    driver.resume(str(tff_run), rounds=ROUND)
-    return dict(device_run=device_run, tff_run=tff_run, exports=exports, reports=reports, finished=finished,
-                replay=replay, clients=clients)
+    return play_phone_round(base / "run", base, ROUND)
 
 
 def test_charlstm_phones_train_with_litert_builtins_only(charlstm_round):

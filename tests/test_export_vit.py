@@ -12,35 +12,21 @@ The server weights agree to float32 round-off, as for ResNet-18 (tests/test_expo
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import max_weight_difference
+from phone_round import play_phone_round
 
 import prism_tf
-from export import client as client_export
-from export import ingest as ingest_lib
 from export.model import export_model
 from export.tflite import model_ops
-from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir
 from tff_pipelines.program import driver
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND = 3
 pytestmark = pytest.mark.slow  # a ViT run, two exports and LiteRT subprocesses, two TFF rounds: about 4 minutes
-
-
-def _copy_run(src: Path, dst: Path, rounds: int) -> Path:
-    shutil.copytree(src, dst)
-    run = RunDir(dst)
-    run.write_config({**run.read_config(), "rounds": rounds}, overwrite=True)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -50,29 +36,9 @@ def vit_round(shapes_dataset, tmp_path_factory):
                                 clients_per_round=2, rounds=2, batch_size=8, eval_examples=12, eval_every=2,
                                 calibration_examples=16, lr_schedule="constant")
     driver.start(config, str(base / "run"))
-    device_run = _copy_run(base / "run", base / "device_run", ROUND)
-    tff_run = _copy_run(base / "run", base / "tff_run", ROUND)
-    replay = RoundReplay(device_run, ROUND)
-    clients = replay.clients()
-    simulation = driver.Simulation(driver.stored_config(RunDir(tff_run)), str(tff_run), log=lambda _: None)
-    exports, reports = {}, {}
-    for client, dataset in zip(clients, simulation.client_datasets(ROUND - 1, clients), strict=True):
-        exports[client] = client_export.export_client(device_run, client, base / f"client_{client}")
-        batches = list(dataset.as_numpy_iterator())
-        data = base / f"data_{client}.npz"
-        np.savez(data, x=np.stack([b["x"] for b in batches]), y=np.stack([b["y"] for b in batches]))
-        trained = base / f"trained_{client}.npz"
-        proc = subprocess.run(
-            [sys.executable, "-m", "export.device", "--client-dir", exports[client].directory, "--data", str(data),
-             "--out", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        reports[client] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ingest_lib.ingest(device_run, exports[client].directory, trained, examples=reports[client]["examples"])
-    finished = ingest_lib.finish_round(device_run)
-    model = export_model(device_run, base / "round3.keras", round_num=ROUND, eval_examples=0)
-    driver.resume(str(tff_run), rounds=ROUND)
-    return dict(device_run=device_run, tff_run=tff_run, exports=exports, reports=reports, finished=finished,
-                replay=replay, clients=clients, model=model, base=base)
+    played = play_phone_round(base / "run", base, ROUND)
+    played["model"] = export_model(played["device_run"], base / "round3.keras", round_num=ROUND, eval_examples=0)
+    return played
 
 
 def test_vit_phones_train_with_litert_builtins_only(vit_round):

@@ -267,6 +267,7 @@ def test_sighup_to_other_thread_while_main_sleeps(child_factory):
     assert child.proc.returncode == 128 + signal.SIGHUP, child.stderr
 
 
+@pytest.mark.slow  # ~10 s each; the default suite keeps the SIGTERM and pipe tests (make test-all)
 def test_sigkill_worker_dies_by_pdeathsig(child_factory):
     child = child_factory(
         """
@@ -287,6 +288,7 @@ def test_sigkill_worker_dies_by_pdeathsig(child_factory):
     assert waited < GRACE_S
 
 
+@pytest.mark.slow  # ~10 s each; the default suite keeps the SIGTERM and pipe tests (make test-all)
 def test_ctrl_c_to_process_group_spares_worker(child_factory):
     """Ctrl-C (or Jupyter's interrupt) signals the whole group: the worker must survive a caught interrupt."""
     child = child_factory(
@@ -309,6 +311,7 @@ def test_ctrl_c_to_process_group_spares_worker(child_factory):
     assert not _wait_gone(workers)[0]
 
 
+@pytest.mark.slow  # ~10 s each; the default suite keeps the SIGTERM and pipe tests (make test-all)
 def test_tff_own_worker_is_stopped_too():
     """Defense in depth: a worker started by TFF's stock context (before our import) is stopped at exit."""
     body = """
@@ -368,6 +371,7 @@ def test_worker_started_from_short_lived_thread_survives_it(child_factory):
     assert not _wait_gone(pids)[0]
 
 
+@pytest.mark.slow  # ~10 s each; the default suite keeps the SIGTERM and pipe tests (make test-all)
 def test_dead_worker_fails_fast_instead_of_retrying_forever(child_factory):
     """TFF retries UNAVAILABLE forever; once our worker is gone a computation must raise instead."""
     child = child_factory(

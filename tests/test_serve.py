@@ -162,6 +162,7 @@ def _round_of_phones(tmp_path: Path, clients: int, per_round: int) -> None:
     assert_same_round(run, reference)
 
 
+@pytest.mark.slow  # ~20 s; test_fifty_concurrent_phones is the same check at 50 phones (make test-all)
 def test_a_round_of_concurrent_phones_equals_one_by_one_ingest(tmp_path):
     _round_of_phones(tmp_path, clients=10, per_round=8)
 
