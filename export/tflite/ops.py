@@ -16,6 +16,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from prism_tf.kinds.base import CompiledLayer, TFLiteOps
+from prism_tf.layers.recurrent import gru_gates, lstm_gates
 
 _Tensor = tf.Tensor
 Updates = list  # (variable, new value) pairs a training forward pass assigns (BatchNorm moving statistics)
@@ -203,12 +204,7 @@ def lstm_cell(z, c):
     o``) and the cell state ``c``: ``c' = σ(f)·c + σ(i)·tanh(g)``, ``h' = σ(o)·tanh(c')`` as Keras's standard LSTM
     computes it (SPLIT, LOGISTIC, TANH, MUL, ADD), returning ``(h', c')``. The backward pass is the analytic one
     (MUL, SUB, ADD, CONCATENATION): no SigmoidGrad, TanhGrad or SplitGrad."""
-    zi, zf, zg, zo = tf.split(z, 4, axis=-1)
-    i, f, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.sigmoid(zo)
-    g = tf.tanh(zg)
-    c_new = f * c + i * g
-    t = tf.tanh(c_new)
-    h = o * t
+    h, c_new, (i, f, g, o, t) = lstm_gates(z, c)
 
     def grad(dh, dc_new):
         dc = dc_new + dh * o * (1.0 - t * t)
@@ -225,12 +221,7 @@ def gru_cell(projected, inner, h):
     (``[batch, 3H]`` each, gate order ``z, r, h̃``): ``z = σ(x_z + u_z)``, ``r = σ(x_r + u_r)``,
     ``h̃ = tanh(x_h + r·u_h)``, ``h' = z·h + (1 − z)·h̃`` as Keras's standard GRU computes it; analytic backward
     pass in builtins (MUL, SUB, ADD, CONCATENATION)."""
-    x_z, x_r, x_h = tf.split(projected, 3, axis=-1)
-    u_z, u_r, u_h = tf.split(inner, 3, axis=-1)
-    z = tf.sigmoid(x_z + u_z)
-    r = tf.sigmoid(x_r + u_r)
-    candidate = tf.tanh(x_h + r * u_h)
-    h_new = z * h + (1.0 - z) * candidate
+    h_new, (z, r, candidate, u_h) = gru_gates(projected, inner, h)
 
     def grad(dh):
         da_z = dh * (h - candidate) * z * (1.0 - z)

@@ -22,6 +22,32 @@ from prism_tf.layers.pairs import FactorPairsMixin
 INPUT, RECURRENT = "input", "recurrent"
 
 
+def lstm_gates(z: tf.Tensor, c: tf.Tensor, activation=tf.tanh, recurrent_activation=tf.sigmoid) -> tuple:
+    """One LSTM step from its pre-activations ``z = x·W + h·U + b`` (``[batch, 4H]``, Keras's gate order ``i, f, g,
+    o``) and cell state ``c``: ``c' = σ(f)·c + σ(i)·tanh(g)``, ``h' = σ(o)·tanh(c')``. Returns ``(h', c', (i, f, g,
+    o, tanh(c')))``: the gates are what an analytic backward pass needs (`export.tflite.ops.lstm_cell`)."""
+    zi, zf, zg, zo = tf.split(z, 4, axis=-1)
+    i, f, o = recurrent_activation(zi), recurrent_activation(zf), recurrent_activation(zo)
+    g = activation(zg)
+    c_new = f * c + i * g
+    t = activation(c_new)
+    return o * t, c_new, (i, f, g, o, t)
+
+
+def gru_gates(projected: tf.Tensor, inner: tf.Tensor, h: tf.Tensor, activation=tf.tanh,
+              recurrent_activation=tf.sigmoid) -> tuple:
+    """One GRU step (``reset_after=True``) from ``projected = x·W + b_in`` and ``inner = h·U + b_rec`` (``[batch,
+    3H]``, gate order ``z, r, h̃``): ``z = σ(x_z + u_z)``, ``r = σ(x_r + u_r)``, ``h̃ = tanh(x_h + r·u_h)``,
+    ``h' = z·h + (1 − z)·h̃``. Returns ``(h', (z, r, h̃, u_h))`` (what `export.tflite.ops.gru_cell`'s backward
+    needs)."""
+    x_z, x_r, x_h = tf.split(projected, 3, axis=-1)
+    u_z, u_r, u_h = tf.split(inner, 3, axis=-1)
+    z = recurrent_activation(x_z + u_z)
+    r = recurrent_activation(x_r + u_r)
+    candidate = activation(x_h + r * u_h)
+    return z * h + (1.0 - z) * candidate, (z, r, candidate, u_h)
+
+
 class _PrincipalRecurrent(FactorPairsMixin, tf.keras.layers.Layer):
     """The shared body: the input projection of every step at once, then `tf.keras.backend.rnn` over the steps."""
 
@@ -133,10 +159,7 @@ class PrincipalLSTM(_PrincipalRecurrent):
 
     def step(self, projected: tf.Tensor, states: list[tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
         h, c = states
-        z = projected + self.project(h, RECURRENT)
-        i, f, g, o = tf.split(z, 4, axis=-1)
-        c = self.recurrent_activation(f) * c + self.recurrent_activation(i) * self.activation(g)
-        h = self.recurrent_activation(o) * self.activation(c)
+        h, c, _ = lstm_gates(projected + self.project(h, RECURRENT), c, self.activation, self.recurrent_activation)
         return h, [h, c]
 
 
@@ -162,10 +185,5 @@ class PrincipalGRU(_PrincipalRecurrent):
         inner = self.project(h, RECURRENT)
         if self.bias is not None:
             inner = inner + tf.cast(self.bias[1], inner.dtype)
-        x_z, x_r, x_h = tf.split(projected, 3, axis=-1)
-        u_z, u_r, u_h = tf.split(inner, 3, axis=-1)
-        z = self.recurrent_activation(x_z + u_z)
-        r = self.recurrent_activation(x_r + u_r)
-        candidate = self.activation(x_h + r * u_h)
-        h = z * h + (1.0 - z) * candidate
+        h, _ = gru_gates(projected, inner, h, self.activation, self.recurrent_activation)
         return h, [h]
