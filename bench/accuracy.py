@@ -154,6 +154,20 @@ PROFILES = {
         seeds=(0, 1, 2),
         dataset="cifar10_rows",
     ),
+    # Issue 25's levers (docs/bench.md "Levers"): the quick budget, 3 seeds, PriSM's variants at its own client
+    # flops beside `small` and FedAvg, in float32 and mixed bfloat16.
+    "levers": Profile(
+        "levers", QUICK_COMMON, ("iid",),
+        (SPECTRAL[0], ("small", ("--method", "small")), ("fedavg", ("--method", "fedavg")),
+         ("prism_group", ("--method", "prism", "--norm", "group")),
+         ("small_group", ("--method", "small", "--norm", "group")),
+         ("fedavg_group", ("--method", "fedavg", "--norm", "group")),
+         ("prism_fedavgm", ("--method", "prism", "--server-lr", "1.0", "--server-momentum", "0.9"))),
+        "which lever moves PriSM toward the small model at equal client flops (quick budget, 3 seeds): GroupNorm "
+        "for every method, a server optimizer on the rebuilt kernels, warm-up, flops-aware rank allocation, and "
+        "mixed bfloat16 training against float32",
+        seeds=(0, 1, 2),
+    ),
     "full": Profile(
         "full",
         ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
