@@ -15,6 +15,7 @@ build about ``log2(candidates) + 2`` models.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import tensorflow as tf
@@ -28,7 +29,8 @@ METRICS = ("flops", "activation_bytes", "params")
 
 
 def spectral_sizes(
-    plan: SubmodelPlan, keep_ratio: float, output_keep: float | None = None, *, multiple_of: int = 1
+    plan: SubmodelPlan, keep_ratio: float, output_keep: float | None = None, *, multiple_of: int = 1,
+    kernels: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """A PriSM sub-model's group sizes: ``ceil(keep·r)`` kernels per principal layer (Niu et al. 2023) and, with
     ``output_keep`` (the memory-efficient variant), ``ceil(output_keep·C)`` channels per owned output group.
@@ -37,14 +39,109 @@ def spectral_sizes(
     that CPU kernels may vectorize better; `submodel_cost` of the result shows what the extra kernels cost.
     bench/speed.py times it against the exact ``ceil`` (``prism_k0.2_align8``, bench/results/speed/README.md);
     training and sampling use the exact ``ceil`` (``multiple_of=1``).
+
+    ``kernels``: per kernel group, a count that replaces ``ceil(keep·r)`` (a rank allocation, `flops_aware_kernels`).
     """
     if int(multiple_of) < 1:
         raise ValueError(f"spectral_sizes: multiple_of must be >= 1, got {multiple_of}")
-    sizes = {g: _round_up(num_kept(keep_ratio, plan.groups[g].size), int(multiple_of), plan.groups[g].size)
+    kernels = kernels or {}
+    sizes = {g: _round_up(int(kernels[g]) if g in kernels else num_kept(keep_ratio, plan.groups[g].size),
+                          int(multiple_of), plan.groups[g].size)
              for g in plan.kernel_groups()}
     if output_keep is not None:
         sizes.update({g: num_kept(output_keep, plan.groups[g].size) for g in plan.owned_channel_groups().values()})
     return sizes
+
+
+RANK_ALLOCATIONS = ("uniform", "flops")
+"""``--rank-allocation``: ``uniform`` (``ceil(keep·r)`` kernels per layer, the paper's) or ``flops[:ALPHA]``
+(`flops_aware_kernels`)."""
+
+
+def parse_rank_allocation(text: str) -> float | None:
+    """``"uniform"`` -> ``None``; ``"flops"`` -> 1.0; ``"flops:0.5"`` -> 0.5 (the exponent α of
+    `flops_aware_kernels`).
+
+    Raises:
+      ValueError: anything else, naming ``--rank-allocation``.
+    """
+    if text == "uniform":
+        return None
+    name, _, alpha = str(text).partition(":")
+    try:
+        value = float(alpha) if alpha else 1.0
+    except ValueError:
+        value = float("nan")
+    if name != "flops" or not (0.0 < value <= 4.0):
+        raise ValueError(f"--rank-allocation must be uniform, flops or flops:ALPHA with 0 < ALPHA <= 4, got {text!r}")
+    return value
+
+
+def rank_unit_flops(model: tf.keras.Model, plan: SubmodelPlan, sizes: Mapping[str, int]) -> dict[str, float]:
+    """Per kernel group, the multiply-adds per example one more principal kernel adds to the sub-model of ``sizes``
+    (a rank-``k`` layer's flops are linear in ``k``: ``k·(kh·kw·Cin + Cout)`` per output pixel, `prism_tf.cost`).
+
+    Measured on the real sub-model (`submodel_cost`): every group one kernel larger (smaller where it is at full
+    rank), read per layer; a layer with several kernel groups (an LSTM's input and recurrent kernels) is measured
+    group by group.
+    """
+    groups = plan.kernel_groups()
+    base = submodel_cost(model, plan, sizes)["layers"]
+    step = {g: 1 if sizes[g] < plan.groups[g].size else -1 for g in groups}
+    layer_of = {g: g.split("/")[0] for g in groups}
+    shared = {name for name in layer_of.values() if sum(1 for v in layer_of.values() if v == name) > 1}
+    single = [g for g in groups if layer_of[g] not in shared]
+    out: dict[str, float] = {}
+    if single:
+        bumped = submodel_cost(model, plan, {**sizes, **{g: sizes[g] + step[g] for g in single}})["layers"]
+        out.update({g: (bumped.get(g, 0) - base.get(g, 0)) / step[g] for g in single})
+    for g in groups:
+        if g not in out:
+            bumped = submodel_cost(model, plan, {**sizes, g: sizes[g] + step[g]})["layers"]
+            out[g] = (bumped.get(layer_of[g], 0) - base.get(layer_of[g], 0)) / step[g]
+    return out
+
+
+def flops_aware_kernels(
+    model: tf.keras.Model, plan: SubmodelPlan, keep_ratio: float, output_keep: float | None = None, *,
+    alpha: float = 1.0,
+) -> dict[str, int]:
+    """Kernels per group for the client flops of a uniform ``keep_ratio``, spent where a kernel is cheap
+    (docs/algorithm.md §5, "Rank allocation").
+
+    A uniform keep ratio gives layer ``g`` of rank ``r_g`` about ``keep·r_g`` kernels wherever it sits; a kernel of
+    a 3×3 layer at 32×32 pixels costs 8x one at 4×4. This allocation gives ``k_g = clip(round(λ·r_g / c_g^α), 1,
+    r_g)``, ``c_g`` the flops of one more kernel in layer ``g`` (`rank_unit_flops`), with the largest ``λ`` whose
+    sub-model costs no more flops than the uniform one. ``α = 1`` maximizes ``Σ r_g·log k_g`` (every layer's
+    kernels, weighted by its rank, with diminishing returns) at that budget; ``α = 0`` is the uniform allocation.
+
+    Rounding down leaves budget over; it is spent one kernel at a time where the objective gains most per flop.
+    Returns ``{group: k_g}`` for every kernel group; the sub-model's flops are at most the uniform one's.
+    """
+    uniform = spectral_sizes(plan, keep_ratio, output_keep)
+    unit = rank_unit_flops(model, plan, uniform)
+    groups = plan.kernel_groups()
+    ranks = {g: plan.groups[g].size for g in groups}
+    weight = {g: ranks[g] / max(unit[g], 1e-30) ** alpha for g in groups}
+    budget_flops = sum(unit[g] * uniform[g] for g in groups)  # the principal layers' share of the uniform flops
+
+    def kernels(lam: float) -> dict[str, int]:
+        return {g: int(min(ranks[g], max(1, round(lam * weight[g])))) for g in groups}
+
+    def spent(k: Mapping[str, int]) -> float:
+        return sum(unit[g] * k[g] for g in groups)
+
+    lo, hi = 0.0, max(ranks[g] / weight[g] for g in groups) * 2.0
+    for _ in range(100):  # bisect λ: spent() is non-decreasing in λ
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spent(kernels(mid)) <= budget_flops else (lo, mid)
+    best = kernels(lo)
+    # Rounding leaves some budget: add one kernel at a time where it gains most of the objective per flop.
+    while True:
+        room = [g for g in groups if best[g] < ranks[g] and spent(best) + unit[g] <= budget_flops]
+        if not room:
+            return best
+        best[max(room, key=lambda g: ranks[g] * math.log1p(1.0 / best[g]) / max(unit[g], 1e-30) ** alpha)] += 1
 
 
 def _round_up(count: int, multiple: int, cap: int) -> int:

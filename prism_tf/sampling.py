@@ -243,13 +243,15 @@ def sample_from_singular_values(
     output_keep: float | None = None,
     output_rule: str = "random",
     model_name: str = "model",
+    kernels: Mapping[str, int] | None = None,
 ) -> Selection:
     """`sample` given the singular values per layer (what a server holds without a Keras model).
 
     The one code path of every spectral selection (`sample` and `prism_tf.federated.methods.Method.select` both call
     it): layer ``name`` draws its kernels from the stream ``(seed, "kernels", name)`` and, with ``output_keep``
     (which needs ``plan``), owned output group ``g`` its channels from ``(seed, "channels", g)``
-    (`prism_tf.streams`), so adding or reordering layers changes no other layer's draw.
+    (`prism_tf.streams`), so adding or reordering layers changes no other layer's draw. ``kernels``: per layer, a
+    count that replaces ``ceil(keep_ratio·r)`` (a rank allocation, `prism_tf.budget.flops_aware_kernels`).
     """
     check_keep_ratio(keep_ratio)
     if strategy not in STRATEGIES:
@@ -258,7 +260,8 @@ def sample_from_singular_values(
     chosen = {}
     for name, s in singular_values.items():
         s = np.asarray(s, dtype=np.float64)
-        indices, scale = draw(s, num_kept(keep_ratio, s.shape[0]), strategy, streams.rng(seed, streams.KERNELS, name),
+        k = int(kernels[name]) if kernels and name in kernels else num_kept(keep_ratio, s.shape[0])
+        indices, scale = draw(s, k, strategy, streams.rng(seed, streams.KERNELS, name),
                               gamma=gamma, clients_per_round=clients_per_round)
         chosen[name] = LayerSelection(indices, scale, s.shape[0])
     selection = Selection(chosen, float(keep_ratio), strategy)

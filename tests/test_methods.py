@@ -310,8 +310,9 @@ def test_create_takes_every_run_option_and_keeps_only_its_own():
     fedhm = Method.create("fedhm", **run_options)
     assert fedhm.strategy == "top" and fedhm.gamma == 3.0  # FedHM's rule is the top-k kernels, whatever is asked
     assert Method.create("fjord", fjord_widths=(0.5, 1.0)).fjord_widths == (0.5, 1.0)
-    assert PriSM.options() == ("keep_ratio", "output_keep", "keep_mix", "strategy", "gamma", "output_rule")
-    assert FedHM.options() == ("keep_ratio", "output_keep", "keep_mix", "gamma", "output_rule")
+    levers = ("warmup_rounds", "rank_allocation", "kernels")
+    assert PriSM.options() == ("keep_ratio", "output_keep", "keep_mix", "strategy", "gamma", "output_rule", *levers)
+    assert FedHM.options() == ("keep_ratio", "output_keep", "keep_mix", "gamma", "output_rule", *levers)
 
 
 @pytest.mark.parametrize("call,error,words", [

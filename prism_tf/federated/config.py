@@ -18,7 +18,7 @@ import tensorflow as tf
 import prism_tf
 from prism_tf.evaluation import EVAL_NORMS
 from prism_tf.federated import recipe
-from prism_tf.federated.methods import METHODS, Method, PriSM, equal_cost_method
+from prism_tf.federated.methods import METHODS, REGISTRY, Method, PriSM, equal_cost_method
 from prism_tf.federated.rundir import RunDir, RunError
 
 
@@ -71,6 +71,10 @@ class TrainConfig:
     match: str = "flops"
     calibration_examples: int = 1000
     attention: str = "whole"
+    precision: str = "float32"
+    warmup_rounds: int = 0
+    rank_allocation: str = "uniform"
+    server_optimizer: str = "sgd"
 
     def factorize_options(self) -> dict[str, Any]:
         """The keyword arguments of `prism_tf.factorize` this run's server model is factorized with."""
@@ -114,6 +118,24 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
         if self.attention not in ("whole", "factorized"):
             raise ValueError(f"--attention must be whole or factorized, got {self.attention!r}")
+        prism_tf.precision.check_precision(self.precision)
+        spectral = self.method in REGISTRY and REGISTRY[self.method].spectral
+        if int(self.warmup_rounds) < 0:
+            raise ValueError(f"--warmup-rounds must be >= 0, got {self.warmup_rounds}")
+        if self.warmup_rounds and not spectral:
+            raise ValueError(f"--warmup-rounds applies to spectral methods (prism, fedhm), not --method {self.method}")
+        if prism_tf.budget.parse_rank_allocation(self.rank_allocation) is not None:
+            if not spectral:
+                raise ValueError(f"--rank-allocation {self.rank_allocation} applies to spectral methods (prism, "
+                                 f"fedhm), not --method {self.method}")
+            if self.match != "flops":
+                raise ValueError(f"--rank-allocation {self.rank_allocation} spends PriSM's client flops: it needs "
+                                 f"--match flops, got --match {self.match}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"--server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got "
+                             f"{self.server_optimizer!r}")
+        if self.server_optimizer != "sgd" and self.server_lr is None:
+            raise ValueError(f"--server-optimizer {self.server_optimizer} needs --server-lr (FedAdam: e.g. 0.01)")
         if self.match not in MATCHES:
             raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.calibration_examples < 2:
@@ -129,8 +151,13 @@ class TrainConfig:
     def method_spec(self) -> Method:
         """The run's `Method` at its nominal keep ratio (before `client_budget` matches it to PriSM's cost)."""
         return Method.create(self.method, keep_ratio=self.keep_ratio, strategy=self.strategy, gamma=self.gamma,
-                             output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix))
+                             output_keep=self.output_keep, keep_mix=parse_keep_mix(self.keep_mix),
+                             warmup_rounds=self.warmup_rounds, rank_allocation=self.rank_allocation)
 
+
+SERVER_OPTIMIZERS = ("sgd", "adam")
+"""``--server-optimizer`` with ``--server-lr``: SGD (with ``--server-momentum``: FedAvgM) or Adam (FedAdam, Reddi et
+al. 2021), both on the rebuilt kernels."""
 
 AUGMENTS = ("none", "crop_flip")
 NORMALIZE = ("none", "channel")

@@ -89,6 +89,8 @@ class PrincipalMultiHeadAttention(FactorPairsMixin, tf.keras.layers.Layer):
              attention_mask: tf.Tensor | None = None, return_attention_scores: bool = False,
              training: bool | None = None, use_causal_mask: bool = False) -> Any:
         key = value if key is None else key
+        # Keras autocasts only the first input to the compute dtype (mixed precision, prism_tf.precision)
+        value, key = tf.cast(value, query.dtype), tf.cast(key, query.dtype)
         heads = self.num_heads
 
         def split(x: tf.Tensor, depth: int) -> tf.Tensor:  # [B, T, heads·d] -> [B, T, heads, d]
@@ -107,7 +109,7 @@ class PrincipalMultiHeadAttention(FactorPairsMixin, tf.keras.layers.Layer):
             mask = tf.expand_dims(tf.cast(mask, tf.bool), axis=-3)
         probs = self._softmax(scores, mask)
         probs = self._dropout_layer(probs, training=training)
-        attended = tf.einsum("acbe,aecd->abcd", probs, v)  # [B, Tq, heads, value_dim]
+        attended = tf.einsum("acbe,aecd->abcd", tf.cast(probs, v.dtype), v)  # [B, Tq, heads, value_dim]
         merged = tf.reshape(attended, tf.concat([tf.shape(attended)[:-2], [heads * self.value_dim]], axis=0))
         output = self._projection(merged, OUTPUT)
         return (output, probs) if return_attention_scores else output

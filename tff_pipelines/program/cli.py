@@ -64,6 +64,13 @@ _FIELD_HELP = {
     "calibration_examples": "training examples used by --eval-norm recalibrate",
     "refactorize_every": "re-run the SVD every N rounds, 0 never",
     "weighting": "examples (weight clients by examples) or uniform",
+    "precision": "client training precision: float32, mixed_bfloat16 (bfloat16 compute, float32 master weights, "
+                 "aggregation and SVD) or auto (mixed_bfloat16 where the CPU has AMX/AVX512-BF16); the run's config "
+                 "records what auto chose",
+    "warmup_rounds": "spectral methods: the first N rounds every client trains the top-k kernels (no sampling)",
+    "rank_allocation": "spectral methods: uniform (ceil(keep*r) kernels per layer) or flops[:ALPHA] (the same "
+                       "client flops, more kernels where a kernel costs fewer multiply-adds; ALPHA 1 by default)",
+    "server_optimizer": "server optimizer with --server-lr: sgd (with --server-momentum: FedAvgM) or adam (FedAdam)",
     "attention": "MultiHeadAttention projections: whole (the authors' DeiT runs: only the MLPs are factorized) or "
                  "factorized (query, key, value and output as principal kernels)",
 }
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     field's."""
     from prism_tf.evaluation import EVAL_NORMS
     from prism_tf.federated import recipe
-    from tff_pipelines.program.driver import AUGMENTS, MATCHES, NORMALIZE, TrainConfig
+    from tff_pipelines.program.driver import AUGMENTS, MATCHES, NORMALIZE, SERVER_OPTIMIZERS, TrainConfig
     from tff_pipelines.round.distributor import DISTRIBUTIONS
 
     choices_of = {
@@ -104,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "norm": tuple(sorted({n for spec in prism_tf.models.MODEL_SPECS.values() for n in spec.norms})),
         "strategy": prism_tf.STRATEGIES, "distribution": DISTRIBUTIONS, "weighting": ("examples", "uniform"),
         "eval_norm": EVAL_NORMS, "lr_schedule": recipe.SCHEDULES, "augment": AUGMENTS, "normalize": NORMALIZE,
-        "match": MATCHES, "attention": ("whole", "factorized"),
+        "match": MATCHES, "attention": ("whole", "factorized"), "precision": prism_tf.precision.PRECISIONS,
+        "server_optimizer": SERVER_OPTIMIZERS,
     }
 
     parser = argparse.ArgumentParser(

@@ -24,6 +24,7 @@ from prism_tf.federated.config import (
     LEGACY_DEFAULTS,
     MATCHES,
     NORMALIZE,
+    SERVER_OPTIMIZERS,
     TrainConfig,
     calibration_batches,
     check_model_fits,
@@ -41,7 +42,8 @@ from tff_pipelines.program.client_data import make_client_data
 from tff_pipelines.round.process import PrismProcess, build_prism_process
 
 # The run's options and budget live in `prism_tf.federated.config` (no TFF); they stay importable from here.
-__all__ = ["AUGMENTS", "LEGACY_DEFAULTS", "MATCHES", "NORMALIZE", "RunDir", "RunError", "Simulation", "TrainConfig",
+__all__ = ["AUGMENTS", "LEGACY_DEFAULTS", "MATCHES", "NORMALIZE", "SERVER_OPTIMIZERS", "RunDir", "RunError",
+           "Simulation", "TrainConfig",
            "client_budget", "evaluate", "load_data", "load_run", "model_builder", "parse_keep_mix", "resume",
            "round_clients", "start", "stored_config"]
 
@@ -333,6 +335,9 @@ def _fmt(value) -> str:
 def start(config: TrainConfig, out: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Start a new run in ``out``; nothing is written there until the data and the process are ready."""
     config.validate()
+    # The config records the precision the run trains at (auto: what this CPU chose), so a resume elsewhere continues
+    # as it began.
+    config.precision = prism_tf.precision.resolve(config.precision)
     run = RunDir(out)
     run.check_writable(overwrite=overwrite)
     simulation = Simulation(config, out)  # loads and partitions the data: may fail

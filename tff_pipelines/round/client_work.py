@@ -79,6 +79,8 @@ class ClientTraining:
       clip_norm, clip_lr_tau, frobenius_decay, weight_decay: see `prism_tf.local_step.StepOptions`.
       round_lr: clients receive the round's learning rate in their assignment (`ClientAssignment.lr`) and set it as
         the optimizer's ``learning_rate`` hparam before training (`prism_tf.federated.recipe.Schedule`).
+      precision: ``float32`` or ``mixed_bfloat16`` (``auto`` resolves to one; `prism_tf.precision`): the sub-model
+        computes at it, its variables, the optimizer and everything that travels stay float32.
     """
 
     optimizer: tff.learning.optimizers.Optimizer = dataclasses.field(default_factory=_default_optimizer)
@@ -87,12 +89,18 @@ class ClientTraining:
     frobenius_decay: float = DEFAULTS.frobenius_decay
     weight_decay: float = DEFAULTS.weight_decay
     round_lr: bool = False
+    precision: str = DEFAULTS.precision
+
+    def __post_init__(self) -> None:
+        if prism_tf.precision.resolve(self.precision) != self.precision:
+            object.__setattr__(self, "precision", prism_tf.precision.resolve(self.precision))
 
     @classmethod
     def of(cls, config: TrainConfig) -> ClientTraining:
         """A run's local training (``round_lr`` is set by the process from its schedule, `lr_schedule_of`)."""
         return cls(optimizer=client_optimizer_of(config), clip_norm=config.clip_norm,
-                   frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay)
+                   frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay,
+                   precision=config.precision)
 
     @property
     def step_options(self) -> local_step.StepOptions:
@@ -142,7 +150,8 @@ def train_submodel(
 
     ``lr`` (the round's learning rate, when given) replaces the optimizer's own ``learning_rate`` for this round.
     """
-    model = tf.keras.models.model_from_json(layout.submodel_json, custom_objects=prism_tf.CUSTOM_OBJECTS)
+    model = tf.keras.models.model_from_json(prism_tf.precision.with_policy(layout.submodel_json, training.precision),
+                                            custom_objects=prism_tf.CUSTOM_OBJECTS)
     variables = prism_tf.submodel.flat_weights(model)
     positions = [i for i, t in enumerate(layout.trainable) if t]
     train_vars = [variables[i] for i in positions]
@@ -161,7 +170,7 @@ def train_submodel(
         # an iterator is instantiated once (docs/pitfalls.md, Keras inside TFF's graph).
         for batch in iter(data):
             with tf.GradientTape() as tape:
-                logits = model(batch["x"], training=True)
+                logits = prism_tf.precision.float32_logits(model(batch["x"], training=True))
                 loss = loss_fn(batch["y"], logits)
             grads = local_step.step_gradients(model, train_vars, tape.gradient(loss, train_vars),
                                               training.step_options)

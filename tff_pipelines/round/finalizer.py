@@ -36,10 +36,13 @@ class FinalizerState(NamedTuple):
 
 
 def server_optimizer_of(config: TrainConfig) -> tff.learning.optimizers.Optimizer | None:
-    """A run's server optimizer: ``None`` (plain per-entry averaging) unless ``server_lr`` is set, then SGD at
-    ``server_lr`` with ``server_momentum`` (0: none) on the rebuilt kernels."""
+    """A run's server optimizer: ``None`` (plain per-entry averaging) unless ``server_lr`` is set, then, on the
+    rebuilt kernels, SGD at ``server_lr`` with ``server_momentum`` (0: none; FedAvgM otherwise) or, with
+    ``server_optimizer`` ``adam``, FedAdam (Reddi et al. 2021: β₁ 0.9, β₂ 0.99, ε 1e-3)."""
     if config.server_lr is None:
         return None
+    if config.server_optimizer == "adam":
+        return tff.learning.optimizers.build_adam(config.server_lr, beta_1=0.9, beta_2=0.99, epsilon=1e-3)
     return tff.learning.optimizers.build_sgdm(config.server_lr, config.server_momentum or None)
 
 

@@ -84,6 +84,8 @@ class CostBudget:
       server_model: the full server model.
       build_model: ``width -> model``, for methods that change the model's width (``small``).
       max_width: the widest such model (the run's ``--width``).
+      factorized: the factorized server model PriSM's target was measured on (a rank allocation sizes itself
+        on it).
     """
 
     metric: str
@@ -92,6 +94,7 @@ class CostBudget:
     server_model: tf.keras.Model
     build_model: Callable[[int], tf.keras.Model] | None = None
     max_width: int | None = None
+    factorized: tf.keras.Model | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -263,7 +266,8 @@ def equal_cost_method(
     fm = prism_tf.factorize(server_model, **(factorize_options or {}))
     fm_plan = SubmodelPlan.of(fm)
     target = budget.submodel_cost(fm, fm_plan, budget.spectral_sizes(fm_plan, method.keep_ratio, method.output_keep))
-    method, matched, fields = method.match_cost(CostBudget(metric, target, full, server_model, build_model, max_width))
+    method, matched, fields = method.match_cost(
+        CostBudget(metric, target, full, server_model, build_model, max_width, fm))
     info = {"metric": metric, "keep_ratio": method.keep_ratio, "output_keep": method.output_keep,
             "target": float(target[metric]), "width_fraction": None, **fields}
     info.update({f"{m}_ratio": r for m, r in budget.cost_ratios(matched, full).items()})
