@@ -24,7 +24,10 @@ Sections (each resumable: a finished unit is kept in ``results.json`` and skippe
   (`bench/accuracy.py`, profile full: 5 clients of 400 examples, 2 local epochs, batch 32) against the same
   clients' local training in plain Keras (one traced step per sub-model shape); rounds per hour;
 - ``server``: the server step (`prism_tf.server.finish_round`, aggregation finish + re-factorization) as a
-  ``tf.function``, its SVD in float64 against float32 (time and accuracy), as a share of a round.
+  ``tf.function``, its SVD in float64 against float32 (time and accuracy), as a share of a round;
+- ``precision``: ``mixed_bfloat16`` against ``float32`` (`prism_tf.precision`, ``--precision``): plain-Keras steps
+  and TFF client-computation steps at widths 16 and 64, one client's peak memory, and whole TFF rounds (PriSM
+  select and FedAvg) at width 16, each pair interleaved in one process.
 
 Writes ``bench/results/speed/`` (``--profile quick``: ``bench/results/speed/quick/``): ``results.json`` and
 ``README.md`` (tables against the targets of the speed issue).
@@ -81,7 +84,8 @@ PROFILES = {
                     tff_batches=(2, 8), memory_widths=(16, 64), memory_repeats=1, memory_steps=4, round_clients=5,
                     round_examples=400, round_epochs=2, round_repeats=3, server_widths=(16, 64), server_repeats=5),
 }
-SECTIONS = ("keras_step", "tff_step", "memory", "rounds", "server")
+SECTIONS = ("keras_step", "tff_step", "memory", "rounds", "server", "precision")
+PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def sgd_step(model):
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
+            loss = loss_fn(y, tf.cast(model(x, training=True), tf.float32))  # float32 logits at any precision
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
@@ -293,7 +297,7 @@ def keras_step(width: int, profile: Profile) -> dict:
     return {"width": width, "repeats": profile.step_repeats, "batch": BATCH, "load_before": load, "rows": rows}
 
 
-def _client_computation(variants: Variants, name: str):
+def _client_computation(variants: Variants, name: str, precision: str = "float32"):
     """The TFF client computation (broadcast) of a variant and a function making its argument for a dataset."""
     import prism_tf
     from tff_pipelines.round import client_work
@@ -303,7 +307,7 @@ def _client_computation(variants: Variants, name: str):
     source, sizes = variants.sizes(name)
     layout = RoundLayout.build(source, sizes)
     # The same steps as `sgd_step` (SGD with momentum; the gradient clip as the process has it): no decay terms.
-    training = client_work.ClientTraining(frobenius_decay=0.0, weight_decay=0.0)
+    training = client_work.ClientTraining(frobenius_decay=0.0, weight_decay=0.0, precision=precision)
     work = client_work.build_client_training(layout, batch_spec(INPUT, BATCH), training)
     server = [w.numpy() for w in prism_tf.submodel.flat_weights(source)]
     received = Received([], [server[p] for p in layout.travelling()])
@@ -356,7 +360,7 @@ def tff_step(width: int, profile: Profile) -> dict:
             "rows": rows}
 
 
-def memory_child(width: int, factorized: bool, sizes: dict[str, int], steps: int) -> dict:
+def memory_child(width: int, factorized: bool, sizes: dict[str, int], steps: int, precision: str = "float32") -> dict:
     """In a fresh process, after one warm-up step: peak RSS of ``steps`` training steps over the RSS held before
     them, and the peak of TensorFlow's CPU allocator over what it held before them."""
     import tensorflow as tf
@@ -369,6 +373,7 @@ def memory_child(width: int, factorized: bool, sizes: dict[str, int], steps: int
     if sizes:
         plan = prism_tf.SubmodelPlan.of(model)
         model = prism_tf.submodel.submodel_architecture(model, plan, plan.sizes_with(sizes))
+    model = prism_tf.precision.with_precision(model, precision)
     step = sgd_step(model)
     # The first step also maps TensorFlow's kernels and sets up oneDNN and the thread pools (about 2 GB of RSS
     # for any model here): it runs before the measurement, and the kernel's peak-RSS mark is reset after it
@@ -419,20 +424,22 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory(width: int, name: str, profile: Profile, repeat: int) -> dict:
+def memory(width: int, name: str, profile: Profile, repeat: int, precision: str = "float32") -> dict:
     variants = variants_of(width)
     source, sizes = variants.sizes(name)
-    spec = {"width": width, "factorized": source is variants.factorized, "sizes": sizes, "steps": profile.memory_steps}
+    spec = {"width": width, "factorized": source is variants.factorized, "sizes": sizes, "steps": profile.memory_steps,
+            "precision": precision}
     command = [sys.executable, str(Path(__file__).resolve()), "--child-memory", json.dumps(spec)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"memory child {width}/{name} failed:\n{done.stderr[-3000:]}")
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    record.update(variant=name, repeat=repeat, **{f"{m}_ratio": v for m, v in variants.cost_ratios(name).items()})
+    record.update(variant=name, repeat=repeat, precision=precision,
+                  **{f"{m}_ratio": v for m, v in variants.cost_ratios(name).items()})
     return record
 
 
-def _process(method: str, distribution: str, profile: Profile, width: int):
+def _process(method: str, distribution: str, profile: Profile, width: int, precision: str = "float32"):
     import tensorflow_federated as tff
 
     import prism_tf
@@ -445,7 +452,8 @@ def _process(method: str, distribution: str, profile: Profile, width: int):
     return process.build_prism_process(
         lambda: prism_tf.models.build_model("resnet18", width=width, num_classes=10, input_shape=INPUT), optimizer,
         method=Method(method, keep_ratio=0.2), batch_size=BATCH, model_distributor=distributor.named(distribution),
-        client_training=client_work.ClientTraining(frobenius_decay=2e-4, weight_decay=5e-4), lr_schedule=None)
+        client_training=client_work.ClientTraining(frobenius_decay=2e-4, weight_decay=5e-4, precision=precision),
+        lr_schedule=None)
 
 
 def _keras_local(proc, state, datasets, ids) -> Callable[[], None]:
@@ -527,6 +535,66 @@ def rounds(profile: Profile, width: int = 16) -> dict:
             "prism_vs_fedavg": {"select": wall["prism_select"] / wall["fedavg"],
                                 "broadcast": wall["prism_broadcast"] / wall["fedavg"],
                                 "keras": wall["keras_prism"] / wall["keras_fedavg"]}}
+
+
+def precision_steps(width: int, profile: Profile) -> dict:
+    """Plain-Keras steps and TFF client-computation steps of the full model and PriSM keep 0.2, float32 against
+    mixed bfloat16, interleaved: per model, the bf16/f32 time ratio (below 1: bf16 is faster)."""
+    import prism_tf
+
+    variants = variants_of(width)
+    short, long = profile.tff_batches
+    data = {n: synthetic_dataset(n * BATCH, n) for n in (short, long)}
+    calls = {}
+    for name in ("full", "prism_k0.2"):
+        for mode in PRECISIONS:
+            calls[f"keras/{name}/{mode}"] = train_step(prism_tf.precision.with_precision(variants.model(name), mode))
+            work, argument = _client_computation(variants, name, mode)
+            work(*argument(data[short]))  # loads the computation into the worker
+            for n in (short, long):
+                arg = argument(data[n])
+                calls[f"tff/{name}/{mode}@{n}"] = (lambda w=work, a=arg: w(*a))
+    load = load_average()
+    times = interleaved(calls, profile.tff_repeats * 4)
+    wall = {k: float(np.median(t["wall"])) for k, t in times.items()}
+    cpu = {k: float(np.median(t["cpu"])) for k, t in times.items()}
+    rows = {}
+    for name in ("full", "prism_k0.2"):
+        for mode in PRECISIONS:
+            tff_step_s = (wall[f"tff/{name}/{mode}@{long}"] - wall[f"tff/{name}/{mode}@{short}"]) / (long - short)
+            tff_cpu_s = (cpu[f"tff/{name}/{mode}@{long}"] - cpu[f"tff/{name}/{mode}@{short}"]) / (long - short)
+            rows[f"{name}/{mode}"] = {"keras_ms": 1000 * wall[f"keras/{name}/{mode}"],
+                                      "keras_cpu_ms": 1000 * cpu[f"keras/{name}/{mode}"],
+                                      "tff_step_ms": 1000 * tff_step_s, "tff_step_cpu_ms": 1000 * tff_cpu_s}
+    for name in ("full", "prism_k0.2"):
+        f32, bf16 = rows[f"{name}/float32"], rows[f"{name}/mixed_bfloat16"]
+        bf16["ratio"] = {k: bf16[k] / f32[k] for k in f32}
+    return {"width": width, "repeats": profile.tff_repeats * 4, "batches": [short, long], "load_before": load,
+            "rows": rows}
+
+
+def precision_rounds(profile: Profile, width: int = 16) -> dict:
+    """Whole TFF rounds (PriSM select, FedAvg) at the bench settings, float32 against mixed bfloat16, interleaved."""
+    datasets = [synthetic_dataset(profile.round_examples, 100 + c).repeat(profile.round_epochs)
+                for c in range(profile.round_clients)]
+    ids = list(range(profile.round_clients))
+    calls, states = {}, {}
+    for method, distribution in (("prism", "select"), ("fedavg", "broadcast")):
+        for mode in PRECISIONS:
+            name = f"{method}/{mode}"
+            proc = _process(method, distribution, profile, width, mode)
+            state, _ = proc.next(proc.initialize(), datasets, ids)  # warm-up: the worker loads the computation
+            states[name] = state
+            calls[name] = (lambda p=proc, n=name: p.next(states[n], datasets, ids))
+    load = load_average()
+    times = interleaved(calls, profile.round_repeats)
+    wall = {n: float(np.median(t["wall"])) for n, t in times.items()}
+    cpu = {n: float(np.median(t["cpu"])) for n, t in times.items()}
+    return {"width": width, "clients": profile.round_clients, "examples": profile.round_examples,
+            "epochs": profile.round_epochs, "repeats": profile.round_repeats, "load_before": load,
+            "seconds": wall, "cpu_seconds": cpu,
+            "rounds_per_hour_ratio": {m: wall[f"{m}/float32"] / wall[f"{m}/mixed_bfloat16"]
+                                      for m in ("prism", "fedavg")}}
 
 
 def server(width: int, profile: Profile) -> dict:
@@ -661,6 +729,7 @@ def report(results: dict, profile: Profile) -> str:
         lines += ["", f"TFF overhead (round / the same clients in plain Keras): select {o['select']:.2f}, broadcast "
                   f"{o['broadcast']:.2f}, FedAvg {o['fedavg']:.2f}. PriSM round / FedAvg round: select "
                   f"{p['select']:.2f}, broadcast {p['broadcast']:.2f}, plain Keras {p['keras']:.2f}.", ""]
+    lines += precision_report(results)
     for key in sorted(k for k in results if k.startswith("server/")):
         r = results[key]
         ms = r["ms"]
@@ -676,6 +745,46 @@ def report(results: dict, profile: Profile) -> str:
                   f" of the kernel's largest entry, largest singular-value difference "
                   f"{r['float32_max_singular_value_rel_error']:.1e} of the largest singular value.{share}", ""]
     return "\n".join(lines)
+
+
+def precision_report(results: dict) -> list[str]:
+    """The ``precision`` section's tables: bf16 against float32, ratios measured in one run."""
+    lines = []
+    r = results.get("precision/rounds/w16")
+    if r:
+        lines += [f"## Mixed bfloat16 against float32: whole TFF rounds, width {r['width']} ({r['clients']} clients "
+                  f"x {r['examples']} examples x {r['epochs']} epochs, {r['repeats']} interleaved repeats, load "
+                  f"{r['load_before']:.1f})", "",
+                  "| round | float32 s | bf16 s | rounds per hour, bf16 / float32 | cpu s f32 / bf16 |",
+                  "|---|---|---|---|---|"]
+        for m in ("prism", "fedavg"):
+            lines.append(f"| {m} | {r['seconds'][f'{m}/float32']:.2f} | {r['seconds'][f'{m}/mixed_bfloat16']:.2f} | "
+                         f"{r['rounds_per_hour_ratio'][m]:.2f}x | {r['cpu_seconds'][f'{m}/float32']:.2f} / "
+                         f"{r['cpu_seconds'][f'{m}/mixed_bfloat16']:.2f} |")
+        lines.append("")
+    for key in sorted(k for k in results if k.startswith("precision/steps/")):
+        r = results[key]
+        lines += [f"## Mixed bfloat16 against float32: one training step, width {r['width']} ({r['repeats']} "
+                  f"interleaved repeats, load {r['load_before']:.1f})", "",
+                  "| model | plain Keras f32 / bf16 ms | bf16 / f32 | TFF client step f32 / bf16 ms | bf16 / f32 |",
+                  "|---|---|---|---|---|"]
+        for name in ("full", "prism_k0.2"):
+            f, b = r["rows"][f"{name}/float32"], r["rows"][f"{name}/mixed_bfloat16"]
+            lines.append(f"| {name} | {f['keras_ms']:.1f} / {b['keras_ms']:.1f} | {b['ratio']['keras_ms']:.2f} | "
+                         f"{f['tff_step_ms']:.1f} / {b['tff_step_ms']:.1f} | {b['ratio']['tff_step_ms']:.2f} |")
+        lines.append("")
+    mem = {k: v for k, v in results.items() if k.startswith("precision/memory/")}
+    if mem:
+        lines += ["## Mixed bfloat16 against float32: one client's peak memory (max RSS over the warmed process)",
+                  "", "| width | model | float32 MB | bf16 MB | bf16 / f32 |", "|---|---|---|---|---|"]
+        for width in sorted({v["width"] for v in mem.values()}):
+            for name in ("full", "prism_k0.2"):
+                pair = [mem.get(f"precision/memory/w{width}/{name}/{m}") for m in PRECISIONS]
+                if all(pair):
+                    f, b = (p["max_rss_delta"] / 2**20 for p in pair)
+                    lines.append(f"| {width} | {name} | {f:.1f} | {b:.1f} | {b / f:.2f} |")
+        lines.append("")
+    return lines
 
 
 def step_profile(rows: dict) -> dict | None:
@@ -765,6 +874,15 @@ def units(profile: Profile, only: set[str]) -> list[tuple[str, Callable[[], dict
     if "tff_step" in only:
         for width in wide_first:
             out.append((f"tff_step/w{width}", lambda w=width: tff_step(w, profile)))
+    if "precision" in only:
+        out.append(("precision/rounds/w16", lambda: precision_rounds(profile)))
+        for width in sorted(profile.widths):
+            out.append((f"precision/steps/w{width}", lambda w=width: precision_steps(w, profile)))
+        for width in sorted(profile.memory_widths):
+            for name in ("full", "prism_k0.2"):
+                for mode in PRECISIONS:
+                    out.append((f"precision/memory/w{width}/{name}/{mode}",
+                                lambda w=width, n=name, m=mode: memory(w, n, profile, 0, m)))
     return out
 
 
@@ -777,7 +895,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child_memory:
         spec = json.loads(args.child_memory)
-        print(json.dumps(memory_child(spec["width"], spec["factorized"], spec["sizes"], spec["steps"])), flush=True)
+        print(json.dumps(memory_child(spec["width"], spec["factorized"], spec["sizes"], spec["steps"],
+                                      spec.get("precision", "float32"))), flush=True)
         return 0
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - set(SECTIONS)
