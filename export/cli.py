@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--round-timeout", type=float,
                        help="seconds after which a round closes with the updates it has (at least one)")
     serve.add_argument("--rounds", type=int, help="stop after closing this many rounds (default: keep serving)")
+    serve.add_argument("--fill", default="devices", choices=("devices", "simulated"),
+                       help="how a round closes: devices (default) finishes it with the devices' updates only; "
+                            "simulated has TFF simulate the round's clients that sent no update (python -m "
+                            "tff_pipelines resume --until-round N in a subprocess; needs the run's dataset)")
     serve.add_argument("--runtime", default="builtins", choices=("builtins", "flex"))
     serve.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             from export.serve.rounds import RoundServer
 
             server = RoundServer(options.run, min_updates=options.min_updates, round_timeout=options.round_timeout,
-                                 runtime=options.runtime, max_rounds=options.rounds,
+                                 runtime=options.runtime, max_rounds=options.rounds, fill=options.fill,
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
             return serve(server, host=options.host, port=options.port, tls_cert=options.tls_cert,
                          tls_key=options.tls_key, allow_plain_http=options.allow_plain_http)

@@ -377,6 +377,21 @@ def _(ctx, box):
     return _cli(train_cli.main, ["resume", "--out", str(ctx.run_copy(box)), "--rounds", "1"])
 
 
+@row("resume --until-round of a finished round", "--until-round 2", "finished already", "open round is 3")
+def _(ctx, box):
+    return _cli(train_cli.main, ["resume", "--out", str(ctx.run_copy(box)), "--until-round", "2"])
+
+
+@row("resume --until-round past the run's last round", "--until-round 3", "last round, 2", "--rounds")
+def _(ctx, box):
+    return _cli(train_cli.main, ["resume", "--out", str(ctx.run_copy(box)), "--until-round", "3"])
+
+
+@row("resume --until-round 0", "--until-round must be at least 1")
+def _(ctx, box):
+    return _cli(train_cli.main, ["resume", "--out", str(ctx.run_copy(box)), "--until-round", "0"])
+
+
 # --- export: checkpoints
 @row("export model from a truncated checkpoint", "program_state_2", "cannot be read", "truncated or corrupt")
 def _(ctx, box):

@@ -221,6 +221,18 @@ def test_device_updates_round_trip(run):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+def test_the_round_servers_simulation_record_and_has_checkpoints(run):
+    assert run.read_serve_simulation(4) is None and not run.has_checkpoints()
+    run.write_serve_simulation(4, {"pid": 12, "command": ["python", "-m", "tff_pipelines"], "started": 1.5})
+    assert run.read_serve_simulation(4) == {"pid": 12, "command": ["python", "-m", "tff_pipelines"], "started": 1.5}
+    assert run.serve_log_path(4) == run.path / "serve" / "round_4" / "simulate.log"
+    run.write_serve_simulation(4, None)
+    assert run.read_serve_simulation(4) is None and run.serve_round_dir(4).is_dir()
+    run.write_serve_simulation(4, None)  # removing what is not there is fine
+    run.checkpoint_path(2).mkdir(parents=True)  # an entry that cannot be read still counts (as for load_state)
+    assert run.has_checkpoints() and run.checkpoint_versions() == []
+
+
 def test_budget_stats_spec_summary_and_id(run):
     assert (run.read_budget(), run.read_input_stats(), run.read_data_spec(), run.read_summary()) == (None,) * 4
     run.write_budget({"metric": "flops", "width_fraction": np.float64(0.5), "small_width": np.int64(7)})

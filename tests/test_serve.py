@@ -8,7 +8,10 @@ The run is written without TFF or training (config, data spec, budget; round 1 o
   directory byte-identical; a repeated upload is idempotent, a second different one and one after the round closed
   are refused (409) and do not enter the next round;
 - kill -9 mid-round and a restart keep the accepted uploads, the open round and its deadline; the deadline closes
-  the round with the stragglers left out, which are then refused.
+  the round with the stragglers left out, which are then refused;
+- ``--fill simulated``: two rounds closed at a quorum of 2 of their 3 clients, the third simulated by TFF (``resume
+  --until-round N`` in a subprocess), equal bit for bit to a run given the same device updates and ``resume``d to
+  the end; a simulation that fails leaves the round open with its updates, and says why in one line.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import pytest
 
 from export import ingest as ingest_lib
 from export.serve.credentials import authenticate, enrol, hash_token
-from prism_tf.federated.config import TrainConfig, client_budget
+from prism_tf.federated.config import TrainConfig, client_budget, round_clients, stored_config
 from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir, RunError
 
@@ -45,14 +48,16 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
-def make_run(out: Path, clients: int, per_round: int) -> tuple[Path, dict[int, str]]:
-    """A PriSM small-CNN run with round 1 open and every client enrolled; the credentials by client."""
-    config = TrainConfig(model="small_cnn", width=4, clients=clients, clients_per_round=per_round, rounds=3,
-                         batch_size=8, keep_ratio=0.5, seed=5)
+def make_run(out: Path, clients: int, per_round: int, shape: tuple[int, ...] = SHAPE,
+             **options) -> tuple[Path, dict[int, str]]:
+    """A PriSM small-CNN run with round 1 open and every client enrolled; the credentials by client. ``options``:
+    other `TrainConfig` fields (a ``dataset`` of ``shape`` inputs for runs whose rounds TFF simulates)."""
+    config = TrainConfig(**{**dict(model="small_cnn", width=4, clients=clients, clients_per_round=per_round,
+                                   rounds=3, batch_size=8, keep_ratio=0.5, seed=5), **options})
     run = RunDir(out)
     run.write_config(dataclasses.asdict(config), overwrite=False)
-    run.write_data_spec(SHAPE, CLASSES)
-    run.write_budget(client_budget(config, SHAPE, CLASSES)[2])
+    run.write_data_spec(shape, CLASSES)
+    run.write_budget(client_budget(config, shape, CLASSES)[2])
     run.run_id()
     tokens = {}
     for c in range(clients):
@@ -382,3 +387,94 @@ def test_plain_http_is_refused_off_loopback(tmp_path):
         serve(None, host="0.0.0.0", port=0)  # refused before the server is touched
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         serve(None, tls_cert="cert.pem")
+
+
+# --------------------------------------------------------------------------------------- --fill simulated
+
+
+def device_upload(server: Server, token: str, shift: float) -> dict:
+    """A device without training: its assigned weights, shifted by ``shift``, uploaded with 8 examples."""
+    with server.client(token) as http:
+        assignment = http.get("/v1/assignment").json()
+        assert assignment["assigned"], assignment
+        with np.load(io.BytesIO(http.get(assignment["files"]["weights.npz"]["url"]).content)) as data:
+            weights = {k: data[k] for k in data.files}
+        response = http.put(assignment["upload"]["url"] + "?examples=8", content=_upload(weights, shift))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_a_failed_fill_keeps_the_round_open_with_its_updates_and_says_why_in_one_line(tmp_path):
+    """The simulation cannot load the run's dataset: the round stays open, the upload stays stored, `/v1/round` and
+    the log give the driver's own error in one line, and the round takes further uploads."""
+    run, tokens = make_run(tmp_path / "run", clients=4, per_round=3, dataset=str(tmp_path / "no_such_dataset"))
+    first, second, _ = RoundReplay(run).clients()
+    server = Server(run, tmp_path / "server.log", "--fill", "simulated", "--min-updates", "1")
+    try:
+        server.wait_for(tokens[first], lambda s: s["state"] == "open")
+        device_upload(server, tokens[first], 0.01)
+        status = server.wait_for(tokens[first], lambda s: "close_error" in s, timeout=240)
+        reason = status["close_error"]
+        print(reason)
+        assert (status["round"], status["state"], status["updates"], status["fill"]) == (1, "open", 1, "simulated")
+        assert reason.startswith("simulating round 1's missing clients (python -m tff_pipelines resume "
+                                 "--until-round 1) exited with code 2: error: dataset path not found: "), reason
+        assert "no_such_dataset" in reason and "\n" not in reason and "Traceback" not in reason
+        assert status["retry_at"] > time.time()
+        assert [u.client for u in RunDir(run).read_device_updates(1)] == [first]
+        assert not RunDir(run).has_checkpoints() and not RunDir(run).read_metrics()
+        assert RunDir(run).read_serve_simulation(1) is None  # the record of the running simulation is gone
+        assert "error: dataset path not found" in RunDir(run).serve_log_path(1).read_text()
+        device_upload(server, tokens[second], 0.02)  # the round is open: it takes more uploads
+        assert server.wait_for(tokens[first], lambda s: s["updates"] == 2)["round"] == 1
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert f"round 1 could not be finished: {reason}; it stays open, closing is tried again in 30 s" in log, log
+
+
+@pytest.mark.slow  # ~3 min on 2 busy cores: two TFF rounds in subprocesses and a 3-round resume
+def test_fill_simulated_equals_a_resume_with_the_same_device_updates(shapes_dataset, tmp_path):
+    """Two rounds of a 3-round run, each closed at 2 of its 3 clients' uploads with the third simulated in TFF,
+    against a copy of the run given the same uploads and resumed to the end (`python -m tff_pipelines resume`):
+    checkpoints 1 and 2 bit for bit and their metrics rows but the wall-clock ``round_seconds`` (TFF's rounds are
+    deterministic, tests/test_reliability.py). Round 2 trains under the cosine learning rate over the run's 3
+    rounds (stopping after a round does not shorten the schedule)."""
+    run, tokens = make_run(tmp_path / "run", clients=4, per_round=3, shape=(28, 28, 1), dataset=str(shapes_dataset),
+                           eval_examples=12, eval_every=1, calibration_examples=16)
+    reference = Path(shutil.copytree(run, tmp_path / "reference"))
+    config = stored_config(RunDir(run))
+    drawn = {n: round_clients(config, n - 1) for n in (1, 2)}
+    server = Server(run, tmp_path / "server.log", "--fill", "simulated", "--min-updates", "2", "--rounds", "2")
+    try:
+        for n in (1, 2):
+            server.wait_for(tokens[drawn[n][0]], lambda s, n=n: (s["round"], s["state"]) == (n, "open"), timeout=300)
+            for i, client in enumerate(drawn[n][:2]):
+                device_upload(server, tokens[client], 0.01 * (i + 1))
+        assert server.proc.wait(600) == 0, server.log.read_text()[-3000:]  # --rounds 2: it stops after round 2
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    served = {r["round"]: r for r in RunDir(run).read_metrics()}
+    assert sorted(served) == [1, 2] and RunDir(run).checkpoint_versions() == [1, 2]
+    for n in (1, 2):
+        assert served[n]["device_clients"] == drawn[n][:2] and served[n]["simulated_clients"] == drawn[n][2:]
+        assert f"simulating client(s) {drawn[n][2]} in TFF" in log
+        assert (f"finished round {n} in TFF with 2 device update(s) (clients {drawn[n][0]}, {drawn[n][1]}) and 1 "
+                f"simulated client(s) (clients {drawn[n][2]})") in log
+    assert (run / "config.json").read_bytes() == (reference / "config.json").read_bytes()
+    assert not (run / "serve" / "round_1").exists() and not (run / "serve" / "round_2").exists()
+
+    for n in (1, 2):  # the same uploads, then TFF's resume to the end
+        shutil.copytree(RunDir(run).device_updates_dir(n), RunDir(reference).device_updates_dir(n))
+    from tff_pipelines.program import driver
+
+    driver.resume(str(reference))
+    resumed = {r["round"]: r for r in RunDir(reference).read_metrics()}
+    for n in (1, 2):
+        a, b = RunDir(run).read_checkpoint(n)[0], RunDir(reference).read_checkpoint(n)[0]
+        assert len(a) == len(b)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert x.dtype == y.dtype and np.array_equal(x, y), f"checkpoint {n}, array {i}"
+        assert {k: v for k, v in served[n].items() if k != "round_seconds"} == {
+            k: v for k, v in resumed[n].items() if k != "round_seconds"}

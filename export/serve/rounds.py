@@ -8,7 +8,10 @@ files and the deadline survive a crash. An upload is checked by device ingest's 
 (`export.ingest.check_update`, against the manifest the server itself issued, never one the device sends) and
 stored (`export.ingest.store_update`, atomic and fsynced) before the answer. The round closes when ``min_updates``
 updates are in or at its deadline (with at least one update), through `export.ingest.finish_round`: the same server
-step and checkpoint as ``python -m export finish-round``. Then the next round opens.
+step and checkpoint as ``python -m export finish-round``. With ``fill="simulated"`` a round with clients that sent no
+update is finished by TFF instead, which simulates those clients (`export.serve.fill`: ``python -m tff_pipelines
+resume --until-round N`` in a subprocess). Then the next round opens. A round that could not be finished stays open
+(its stored updates kept), the reason in the log and in `RoundServer.status`, and closing is tried again later.
 
 Every refusal is a `Refused` (HTTP status and a one-line reason) raised before anything is written.
 """
@@ -30,12 +33,17 @@ import numpy as np
 from export.client import client_files, client_round, graph_key, training_model
 from export.ingest import IngestError, check_update, finish_round, read_upload, store_update
 from export.serve.credentials import Device, authenticate
+from export.serve.fill import FILLS, FillError, Simulator
 from prism_tf.federated.replay import RoundReplay
 from prism_tf.federated.rundir import RunDir, RunError
 
 UPLOAD_SLACK = 64 * 1024
 """Bytes an upload may exceed the round's ``weights.npz`` by (zip headers): anything larger is refused (413)."""
 FILES = ("manifest.json", "weights.npz", "model.tflite")
+RETRY_SECONDS = 5.0
+"""After a failed close (a full disk, say), the round is open again and closing is retried this many seconds later."""
+FILL_RETRY_SECONDS = (30.0, 600.0)
+"""After a failed simulation: the first retry's delay, doubled after each further failure up to the second."""
 
 
 class Refused(Exception):
@@ -57,6 +65,7 @@ class OpenRound:
     manifests: dict[int, dict[str, Any]]
     stored: set[int]
     closing: bool = False
+    simulating: list[int] | None = None  # while TFF simulates these clients to finish the round
 
     @property
     def deadline(self) -> float | None:
@@ -73,19 +82,29 @@ class RoundServer:
         none, the deadline moves on by another ``round_timeout``). ``None``: no deadline.
       runtime: the exported models' runtime (`export.client.export_client`'s).
       max_rounds: stop opening rounds after closing this many (``None``: until the run's configured rounds end).
+      fill: ``"devices"`` (default): a round is finished with the devices' updates only; ``"simulated"``: the
+        round's clients without an update are simulated by TFF at close (`export.serve.fill`).
       clock: wall-clock seconds (tests may pass another).
       log: where one-line events go.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], *, min_updates: int | None = None,
                  round_timeout: float | None = None, runtime: str = "builtins", max_rounds: int | None = None,
-                 clock: Callable[[], float] = time.time, log: Callable[[str], None] = print) -> None:
+                 fill: str = "devices", clock: Callable[[], float] = time.time,
+                 log: Callable[[str], None] = print) -> None:
         self.run = RunDir(run_dir)
         self.run.read_config()  # a missing or foreign run is refused here, before anything is served
         if min_updates is not None and int(min_updates) < 1:
             raise ValueError(f"--min-updates must be at least 1, got {min_updates}")
         if round_timeout is not None and not float(round_timeout) > 0:
             raise ValueError(f"--round-timeout must be positive, got {round_timeout}")
+        if fill not in FILLS:
+            raise ValueError(f"--fill must be one of {', '.join(FILLS)}, got {fill!r}")
+        self.fill = fill
+        self.simulator = Simulator(self.run, log=log) if fill == "simulated" else None
+        self.close_error: str | None = None  # why the last attempt to close the open round failed
+        self._retry_at: float | None = None  # not before then is closing tried again
+        self._failures = 0
         self.min_updates, self.round_timeout = min_updates, round_timeout
         self.runtime, self.max_rounds, self.clock, self.log = runtime, max_rounds, clock, log
         self.lock = threading.RLock()
@@ -119,8 +138,11 @@ class RoundServer:
             opened.wait()
 
     def stop(self) -> None:
-        """Stop the background closer (a round being closed finishes first)."""
+        """Stop the background closer (a round being closed by the server step finishes first; a simulation
+        finishing it is stopped, and the round stays open)."""
         self._stop.set()
+        if self.simulator is not None:
+            self.simulator.terminate()
         with self.changed:
             self.changed.notify_all()
         if self._thread is not None:
@@ -155,6 +177,7 @@ class RoundServer:
             return
         manifests = {int(c): json.loads(self.run.serve_file(number, files["manifest.json"]).read_bytes())
                      for c, files in record["clients"].items()}
+        self.run.remove_serve_rounds(before=number)  # a round finished while no server ran (resume, finish-round)
         stored = {u.client for u in self.run.read_device_updates(number)}
         with self.lock:
             self.round = OpenRound(number, replay, record, manifests, stored)
@@ -191,6 +214,20 @@ class RoundServer:
                  f"{time.perf_counter() - began:.1f} s")
         return record
 
+    @staticmethod
+    def _filled(row: dict[str, Any]) -> str:
+        """One line on a round TFF finished: which clients were devices and which simulated, its loss and
+        coverage."""
+        devices, simulated = row.get("device_clients", []), row.get("simulated_clients", [])
+        parts = [f"finished round {row.get('round')} in TFF with {len(devices)} device update(s) (clients "
+                 f"{', '.join(map(str, devices)) or 'none'}) and {len(simulated)} simulated client(s) (clients "
+                 f"{', '.join(map(str, simulated)) or 'none'})"]
+        for key, name in (("train_loss", "simulated clients' train loss"), ("kernel_coverage", "kernel coverage"),
+                          ("eval_accuracy", "test accuracy")):
+            if isinstance(row.get(key), int | float):
+                parts.append(f"{name} {row[key]:.3f}")
+        return "; ".join(parts)
+
     def _quorum(self) -> int:
         assert self.round is not None
         total = len(self.round.manifests)
@@ -202,6 +239,8 @@ class RoundServer:
         current = self.round
         if current is None or current.closing:
             return False, None
+        if self._retry_at is not None and self.clock() < self._retry_at:
+            return False, self._retry_at - self.clock()
         if len(current.stored) >= self._quorum():
             return True, None
         if current.deadline is None:
@@ -228,27 +267,58 @@ class RoundServer:
                 self.round.closing = True
             try:
                 self.close()
-            except Exception as e:  # a full disk: the round stays closing, its updates stored; try again
-                self.log(f"round {self.round.number if self.round else '?'} could not be finished: {e}")
-                self._stop.wait(5.0)
-                with self.lock:
-                    if self.round is not None:
-                        self.round.closing = False
+            except Exception as e:  # a full disk, a failed simulation: the round stays open, its updates stored
+                self._failed(e)
+
+    def _failed(self, error: Exception) -> None:
+        """Reopen the round a close failed to finish (its stored updates untouched) and say why, in one line."""
+        self._failures += 1
+        if isinstance(error, FillError):
+            first, most = FILL_RETRY_SECONDS
+            delay, reason = min(most, first * 2 ** (self._failures - 1)), error.reason
+        else:
+            delay, reason = RETRY_SECONDS, (str(error) if isinstance(error, RunError | ValueError | OSError)
+                                            else repr(error))
+        reason = " ".join(reason.split())[:500]
+        with self.lock:
+            number = self.round.number if self.round else "?"
+            if self.round is not None:
+                self.round.closing, self.round.simulating = False, None
+            self.close_error, self._retry_at = reason, self.clock() + delay
+            self.changed.notify_all()
+        again = "" if self._stop.is_set() else f"; it stays open, closing is tried again in {delay:.0f} s"
+        self.log(f"round {number} could not be finished: {reason}{again}")
 
     def close(self) -> None:
         """Finish the open round with its stored updates (`export.ingest.finish_round`: checkpoint and metrics
-        row), then open the next one. Uploads are refused from the moment it starts (409)."""
+        row), or with ``fill="simulated"`` and clients missing, with TFF simulating them (`export.serve.fill`);
+        then open the next one. Uploads are refused from the moment it starts (409).
+
+        Raises:
+          FillError: the simulation failed (the round is not finished; the caller reopens it).
+        """
         with self.lock:
             current = self.round
             if current is None:
                 return
             current.closing = True
+            missing = sorted(c for c in current.manifests if c not in current.stored)
+            simulate = self.simulator is not None and bool(missing or current.replay.config.server_lr is not None)
+            if simulate:
+                current.simulating = missing
         began = time.perf_counter()
-        finished = finish_round(self.run.path, current.number, min_clients=1, finished_by="export serve")
+        if simulate:
+            assert self.simulator is not None
+            self.log(f"round {current.number}: closing with {len(current.stored)} device update(s); simulating "
+                     f"client(s) {', '.join(map(str, missing)) or 'none'} in TFF")
+            report = self._filled(self.simulator.finish(current.number))
+        else:
+            report = finish_round(self.run.path, current.number, min_clients=1, finished_by="export serve").report()
         self.closed_rounds += 1
-        self.log(f"round {current.number} closed in {time.perf_counter() - began:.1f} s: {finished.report()}")
+        self.log(f"round {current.number} closed in {time.perf_counter() - began:.1f} s: {report}")
         with self.lock:
             self.round, self.unavailable = None, f"round {current.number + 1} is being prepared"
+            self.close_error, self._retry_at, self._failures = None, None, 0
         self.run.remove_serve_rounds(before=current.number + 1)
         self._open()
 
@@ -280,14 +350,21 @@ class RoundServer:
         return current
 
     def status(self) -> dict[str, Any]:
-        """The open round: number, state, deadline, updates stored and the quorum."""
+        """The open round: number, state, deadline, updates stored, the quorum and how missing clients are filled;
+        while TFF simulates clients to finish it, ``simulating`` (their ids); after a failed close,
+        ``close_error`` (one line) and ``retry_at`` (Unix seconds)."""
         with self.lock:
             current = self.round
             if current is None:
                 return {"round": None, "state": "unavailable", "reason": self.unavailable}
-            return {"round": current.number, "state": "closing" if current.closing else "open",
-                    "deadline": current.deadline, "clients": len(current.manifests),
-                    "updates": len(current.stored), "min_updates": self._quorum()}
+            out = {"round": current.number, "state": "closing" if current.closing else "open",
+                   "deadline": current.deadline, "clients": len(current.manifests),
+                   "updates": len(current.stored), "min_updates": self._quorum(), "fill": self.fill}
+            if current.simulating is not None:
+                out["simulating"] = current.simulating
+            if self.close_error is not None:
+                out["close_error"], out["retry_at"] = self.close_error, self._retry_at
+            return out
 
     def assignment(self, device: Device) -> dict[str, Any]:
         """What ``device`` does in the open round: its files (content-addressed URLs, sizes, SHA-256) and where to
@@ -389,4 +466,4 @@ class RoundServer:
         return 201, {"round": round_num, "client": client, "stored": True, "repeat": False, "weight": checked.weight}
 
 
-__all__ = ["FILES", "OpenRound", "Refused", "RoundServer", "UPLOAD_SLACK"]
+__all__ = ["FILES", "FILL_RETRY_SECONDS", "OpenRound", "RETRY_SECONDS", "Refused", "RoundServer", "UPLOAD_SLACK"]

@@ -15,7 +15,9 @@
     DIR/devices.json       devices enrolled for `python -m export serve`: name -> client id and the SHA-256 of the
                            device's credential (never the credential itself)
     DIR/serve/round_<N>/   the round server's open round: ``round.json`` (when it opened, its deadline, each
-                           client's files by SHA-256) and ``files/<sha256>``, the files devices download
+                           client's files by SHA-256) and ``files/<sha256>``, the files devices download; with
+                           ``--fill simulated``, ``simulating.json`` (the simulation finishing the round, while it
+                           runs) and ``simulate.log`` (its output)
     DIR/model.keras        the final deployed model, plain Keras layers, with the statistics it was evaluated with
 
 Format versions: ``config.json`` records ``format_version`` (`FORMAT_VERSION`; a run written before the field
@@ -359,6 +361,11 @@ class RunDir:
         self.check_format()
         return self.latest_checkpoint(warn=warn) + 1 if self.checkpoint_versions() else 1
 
+    def has_checkpoints(self) -> bool:
+        """Whether the run has any ``program_state_<round>`` entry, readable or not (``False``: no round finished,
+        so round 1 starts from the seeded initial model)."""
+        return bool(self._state_versions())
+
     def checkpoint_path(self, version: int) -> Path:
         """Where checkpoint ``version`` (the state after round ``version``) is: ``checkpoints/program_state_<N>``."""
         return self.checkpoint_dir / f"program_state_{int(version)}"
@@ -652,6 +659,26 @@ class RunDir:
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise RunError(f"{digest!r} is not a SHA-256 hex digest")
         return self.serve_round_dir(round_num) / "files" / digest
+
+    def serve_log_path(self, round_num: int) -> Path:
+        """Where the round server keeps the output of the simulation that fills round ``round_num``
+        (``serve/round_<N>/simulate.log``; removed with the round's directory once the round is finished)."""
+        return self.serve_round_dir(round_num) / "simulate.log"
+
+    def read_serve_simulation(self, round_num: int) -> dict[str, Any] | None:
+        """``serve/round_<N>/simulating.json``: the simulation a round server started to fill round ``round_num``
+        (``pid``, ``command``, ``started``), or ``None``: none is (or was, when its server was killed) running."""
+        return self._read_json(self.serve_round_dir(round_num) / "simulating.json")
+
+    def write_serve_simulation(self, round_num: int, record: Mapping[str, Any] | None) -> None:
+        """Record (atomically) the simulation filling round ``round_num``, or remove the record (``None``)."""
+        self.check_format()
+        path = self.serve_round_dir(round_num) / "simulating.json"
+        if record is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(dict(record), indent=2))
 
     def remove_serve_rounds(self, before: int) -> None:
         """Remove the round server's directories of rounds before ``before`` (finished: nobody downloads them)."""

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Continue a run from its latest checkpoint.")
     again.add_argument("--out", required=True, help="run directory of the run to continue")
     again.add_argument("--rounds", type=int, default=None, help="new total number of rounds (default: as before)")
+    again.add_argument("--until-round", type=int, default=None, metavar="K",
+                       help="stop after finishing round K (default: the run's last round); config.json, and so the "
+                            "learning-rate schedule, stays as it is: round K equals round K of a resume to the end. "
+                            "The open round's clients with a stored device update take it, the others are "
+                            "simulated (what `python -m export serve --fill simulated` runs at each close)")
     for command in (train, again):
         command.add_argument("--workers", default=None, metavar="HOST:PORT,...",
                              help="run each round's clients spread over these TFF workers (started with the "
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             config = driver.TrainConfig(**options)
             summary = driver.start(config, args.out, overwrite=args.overwrite)
         else:
-            summary = driver.resume(args.out, args.rounds)
+            summary = driver.resume(args.out, args.rounds, args.until_round)
     except (ValueError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

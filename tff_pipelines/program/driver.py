@@ -217,18 +217,26 @@ class Simulation:
                  " join the simulated clients")
         return accumulator, [c for c, *_ in stored]
 
-    def train(self, *, resume: bool = False) -> dict[str, Any]:
-        """Run the rounds (after the latest checkpoint with ``resume``), checkpointing and writing each round's
-        metrics row as it ends, then the deployed model, summary and plot; returns the summary."""
+    def train(self, *, resume: bool = False, until_round: int | None = None) -> dict[str, Any]:
+        """Run the rounds (after the latest checkpoint with ``resume``; from the seeded initial model when the run
+        has none), checkpointing and writing each round's metrics row as it ends, then the deployed model, summary
+        and plot; returns the summary.
+
+        ``until_round``: stop after that round (default: the run's last). Nothing else changes: each round is the
+        one a run to the end would train (the learning-rate schedule still spans ``config.rounds``).
+        """
         from tqdm.auto import tqdm
 
         cfg, run, process = self.config, self.run, self.process
         state = process.initialize()
         start = 0
+        last = cfg.rounds if until_round is None else min(int(until_round), cfg.rounds)
         if resume:
-            state, start = run.load_state(state)
+            if run.has_checkpoints():
+                state, start = run.load_state(state)
             rows = run.truncate_metrics(start)
-            self.log(f"resuming {run.path} after round {start} of {cfg.rounds}")
+            self.log(f"resuming {run.path} after round {start} of {cfg.rounds}"
+                     + (f", until round {last}" if last < cfg.rounds else ""))
         else:
             rows = []
         b = self.budget
@@ -238,7 +246,7 @@ class Simulation:
                  + (f"; channel fraction {b['width_fraction']:.3f}" if b.get("width_fraction") else "")
                  + (f"; small model width {b['small_width']}" if b.get("small_width") else ""))
         self._print_header()
-        bar = tqdm(range(start + 1, cfg.rounds + 1), desc="rounds", unit="round", initial=start, total=cfg.rounds,
+        bar = tqdm(range(start + 1, last + 1), desc="rounds", unit="round", initial=start, total=cfg.rounds,
                    disable=None, file=sys.stderr)
         for round_num in bar:  # 1-based, as the table, metrics and checkpoints number rounds
             round_index = round_num - 1  # what seeds the round's clients and data (docs/algorithm.md §2)
@@ -249,6 +257,8 @@ class Simulation:
             state, metrics = process.next(state, self.client_datasets(round_index, simulated),
                                           client_ids=simulated, uploaded=uploaded, uploaded_ids=devices)
             row = self._row(round_num, metrics, time.perf_counter() - began)
+            if devices:  # which of the round's clients trained on devices and which were simulated
+                row.update(device_clients=sorted(devices), simulated_clients=sorted(simulated))
             self._report_faults(row, bar)
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
                 row.update(self.evaluate(state))
@@ -358,18 +368,35 @@ def load_run(out: str, **overrides: Any) -> tuple[Simulation, Any, int]:
     return simulation, state, round_num
 
 
-def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
-    """Continue the run in ``out`` from its latest checkpoint (optionally to a new total of ``rounds``)."""
+def resume(out: str, rounds: int | None = None, until_round: int | None = None) -> dict[str, Any]:
+    """Continue the run in ``out`` from its latest checkpoint (from round 1 when it has none: a run whose first
+    round was never finished), optionally to a new total of ``rounds``.
+
+    The open round's clients with a device update stored (`python -m export ingest`, `export serve`) take it; the
+    others are simulated. ``until_round``: stop after finishing that round, leaving ``config.json`` (and so the
+    learning-rate schedule of the rounds after it) as it is; what ``python -m export serve --fill simulated`` runs
+    to finish one round. Each round it trains equals that round of a resume to the end.
+    """
     run = RunDir(out)
     config = stored_config(run)
     config.validate()  # a stored value this version no longer accepts: named before anything is loaded
     run.check_can_write()  # a read-only or full disk: refused before data and tracing
-    finished = run.latest_checkpoint(warn=None)  # none readable: refused here; `train` names the unreadable ones
+    # None readable: refused here; `train` names the unreadable ones. No checkpoint at all: round 1 is open.
+    finished = run.latest_checkpoint(warn=None) if run.has_checkpoints() else 0
     if rounds is not None:
         config.rounds = rounds
         config.validate()
         if rounds < finished:
             raise ValueError(f"--rounds {rounds} is below the {finished} rounds {out} has finished")
+    if until_round is not None:
+        if until_round < 1:
+            raise ValueError(f"--until-round must be at least 1 (rounds are numbered from 1), got {until_round}")
+        if until_round <= finished:
+            raise ValueError(f"--until-round {until_round}: {out} has finished {finished} round(s), so round "
+                             f"{until_round} is finished already (its open round is {finished + 1})")
+        if until_round > config.rounds:
+            raise ValueError(f"--until-round {until_round} is past the run's last round, {config.rounds} (give "
+                             "--rounds N to train more rounds)")
     if run.read_data_spec() is not None:
         # Without TFF, before data and tracing: config.json still describes the model the checkpoint holds.
         RoundReplay(out, finished + 1)
@@ -379,4 +406,4 @@ def resume(out: str, rounds: int | None = None) -> dict[str, Any]:
     if run.read_data_spec() is None:  # a run from before data_spec.json existed
         run.write_data_spec(simulation.dataset.input_shape, simulation.dataset.num_classes,
                             simulation.vocabulary_size)
-    return simulation.train(resume=True)
+    return simulation.train(resume=True, until_round=until_round)
