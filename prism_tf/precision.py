@@ -1,11 +1,14 @@
-"""Training precision: float32, or Keras's ``mixed_bfloat16`` with float32 master weights (docs/speed.md,
-"Mixed bfloat16").
+"""Training precision: float32, or Keras's ``mixed_bfloat16`` with float32 master weights (docs/algorithm.md §7,
+"Precision").
 
 Under ``mixed_bfloat16`` a layer keeps its variables in float32 and computes in bfloat16: Keras casts each variable
 to bfloat16 when the layer reads it inside ``call`` (``AutoCastVariable``), and gradients flow back to the float32
 variable. Everything else stays float32: the weights a client receives and uploads, the server's aggregation,
-SVD and re-factorization, evaluation and the deployed model. Normalization layers keep computing in float32 (their
-means and variances lose too much in bfloat16's 8-bit mantissa), and logits are cast to float32 before the loss.
+SVD and re-factorization, evaluation and the deployed model, and the logits, cast to float32 before the loss.
+Keras's BatchNormalization and LayerNormalization take bfloat16 inputs but compute their means and variances in
+float32 themselves; GroupNormalization does not, so it keeps the float32 policy (`FLOAT32_LAYERS`). Keeping
+BatchNorm float32 as well was measured to cost most of the gain (a ResNet-18 step at width 64: 0.61x of float32
+with float32 BatchNorm, 0.40x with Keras's mixed BatchNorm; `bench/speed.py`, section ``precision``).
 
 CPUs with AMX-BF16 or AVX512-BF16 have native bfloat16 matrix units (`cpu_has_bf16`); elsewhere bfloat16 is
 emulated and slower, so ``auto`` resolves to ``mixed_bfloat16`` only where the CPU has them (`resolve`).
@@ -25,8 +28,9 @@ import tensorflow as tf
 PRECISIONS = ("float32", "mixed_bfloat16", "auto")
 """The values of ``--precision``: ``auto`` is ``mixed_bfloat16`` where `cpu_has_bf16`, else ``float32``."""
 
-FLOAT32_LAYERS = frozenset({"InputLayer", "BatchNormalization", "GroupNormalization", "LayerNormalization"})
-"""Layer classes that keep the ``float32`` policy under ``mixed_bfloat16`` (inputs and normalization)."""
+FLOAT32_LAYERS = frozenset({"InputLayer", "GroupNormalization"})
+"""Layer classes that keep the ``float32`` policy under ``mixed_bfloat16``: the inputs, and GroupNorm, whose Keras
+implementation would compute its statistics in bfloat16."""
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
