@@ -260,3 +260,42 @@ def test_quantization_aware_finetuning_refuses_bad_input_in_one_line():
     with pytest.raises(ValueError, match=r"^quantize: tfmot cannot quantize a model nested in a model: layer "
                                          r"'model(_\d+)?' \(Functional\); quantize the inner model$"):
         compression.quantize_model(outer)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "attention"])
+def test_layers_with_several_kernels_prune_every_pair(kind):
+    """tfmot's magnitude pruning wraps a PrincipalLSTM/GRU/MultiHeadAttention and masks every pair's A and B."""
+    from prism_tf.layers import PrincipalGRU, PrincipalLSTM, PrincipalMultiHeadAttention
+
+    tf.keras.utils.set_random_seed(0)
+    if kind == "attention":
+        inputs = tf.keras.Input((6, 16))
+        x = tf.keras.layers.MultiHeadAttention(2, 8, name="mix")(inputs, inputs)
+        x = tf.keras.layers.GlobalAveragePooling1D()(x)
+        model = prism_tf.factorize(tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x)), attention=True)
+        expected, pairs = PrincipalMultiHeadAttention, 4
+    else:
+        inputs = tf.keras.Input((6, 16))
+        x = (tf.keras.layers.LSTM if kind == "lstm" else tf.keras.layers.GRU)(16, name="mix")(inputs)
+        model = prism_tf.factorize(tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="head")(x)))
+        expected, pairs = (PrincipalLSTM if kind == "lstm" else PrincipalGRU), 2
+    layer = model.get_layer("mix")
+    assert isinstance(layer, expected) and len(layer.get_prunable_weights()) == 2 * pairs
+    assert compression.prunable_weights(layer) == [v for p in layer.pairs for v in layer.factors(p)[:2]]
+    frozen = [layer.factors(p).singular_values.numpy() for p in layer.pairs]
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    assert isinstance(pruned.get_layer("prune_low_magnitude_mix"), PruneLowMagnitude)
+    pruned.compile(tf.keras.optimizers.SGD(0.01), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(8, 6, 16)).astype(np.float32), (np.arange(8) % 3).astype(np.int32)
+    history = pruned.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                         callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    assert np.isfinite(history.history["loss"][0])
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned).get_layer("mix")
+    assert isinstance(stripped, expected)
+    for pair, s in zip(stripped.pairs, frozen, strict=True):
+        factors = stripped.factors(pair)
+        for factor in factors[:2]:
+            assert np.mean(factor.numpy() == 0) == pytest.approx(0.5, abs=0.03), (pair, factor.name)
+        np.testing.assert_array_equal(factors.singular_values.numpy(), s)
