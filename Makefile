@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo lint bench bench-quick bench-export bench-speed bench-serve clean
+.PHONY: install test test-all demo lint bench bench-quick bench-export bench-compress bench-speed bench-serve clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ bench: install
 # Exported TFLite training models: bytes and LiteRT train-step time, sub-model vs full (bench/export_sizes.py).
 bench-export: install
 	$(PY) bench/export_sizes.py
+
+# Rank truncation, post-training and quantization-aware int8 of two trained runs against file size, multiply-adds,
+# LiteRT latency and accuracy (bench/compress.py; resumable): results in bench/results/compress/. Needs the seed-0
+# runs of `bench/accuracy.py --profile levers` (PriSM and FedAvg).
+bench-compress: install
+	$(PY) bench/compress.py --prism bench/runs/levers/iid/prism_prism/seed0 --fedavg bench/runs/levers/iid/fedavg/seed0
 
 # Speed and memory against their floors, every figure a ratio measured in the same run (bench/speed.py, <= 20 min;
 # `--profile quick` about 3 minutes on an idle machine): results in bench/results/speed/.

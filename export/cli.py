@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--factorized", action="store_true", help="keep the principal-kernel layers")
     model.add_argument("--int8", action="store_true", help="post-training int8 quantization (TFLite)")
     model.add_argument("--representative", type=int, default=200, help="calibration images for --int8")
+    model.add_argument("--qat", type=int, metavar="STEPS",
+                       help="with --int8: quantization-aware fine-tuning (tfmot) for STEPS steps before the "
+                            "conversion, distilling the float model on the run's calibration images (docs/export.md)")
+    model.add_argument("--qat-lr", type=float, default=1e-4, help="Adam learning rate of --qat (default 1e-4)")
     model.add_argument("--eval-examples", type=int, default=2000,
                        help="test images to measure accuracy on (0: skip, -1: all)")
     rule = model.add_mutually_exclusive_group()
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             result = export_model(options.run, options.out, fmt=options.format, round_num=options.round,
                                   factorized=options.factorized, int8=options.int8,
                                   representative=options.representative, eval_examples=n,
-                                  rank_keep=options.rank_keep, energy=options.energy, criterion=options.by)
+                                  rank_keep=options.rank_keep, energy=options.energy, criterion=options.by,
+                                  qat=options.qat, qat_learning_rate=options.qat_lr,
+                                  log=lambda line: print(line, file=sys.stderr, flush=True))
         elif options.command == "client":
             from export.client import export_client
 

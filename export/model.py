@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,12 @@ class ModelExport:
     truncation_table: str | None = None
     params: int | None = None  # `prism_tf.cost` of the deployed model (without the built-in preprocessing)
     flops: int | None = None
+    qat_steps: int | None = None  # quantization-aware fine-tuning (`prism_tf.compression.qat`), ``--qat``
+    qat_learning_rate: float | None = None
+    qat_first_loss: float | None = None  # distillation loss before the first step
+    qat_last_loss: float | None = None  # mean over the last tenth of the steps
+    qat_seconds: float | None = None
+    qat_keras_accuracy: float | None = None  # the fake-quantized Keras model's test accuracy
 
     def report(self) -> str:
         lines = [f"wrote {self.path} ({self.format}{', int8' if self.int8 else ''}, {self.bytes:,} bytes) from "
@@ -57,6 +64,11 @@ class ModelExport:
             lines.append(self.truncation_table)
         if self.keras_accuracy is not None:
             lines.append(f"test accuracy on {self.test_examples} images: Keras {self.keras_accuracy:.4f}")
+        if self.qat_steps is not None:
+            lines.append(f"quantization-aware fine-tuning: {self.qat_steps} steps ({self.qat_seconds:.0f} s), "
+                         f"distillation loss {self.qat_first_loss:.5f} -> {self.qat_last_loss:.5f}")
+            if self.qat_keras_accuracy is not None:
+                lines.append(f"  fake-quantized Keras model: {self.qat_keras_accuracy:.4f}")
         if self.float_tflite_accuracy is not None:
             lines.append(f"  TFLite float32 ({self.float_tflite_bytes:,} bytes): {self.float_tflite_accuracy:.4f}")
         if self.exported_accuracy is not None and self.format == "tflite":
@@ -94,14 +106,20 @@ def deployable_model(replay: RoundReplay, *, factorized: bool = False, x_train: 
         evaluation.recalibrate_batchnorm(model, replay.calibration(x_train))
     model_cost = prism_tf.cost(model)
     if preprocessing:
-        mean, std = replay.input_stats()
-        raw = tf.keras.Input(shape=model.inputs[0].shape[1:], name="pixels")
-        x = tf.keras.layers.Rescaling(1.0 / 255.0, name="scale_pixels")(raw)
-        if mean is not None:
-            x = tf.keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize_channels")(x)
-        model = tf.keras.Model(raw, model(x), name=f"{model.name}_deployed")
+        model = with_preprocessing(model, replay)
     model.prism_truncation, model.prism_cost = report, model_cost
     return model
+
+
+def with_preprocessing(model: tf.keras.Model, replay: RoundReplay) -> tf.keras.Model:
+    """``model`` behind the run's input preprocessing: a model that takes raw pixels (0..255, float32), scales them
+    to 0..1 and normalizes them with the run's per-channel statistics (if it normalizes)."""
+    mean, std = replay.input_stats()
+    raw = tf.keras.Input(shape=model.inputs[0].shape[1:], name="pixels")
+    x = tf.keras.layers.Rescaling(1.0 / 255.0, name="scale_pixels")(raw)
+    if mean is not None:
+        x = tf.keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize_channels")(x)
+    return tf.keras.Model(raw, model(x), name=f"{model.name}_deployed")
 
 
 def to_tflite(model: tf.keras.Model, *, int8: bool = False, representative: np.ndarray | None = None) -> bytes:
@@ -151,6 +169,9 @@ def export_model(
     rank_keep: float | None = None,
     energy: float | None = None,
     criterion: str = "params",
+    qat: int | None = None,
+    qat_learning_rate: float = 1e-4,
+    log: Callable[[str], None] | None = None,
 ) -> ModelExport:
     """Write the run's deployed model after round ``round_num`` (default: the latest checkpoint) to ``out``.
 
@@ -162,9 +183,14 @@ def export_model(
     docs/export.md "Picking a rank"), its per-layer report in ``truncation``; ``criterion``: ``params`` or ``flops``,
     what decides each layer's form.
 
+    ``qat`` (``--qat STEPS``, with ``int8``): before the full-integer conversion, fine-tune the model with tfmot's
+    quantization-aware training for ``qat`` Adam steps at ``qat_learning_rate``, distilling the float model on the
+    run's calibration images (`prism_tf.compression.qat`); ``log`` gets its progress lines.
+
     Raises:
       ValueError: an unknown format, ``int8`` without TFLite, both ``rank_keep`` and ``energy`` or one outside
-        (0, 1], an unknown ``criterion``, a model with no layer to factorize.
+        (0, 1], an unknown ``criterion``, a model with no layer to factorize; ``qat`` without ``int8`` or below 1,
+        a model with a layer tfmot cannot quantize (named).
       prism_tf.federated.rundir.RunError: no such run or checkpoint.
     """
     if fmt not in FORMATS:
@@ -174,10 +200,13 @@ def export_model(
     if fmt == "keras" and not str(out).endswith(".keras"):
         raise ValueError(f"--format keras writes a .keras file: --out must end in .keras, got {str(out)!r}")
     check_truncation(rank_keep, energy, criterion)
+    check_qat(qat, int8, qat_learning_rate)
     replay = RoundReplay(run_dir, None if round_num is None else int(round_num) + 1)
     dataset = load_dataset(replay.config.dataset, data=replay.config.data, progress=False)
-    model = deployable_model(replay, factorized=factorized, x_train=dataset.x_train, rank_keep=rank_keep,
-                             energy=energy, criterion=criterion)
+    inner = deployable_model(replay, factorized=factorized, x_train=dataset.x_train, rank_keep=rank_keep,
+                             energy=energy, criterion=criterion, preprocessing=False)
+    model = with_preprocessing(inner, replay)
+    model.prism_truncation, model.prism_cost = inner.prism_truncation, inner.prism_cost
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = ModelExport(str(out), fmt, 0, replay.round_num - 1, int8, rank_keep=rank_keep, energy=energy,
@@ -195,7 +224,20 @@ def export_model(
     if fmt == "tflite":
         rng = np.random.default_rng([seed, 13])
         reps = dataset.x_train[rng.permutation(len(dataset.x_train))[:representative]].astype(np.float32)
-        flatbuffer = to_tflite(model, int8=int8, representative=reps)
+        converted = model
+        if qat is not None:
+            from prism_tf.compression.qat import quantization_aware_finetune
+
+            tuned = quantization_aware_finetune(inner, replay.calibration(dataset.x_train), int(qat),
+                                                learning_rate=qat_learning_rate, seed=seed, log=log)
+            converted = with_preprocessing(tuned.model, replay)
+            report.qat_steps, report.qat_learning_rate = tuned.steps, float(qat_learning_rate)
+            report.qat_first_loss, report.qat_last_loss = tuned.first_loss, tuned.last_loss
+            report.qat_seconds = tuned.seconds
+            if n:
+                report.qat_keras_accuracy = float(np.mean(
+                    np.argmax(converted.predict(x_test, batch_size=250, verbose=0), -1) == y_test))
+        flatbuffer = to_tflite(converted, int8=int8, representative=reps)
         write_atomic(out, flatbuffer)
         if n:
             report.exported_accuracy = tflite_accuracy(flatbuffer, x_test, y_test)
@@ -238,11 +280,23 @@ def check_truncation(rank_keep: float | None, energy: float | None, criterion: s
         raise ValueError(f"--by must be one of {', '.join(truncation.CRITERIA)}, got {criterion!r}")
 
 
+def check_qat(qat: int | None, int8: bool, learning_rate: float = 1e-4) -> None:
+    """Refuse a quantization-aware fine-tuning request `export_model` cannot serve, naming the flags."""
+    if qat is None:
+        return
+    if isinstance(qat, bool) or not isinstance(qat, int | np.integer) or qat < 1:
+        raise ValueError(f"--qat must be a number of steps >= 1, got {qat!r}")
+    if not int8:
+        raise ValueError("--qat fine-tunes for the full-integer model: add --int8 (with --format tflite)")
+    if not (isinstance(learning_rate, int | float) and 0.0 < float(learning_rate) < float("inf")):
+        raise ValueError(f"--qat-lr must be a positive number, got {learning_rate!r}")
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-__all__ = ["FORMATS", "ModelExport", "check_truncation", "deployable_model", "export_model", "tflite_accuracy",
-           "to_tflite"]
+__all__ = ["FORMATS", "ModelExport", "check_qat", "check_truncation", "deployable_model", "export_model",
+           "tflite_accuracy", "to_tflite", "with_preprocessing"]

@@ -179,3 +179,48 @@ def test_truncation_sweep_rows_are_the_written_files(tiny_run, tmp_path):
     full, *cut = rows
     assert all(r.params < full.params and r.flops < full.flops for r in cut)
     assert full.layers_factorized == full.layers_plain == 0 and cut[1].layers_factorized > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--int8", "--qat", "0"], "--qat must be a number of steps >= 1, got 0"),
+    (["--int8", "--qat", "-5"], "--qat must be a number of steps >= 1, got -5"),
+    (["--qat", "10"], "--qat fine-tunes for the full-integer model: add --int8 (with --format tflite)"),
+    (["--int8", "--qat", "10", "--qat-lr", "0"], "--qat-lr must be a positive number, got 0.0"),
+    (["--int8", "--qat", "ten"], "argument --qat: invalid int value: 'ten'"),
+])
+def test_bad_qat_requests_get_one_clear_message_before_any_work(tmp_path, capsys, argv, message):
+    """Refused before the run is read (the run directory here does not even exist)."""
+    try:
+        code = cli.main(["model", "--run", str(tmp_path / "no-run"), "--format", "tflite",
+                         "--out", str(tmp_path / "m.tflite"), *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    lines = err.strip().splitlines()  # ours: one line; argparse's own refusal: its usage, then one error line
+    assert lines[-1].startswith("python -m export model: error: ") and message in lines[-1]
+    assert len(lines) == 1 or message.startswith("argument")
+
+
+@pytest.mark.slow  # quantization-aware fine-tuning of the tiny run and three conversions: ~1-2 min
+def test_qat_export_runs_in_litert_and_tracks_the_float_model(tiny_run, tmp_path, test_images, capsys):
+    _, dataset = test_images
+    x, y = dataset.x_test.astype(np.float32), dataset.y_test
+    out = tmp_path / "q.tflite"
+    assert cli.main(["model", "--run", str(tiny_run), "--format", "tflite", "--int8", "--qat", "12",
+                     "--representative", "32", "--eval-examples", "-1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("quantization-aware fine-tuning")]
+    assert progress and progress[-1].startswith("quantization-aware fine-tuning: step 12/12")
+    report = json.loads((tmp_path / "q.tflite.export.json").read_text())
+    assert report["qat_steps"] == 12 and report["int8"] and report["test_examples"] == len(y)
+    assert np.isfinite(report["qat_first_loss"]) and np.isfinite(report["qat_last_loss"])
+    # Scored again from the file, in a fresh interpreter: the reported number.
+    assert tflite_accuracy(out.read_bytes(), x, y) == pytest.approx(report["exported_accuracy"])
+    # The int8 file against the float model: within 3 test images (of the tiny run's 30) of the float TFLite
+    # model, and of the fake-quantized Keras model it was converted from.
+    tolerance = 3 / len(y) + 1e-9
+    assert report["float_tflite_accuracy"] == pytest.approx(report["keras_accuracy"], abs=1 / len(y) + 1e-9)
+    assert report["exported_accuracy"] == pytest.approx(report["float_tflite_accuracy"], abs=tolerance)
+    assert report["exported_accuracy"] == pytest.approx(report["qat_keras_accuracy"], abs=tolerance)
+    assert report["bytes"] < 0.5 * report["float_tflite_bytes"]

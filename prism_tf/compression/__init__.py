@@ -12,9 +12,13 @@ export without it pays nothing (tfmot adds ~0.3 s to TensorFlow's import, and pu
 - Quantization: `PrincipalQuantizeConfig` (8-bit fake quantization of ``A`` and ``B``, per output channel, and of
   the layer's output) and `quantize_model` / `quantize_annotate` / `quantize_scope`, the tfmot functions with our
   layers' configs and custom objects.
+- Quantization-aware fine-tuning of a trained model: `quantization_aware_finetune` (`prism_tf.compression.qat`):
+  `quantize_model`, activation ranges calibrated on the given images (`calibrate_ranges`), then a few steps of
+  distillation from the float model; ``python -m export model --int8 --qat STEPS`` runs it before conversion.
 """
 
 from prism_tf.compression.pruning import PRUNABLE_LAYERS, prunable_weights
+from prism_tf.compression.qat import FinetuneResult, calibrate_ranges, distillation_loss, quantization_aware_finetune
 from prism_tf.compression.quantization import (
     PrincipalQuantizeConfig,
     quantize_annotate,
@@ -23,5 +27,6 @@ from prism_tf.compression.quantization import (
     quantize_scope,
 )
 
-__all__ = ["PRUNABLE_LAYERS", "PrincipalQuantizeConfig", "prunable_weights", "quantize_annotate",
-           "quantize_config_for", "quantize_model", "quantize_scope"]
+__all__ = ["PRUNABLE_LAYERS", "FinetuneResult", "PrincipalQuantizeConfig", "calibrate_ranges", "distillation_loss",
+           "prunable_weights", "quantization_aware_finetune", "quantize_annotate", "quantize_config_for",
+           "quantize_model", "quantize_scope"]

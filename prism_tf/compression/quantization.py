@@ -21,6 +21,7 @@ tfmot's default 8-bit scheme knows built-in Keras layers only; a custom layer is
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,8 +93,16 @@ def quantize_annotate(model: tf.keras.Model) -> tf.keras.Model:
     follows one with an output-only config, every other layer left to tfmot's default registry.
 
     Raises:
-      ValueError: a principal layer with several kernels (LSTM, GRU, attention): no config yet.
+      ValueError: a principal layer with several kernels (LSTM, GRU, attention): no config yet; a model nested as
+        a layer (tfmot quantizes the layers of one model); a model that is neither functional nor Sequential.
     """
+    if not isinstance(model, tf.keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        raise ValueError(f"quantize: tfmot quantizes functional and Sequential models only, got the subclassed "
+                         f"model '{model.name}' ({type(model).__name__})")
+    nested = [layer for layer in model.layers if isinstance(layer, tf.keras.Model)]
+    if nested:
+        raise ValueError(f"quantize: tfmot cannot quantize a model nested in a model: layer '{nested[0].name}' "
+                         f"({type(nested[0]).__name__}); quantize the inner model")
     several = [layer.name for layer in kinds.principal_layers(model) if not isinstance(layer, QUANTIZABLE_LAYERS)]
     if several:
         raise ValueError(f"quantize: principal layers with several kernels are not supported yet: {several}")
@@ -118,10 +127,23 @@ def quantize_annotate(model: tf.keras.Model) -> tf.keras.Model:
 def quantize_model(model: tf.keras.Model) -> tf.keras.Model:
     """``tfmot.quantization.keras.quantize_model`` for a model with principal layers: `quantize_annotate`, then
     ``quantize_apply`` in `quantize_scope`. The result trains (quantization-aware) and converts with the TFLite
-    converter; ``model`` is not changed."""
+    converter; ``model`` is not changed.
+
+    Raises:
+      ValueError: what `quantize_annotate` refuses, or a layer tfmot has no config for (named: a
+        ``GroupNormalization``, say, or a ``BatchNormalization`` that follows neither a ``Conv2D``/``Dense`` nor a
+        principal layer).
+    """
     annotated = quantize_annotate(model)
     with quantize_scope():
-        return tfmot.quantization.keras.quantize_apply(annotated)
+        try:
+            return tfmot.quantization.keras.quantize_apply(annotated)
+        except RuntimeError as e:  # tfmot: "Layer NAME:<class 'module.Type'> is not supported. You can ..."
+            found = re.match(r"Layer (.+?):<class '(?:.*\.)?(\w+)'> is not supported", str(e))
+            if found is None:
+                raise
+            raise ValueError(f"quantize: tfmot cannot quantize layer '{found[1]}' ({found[2]}): neither tfmot's "
+                             "8-bit registry nor prism_tf.compression has a QuantizeConfig for it") from None
 
 
 def _batch_norms_after_principal(model: tf.keras.Model) -> set[str]:

@@ -62,6 +62,11 @@ class FactorPairsMixin:
     def pair_rank(self, pair: str) -> int:
         return self.ranks[pair]
 
+    def get_prunable_weights(self) -> list[tf.Variable]:
+        """Every pair's trainable factors ``A_p`` and ``B_p``, pair by pair: what tfmot's magnitude pruning masks
+        (its ``PrunableLayer`` interface; `prism_tf.compression`). ``s_p``, ``ω_p`` and biases are left alone."""
+        return [v for pair in self.pairs for v in self._factors[pair][:2]]
+
     def set_pair_factors(self, pair: str, principal: Any, combination: Any, singular_values: Any,
                          scale: Any | None = None) -> None:
         """Assign pair ``pair``'s factors (e.g. from `spectral.factorize_kernel`); ``scale`` defaults to ones."""
