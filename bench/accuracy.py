@@ -167,6 +167,7 @@ PROFILES = {
          ("prism_flops05", ("--method", "prism", "--rank-allocation", "flops:0.5")),
          ("prism_fedavgm", ("--method", "prism", "--server-lr", "1.0", "--server-momentum", "0.9")),
          ("prism_fedadam", ("--method", "prism", "--server-optimizer", "adam", "--server-lr", "0.01")),
+         ("prism_balance", ("--method", "prism", "--kernel-lr-balance", "10")),
          # GroupNorm last: Keras's GroupNormalization makes a round 3.5x slower on these CPUs
          ("prism_group", ("--method", "prism", "--norm", "group")),
          ("small_group", ("--method", "small", "--norm", "group")),
@@ -430,6 +431,8 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated configuration names (default: all of the profile)")
     parser.add_argument("--partitions", help="comma-separated partitions (default: the profile's)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write results.json and README.md from the finished runs only; train nothing")
     options = parser.parse_args()
     profile = PROFILES[options.profile]
     partitions = options.partitions.split(",") if options.partitions else list(profile.partitions)
@@ -452,6 +455,9 @@ def main() -> int:
         label = f"[{i}/{len(plan)} {partition} {name}{'' if seed is None else f' seed {seed}'}]"
         if is_done(path, args):
             print(f"{label} done before, kept", flush=True)
+        elif options.report_only:
+            print(f"{label} not finished, left out", flush=True)
+            continue
         else:
             run_one(path, args, label)
         records.append(record(profile, partition, name, path, args, x_test, y_test, seed))

@@ -39,9 +39,7 @@ MANIFEST_FIELDS = ("format", "version", "run_id", "round", "client", "size_key",
 def train_step(replay: RoundReplay) -> tflite.TrainStep:
     """The run's local step at this round (`tff_pipelines.round.client_work.ClientTraining` as the driver builds it)."""
     cfg = replay.config
-    options = prism_tf.local_step.StepOptions(clip_norm=cfg.clip_norm, frobenius_decay=cfg.frobenius_decay,
-                                              weight_decay=cfg.weight_decay)
-    return tflite.TrainStep(replay.learning_rate(), cfg.client_momentum, options)
+    return tflite.TrainStep(replay.learning_rate(), cfg.client_momentum, cfg.step_options())
 
 
 def size_key(submodel: tf.keras.Model) -> str:

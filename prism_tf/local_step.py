@@ -33,12 +33,16 @@ class StepOptions:
         (`frobenius_terms`); the factors themselves get no weight decay. 0 disables it.
       weight_decay: ``wd·w`` added to the gradients of every other Conv2D/Dense kernel (not biases, not
         normalization, not the factors). 0 disables it.
+      kernel_lr_cap: balanced kernel learning rates (`kernel_lr_factors`): each principal kernel's factors learn at
+        ``clip(s̄/s_i, 1/cap, cap)`` of the learning rate, so every kernel's product moves at the layer's mean
+        rate instead of at its own ``s_i``. ``None`` (default) disables it.
     """
 
     clip_norm: float | None = 5.0
     clip_lr_tau: float | None = 10.0
     frobenius_decay: float = 0.0
     weight_decay: float = 0.0
+    kernel_lr_cap: float | None = None
 
 
 def frobenius_terms(principal: tf.Tensor, combination: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -96,14 +100,42 @@ def clip_lr_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], tau
     return [factors.get(v.ref()) for v in variables]
 
 
+def kernel_lr_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], cap: float | None) -> list:
+    """Per variable, the balanced learning-rate factor ``clip(s̄/s_i, 1/cap, cap)`` of each principal kernel, shaped
+    to broadcast along its kernel axis, else ``None`` (docs/algorithm.md §7, "Balanced kernel learning rates").
+
+    With ``A = U√s`` and ``B = √sVᵀ``, a gradient step on the factors moves kernel ``i``'s product ``a_i b_iᵀ`` by
+    about ``s_i`` times what the same step moves a plain kernel (the gradient w.r.t. ``a_i`` is ``G·b_i``, of norm
+    ∝ ``√s_i``, and it multiplies ``b_i``): large-``s`` kernels learn fast and small ones barely move. Scaling both
+    factors' gradients by ``s̄/s_i`` (``s_i = ‖a_i‖·‖b_i‖``, ``s̄`` its mean over the layer's kept kernels, both
+    read from the current factors, so a device computes them from what it holds) gives every kernel the layer's
+    mean rate.
+    """
+    if cap is None:
+        return [None] * len(variables)
+    factors = {}
+    for layer, pair in kernel_groups(model).values():
+        f = layer.factors(pair)
+        a = spectral.kernel_to_matrix(tf.convert_to_tensor(f.principal))
+        s = tf.norm(a, axis=0) * tf.norm(tf.convert_to_tensor(f.combination), axis=1)
+        factor = tf.clip_by_value(tf.reduce_mean(s) / tf.maximum(s, 1e-12), 1.0 / cap, cap)
+        factor = tf.stop_gradient(factor)
+        factors[f.principal.ref()] = tf.reshape(factor, [1] * (len(f.principal.shape) - 1) + [-1])
+        factors[f.combination.ref()] = tf.reshape(factor, [-1, 1])
+    return [factors.get(v.ref()) for v in variables]
+
+
 def step_gradients(
     model: tf.keras.Model, variables: Sequence[tf.Variable], loss_gradients: Sequence[tf.Tensor],
     options: StepOptions,
 ) -> list[tf.Tensor]:
-    """The gradients a step applies: loss gradients + Frobenius decay, × ClipLR, global-norm clip, + weight decay."""
+    """The gradients a step applies: loss gradients + Frobenius decay, × ClipLR, × balanced kernel rates, global-norm
+    clip, + weight decay."""
     grads = _plus(list(loss_gradients), frobenius_gradients(model, variables, options.frobenius_decay))
     grads = [g if f is None else g * f for g, f in zip(grads, clip_lr_factors(model, variables, options.clip_lr_tau),
                                                        strict=True)]
+    grads = [g if f is None else g * f for g, f in zip(
+        grads, kernel_lr_factors(model, variables, options.kernel_lr_cap), strict=True)]
     if options.clip_norm is not None:
         grads, _ = tf.clip_by_global_norm(grads, options.clip_norm)
     return _plus(list(grads), weight_decay_gradients(model, variables, options.weight_decay))
@@ -113,5 +145,5 @@ def _plus(grads: list, terms: list) -> list:
     return [g if t is None else g + t for g, t in zip(grads, terms, strict=True)]
 
 
-__all__ = ["StepOptions", "clip_lr_factors", "frobenius_gradients", "frobenius_terms",
+__all__ = ["StepOptions", "clip_lr_factors", "frobenius_gradients", "frobenius_terms", "kernel_lr_factors",
            "step_gradients", "weight_decay_gradients"]

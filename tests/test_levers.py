@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import prism_tf
-from prism_tf import budget, precision
+from prism_tf import budget, local_step, precision
 from prism_tf.federated.config import TrainConfig, client_budget
 from prism_tf.federated.methods import Method
 from tff_pipelines.round import client_work, finalizer
@@ -247,3 +247,39 @@ def test_client_training_resolves_auto():
     training = client_work.ClientTraining(precision="auto")
     assert training.precision == precision.resolve("auto")
     assert dataclasses.replace(training, precision="float32").precision == "float32"
+
+
+# --- balanced kernel learning rates -------------------------------------------------------------------------------
+def test_kernel_lr_factors_are_mean_s_over_s_clipped():
+    fm = prism_tf.factorize(round_models.dense_model(), min_rank=1)
+    layer = fm.get_layer("hidden")
+    a, b = layer.principal_kernels.numpy(), layer.combination.numpy()
+    s = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(s, layer.singular_values.numpy(), rtol=1e-5)  # A = U√s, B = √sVᵀ right after SVD
+    variables = [layer.principal_kernels, layer.combination, layer.bias]
+    for cap in (1.5, 100.0):
+        factors = local_step.kernel_lr_factors(fm, variables, cap)
+        want = np.clip(s.mean() / s, 1 / cap, cap)
+        np.testing.assert_allclose(factors[0].numpy().reshape(-1), want, rtol=1e-5)
+        np.testing.assert_allclose(factors[1].numpy().reshape(-1), want, rtol=1e-5)
+        assert factors[0].shape == (1, 4) and factors[1].shape == (4, 1) and factors[2] is None
+    assert local_step.kernel_lr_factors(fm, variables, None) == [None] * 3
+    # in a step: the factors' gradients are multiplied column/row-wise by exactly these, nothing else changes
+    grads = [tf.ones_like(v) for v in variables]
+    plain = local_step.step_gradients(fm, variables, grads, local_step.StepOptions(clip_norm=None, clip_lr_tau=None))
+    balanced = local_step.step_gradients(fm, variables, grads, local_step.StepOptions(
+        clip_norm=None, clip_lr_tau=None, kernel_lr_cap=100.0))
+    np.testing.assert_allclose(balanced[0].numpy(), plain[0].numpy() * (s.mean() / s)[None, :], rtol=1e-5)
+    np.testing.assert_allclose(balanced[1].numpy(), plain[1].numpy() * (s.mean() / s)[:, None], rtol=1e-5)
+    np.testing.assert_array_equal(balanced[2].numpy(), plain[2].numpy())
+
+
+def test_kernel_lr_balance_reaches_clients_and_devices():
+    config = TrainConfig(kernel_lr_balance=10.0)
+    config.validate()
+    assert client_work.ClientTraining.of(config).step_options.kernel_lr_cap == 10.0
+    assert config.step_options().kernel_lr_cap == 10.0  # export/client.py's device step reads the same options
+    for bad, message in ((dict(method="fedavg", kernel_lr_balance=10.0), "applies to spectral methods"),
+                         (dict(kernel_lr_balance=0.5), "must be a cap >= 1")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad).validate()

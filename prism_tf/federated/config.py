@@ -75,6 +75,7 @@ class TrainConfig:
     warmup_rounds: int = 0
     rank_allocation: str = "uniform"
     server_optimizer: str = "sgd"
+    kernel_lr_balance: float | None = None
 
     def factorize_options(self) -> dict[str, Any]:
         """The keyword arguments of `prism_tf.factorize` this run's server model is factorized with."""
@@ -136,6 +137,12 @@ class TrainConfig:
                              f"{self.server_optimizer!r}")
         if self.server_optimizer != "sgd" and self.server_lr is None:
             raise ValueError(f"--server-optimizer {self.server_optimizer} needs --server-lr (FedAdam: e.g. 0.01)")
+        if self.kernel_lr_balance is not None:
+            if not spectral:
+                raise ValueError(f"--kernel-lr-balance applies to spectral methods (prism, fedhm), not --method "
+                                 f"{self.method}")
+            if not (math.isfinite(self.kernel_lr_balance) and self.kernel_lr_balance >= 1):
+                raise ValueError(f"--kernel-lr-balance must be a cap >= 1, got {self.kernel_lr_balance}")
         if self.match not in MATCHES:
             raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.calibration_examples < 2:
@@ -147,6 +154,12 @@ class TrainConfig:
             prism_tf.sampling.check_keep_ratio(self.output_keep, "--output-keep")
         check_batch_size(self.batch_size)
         parse_keep_mix(self.keep_mix)
+
+    def step_options(self) -> prism_tf.local_step.StepOptions:
+        """The gradient transformations of this run's local step (`prism_tf.local_step`): what a simulated client
+        and an exported device model both apply (ClipLR at its default τ)."""
+        return prism_tf.local_step.StepOptions(clip_norm=self.clip_norm, frobenius_decay=self.frobenius_decay,
+                                               weight_decay=self.weight_decay, kernel_lr_cap=self.kernel_lr_balance)
 
     def method_spec(self) -> Method:
         """The run's `Method` at its nominal keep ratio (before `client_budget` matches it to PriSM's cost)."""

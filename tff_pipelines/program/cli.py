@@ -70,6 +70,9 @@ _FIELD_HELP = {
     "warmup_rounds": "spectral methods: the first N rounds every client trains the top-k kernels (no sampling)",
     "rank_allocation": "spectral methods: uniform (ceil(keep*r) kernels per layer) or flops[:ALPHA] (the same "
                        "client flops, more kernels where a kernel costs fewer multiply-adds; ALPHA 1 by default)",
+    "kernel_lr_balance": "spectral methods: balanced kernel learning rates, each principal kernel's factors learn at "
+                         "clip(mean(s)/s_i, 1/CAP, CAP) of the rate (s_i = |a_i||b_i|), so small-s kernels move as "
+                         "fast as large ones",
     "server_optimizer": "server optimizer with --server-lr: sgd (with --server-momentum: FedAvgM) or adam (FedAdam)",
     "attention": "MultiHeadAttention projections: whole (the authors' DeiT runs: only the MLPs are factorized) or "
                  "factorized (query, key, value and output as principal kernels)",
@@ -87,6 +90,7 @@ _NONE_MEANS = {
     "keep_mix": "every client at --keep-ratio",
     "eval_examples": "all",
     "server_lr": "plain per-kernel averaging",
+    "kernel_lr_balance": "off: kernel i's product moves at about s_i times a plain kernel's rate",
 }
 
 

@@ -79,6 +79,7 @@ class ClientTraining:
       clip_norm, clip_lr_tau, frobenius_decay, weight_decay: see `prism_tf.local_step.StepOptions`.
       round_lr: clients receive the round's learning rate in their assignment (`ClientAssignment.lr`) and set it as
         the optimizer's ``learning_rate`` hparam before training (`prism_tf.federated.recipe.Schedule`).
+      kernel_lr_cap: balanced kernel learning rates (`prism_tf.local_step.kernel_lr_factors`); ``None``: off.
       precision: ``float32`` or ``mixed_bfloat16`` (``auto`` resolves to one; `prism_tf.precision`): the sub-model
         computes at it, its variables, the optimizer and everything that travels stay float32.
     """
@@ -90,6 +91,7 @@ class ClientTraining:
     weight_decay: float = DEFAULTS.weight_decay
     round_lr: bool = False
     precision: str = DEFAULTS.precision
+    kernel_lr_cap: float | None = DEFAULTS.kernel_lr_balance
 
     def __post_init__(self) -> None:
         if prism_tf.precision.resolve(self.precision) != self.precision:
@@ -98,15 +100,17 @@ class ClientTraining:
     @classmethod
     def of(cls, config: TrainConfig) -> ClientTraining:
         """A run's local training (``round_lr`` is set by the process from its schedule, `lr_schedule_of`)."""
-        return cls(optimizer=client_optimizer_of(config), clip_norm=config.clip_norm,
-                   frobenius_decay=config.frobenius_decay, weight_decay=config.weight_decay,
-                   precision=config.precision)
+        options = config.step_options()
+        return cls(optimizer=client_optimizer_of(config), clip_norm=options.clip_norm,
+                   frobenius_decay=options.frobenius_decay, weight_decay=options.weight_decay,
+                   precision=config.precision, kernel_lr_cap=options.kernel_lr_cap)
 
     @property
     def step_options(self) -> local_step.StepOptions:
         """The gradient transformations of a step (`prism_tf.local_step`, shared with the exported TFLite step)."""
         return local_step.StepOptions(clip_norm=self.clip_norm, clip_lr_tau=self.clip_lr_tau,
-                                      frobenius_decay=self.frobenius_decay, weight_decay=self.weight_decay)
+                                      frobenius_decay=self.frobenius_decay, weight_decay=self.weight_decay,
+                                      kernel_lr_cap=self.kernel_lr_cap)
 
 
 def materialize(layout: RoundLayout, received: Received, indices: list, scale: list) -> list[tf.Tensor]:
