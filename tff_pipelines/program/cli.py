@@ -69,7 +69,7 @@ _FIELD_HELP = {
                  "records what auto chose",
     "warmup_rounds": "spectral methods: the first N rounds every client trains the top-k kernels (no sampling)",
     "rank_allocation": "spectral methods: uniform (ceil(keep*r) kernels per layer) or flops[:ALPHA] (the same "
-                       "client flops, more kernels where a kernel costs fewer multiply-adds; ALPHA 1 by default)",
+                       "client flops, more kernels where a kernel costs fewer multiply-adds; flops alone is ALPHA 1)",
     "kernel_lr_balance": "spectral methods: balanced kernel learning rates, each principal kernel's factors learn at "
                          "clip(mean(s)/s_i, 1/CAP, CAP) of the rate (s_i = |a_i||b_i|), so small-s kernels move as "
                          "fast as large ones",
