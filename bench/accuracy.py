@@ -177,6 +177,28 @@ PROFILES = {
         "mixed bfloat16 training against float32",
         seeds=(0, 1, 2),
     ),
+    # Issue 25's follow-up: the levers' best PriSM against its peers at the full budget with 3 seeds, and PriSM
+    # against `small` over 120 rounds (both resumable across sittings: a run cut short resumes from its checkpoint).
+    "levers_full": Profile(
+        "levers_full",
+        ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
+         "--examples-per-client", "400", "--rounds", "30", "--eval-every", "5", "--keep-ratio", "0.2", *RECIPE),
+        ("iid", "dirichlet:0.5"),
+        (SPECTRAL[0], ("small", ("--method", "small")), ("heterofl", ("--method", "heterofl")),
+         ("fedavg", ("--method", "fedavg"))),
+        "PriSM (no lever of the levers profile beat its plain form at the quick budget) against small, HeteroFL "
+        "and FedAvg at the full bench's budget, both partitions, 3 seeds",
+        seeds=(0, 1, 2),
+    ),
+    "long": Profile(
+        "long",
+        tuple(a if a != "15" else "120" for a in QUICK_COMMON[:QUICK_COMMON.index("--eval-every")])
+        + ("--eval-every", "10") + QUICK_COMMON[QUICK_COMMON.index("--eval-every") + 2:],
+        ("iid",),
+        (SPECTRAL[0], ("small", ("--method", "small"))),
+        "does PriSM catch up with the small model given 120 rounds? The quick settings, 3 seeds",
+        seeds=(0, 1, 2),
+    ),
     "full": Profile(
         "full",
         ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
