@@ -81,21 +81,11 @@ def _recorded_accuracy(run: Path) -> tuple[int, float] | None:
 
 def _tf_interpreter_accuracy(path: Path, x, y, batch_size: int = 500) -> float:
     """Top-1 accuracy of a .tflite file read from disk, in TensorFlow's own interpreter (not LiteRT's package)."""
-    import numpy as np
     import tensorflow as tf
 
-    interpreter = tf.lite.Interpreter(model_path=str(path))
-    detail = interpreter.get_input_details()[0]
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start:start + batch_size], np.float32)
-        interpreter.resize_tensor_input(detail["index"], batch.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(detail["index"], batch)
-        interpreter.invoke()
-        logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        correct += int(np.sum(np.argmax(logits, -1) == y[start:start + batch_size]))
-    return correct / len(x)
+    from export.model import tflite_accuracy
+
+    return tflite_accuracy(path.read_bytes(), x, y, batch_size, interpreter_class=tf.lite.Interpreter)
 
 
 def float_row(label: str, run: Path, rule: str, value: float | None, options: argparse.Namespace) -> dict:

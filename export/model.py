@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -137,11 +138,14 @@ def to_tflite(model: tf.keras.Model, *, int8: bool = False, representative: np.n
     return converter.convert()
 
 
-def tflite_accuracy(flatbuffer: bytes, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> float:
-    """Top-1 accuracy of a TFLite classifier on raw images ``x`` in LiteRT's interpreter (as a phone runs it)."""
-    from ai_edge_litert.interpreter import Interpreter
+def tflite_accuracy(flatbuffer: bytes, x: np.ndarray, y: np.ndarray, batch_size: int = 250, *,
+                    interpreter_class: Any = None) -> float:
+    """Top-1 accuracy of a TFLite classifier on raw images ``x`` in LiteRT's interpreter (as a phone runs it), or in
+    ``interpreter_class`` (e.g. ``tf.lite.Interpreter``, an independent runtime for a second opinion)."""
+    if interpreter_class is None:
+        from ai_edge_litert.interpreter import Interpreter as interpreter_class
 
-    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter = interpreter_class(model_content=flatbuffer)
     detail = interpreter.get_input_details()[0]
     correct = 0
     for start in range(0, len(x), batch_size):
