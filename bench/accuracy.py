@@ -395,28 +395,60 @@ def _ratio(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def final_plot(out: Path, records: list[dict], partition: str, names: list[str], colours) -> None:
+    """Final accuracy per configuration over seeds: each seed a dot, the mean a bar with ± one standard deviation."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shown = [n for n in names if any(r["name"] == n for r in records)]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(shown) + 1.2))
+    for i, name in enumerate(shown):
+        values = [100 * r["final_accuracy"] for r in records if r["name"] == name]
+        ax.barh(i, np.mean(values), xerr=np.std(values) if len(values) > 1 else None, color=colours(
+            names.index(name) % colours.N), alpha=0.5, capsize=3)
+        ax.plot(values, [i] * len(values), "k.", ms=5)
+        ax.text(max(values) + 0.5, i, f"{np.mean(values):.1f} (n={len(values)})", va="center", fontsize=7)
+    ax.set_yticks(range(len(shown)), shown, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="final test accuracy (%)", title=f"final accuracy over seeds ({partition}): dots are seeds, "
+           "bars mean ± std")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out / f"final_{partition.replace(':', '_')}.png", dpi=120)
+    plt.close(fig)
+
+
 def plot(out: Path, records: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(dict.fromkeys(r["name"] for r in records))  # one colour per configuration, a style per seed
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    seeds = sorted({r.get("seed") for r in records}, key=lambda v: -1 if v is None else v)
     for partition in sorted({r["partition"] for r in records}):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = list(dict.fromkeys(r["name"] for r in records))  # one colour per configuration, a style per seed
-        seeds = sorted({r.get("seed") for r in records}, key=lambda v: -1 if v is None else v)
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        labelled = set()
         for r in (r for r in records if r["partition"] == partition):
             rounds, acc = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
             seed = r.get("seed")
             ax.plot(rounds, acc, "o" + ("-", "--", ":", "-.")[seeds.index(seed) % 4], ms=3,
-                    color=f"C{names.index(r['name']) % 10}",
-                    label=r["name"] if seed is None else f"{r['name']} (seed {seed})")
-        ax.set(xlabel="round", ylabel="test accuracy", title=f"test accuracy per round ({partition})")
+                    color=colours(names.index(r["name"]) % colours.N),
+                    label=None if r["name"] in labelled else r["name"])
+            labelled.add(r["name"])
+        styles = "" if len(seeds) < 2 else " (line style: seed " + ", ".join(
+            f"{s} {('solid', 'dashed', 'dotted', 'dash-dot')[i % 4]}" for i, s in enumerate(seeds)) + ")"
+        ax.set(xlabel="round", ylabel="test accuracy", title=f"test accuracy per round ({partition}){styles}")
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out / f"accuracy_{partition.replace(':', '_')}.png", dpi=120)
         plt.close(fig)
+        if len(seeds) > 1:
+            final_plot(out, [r for r in records if r["partition"] == partition], partition, names, colours)
     first = [r for r in records
              if r["partition"] == records[0]["partition"] and r.get("seed") == records[0].get("seed")]
     fig, ax = plt.subplots(figsize=(8, 4))
