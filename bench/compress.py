@@ -41,6 +41,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "compress"
 FILES = ROOT / "bench" / "runs" / "compress"
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as results record it: relative to this checkout, or from its ``bench/runs/...`` part when it is a run
+    of these benches in another checkout; never a machine's absolute path where one of those applies."""
+    path = Path(path).absolute()
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    parts = path.parts
+    for i in range(len(parts) - 1):
+        if parts[i:i + 2] == ("bench", "runs"):
+            return str(Path(*parts[i:]))
+    return str(path)
 RANK_KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15)
 ENERGIES = (0.99, 0.95, 0.9, 0.8)
 LOSS_BUDGET = 0.01  # the recommended rank: the smallest file within 1 pp of the full model
@@ -97,10 +110,11 @@ def float_row(label: str, run: Path, rule: str, value: float | None, options: ar
                               rank_keeps=[value] if rule == "rank_keep" else [], eval_examples=None,
                               batch_sizes=(1, 32), repeats=options.repeats)
     record = dataclasses.asdict(row)
+    record["path"] = shown(row.path)
     record["latency"] = {str(b): s for b, s in row.latency.items()}
     record["seconds"] = time.perf_counter() - began
-    record["command"] = shlex.join(["python", "-m", "export", "model", "--run", str(run), "--format", "tflite",
-                                    *_setting_flags(rule, value), "--eval-examples", "-1", "--out", row.path])
+    record["command"] = shlex.join(["python", "-m", "export", "model", "--run", shown(run), "--format", "tflite",
+                                    *_setting_flags(rule, value), "--eval-examples", "-1", "--out", shown(row.path)])
     difference = abs(row.accuracy - row.keras_accuracy)
     record["checks"] = {"litert_vs_keras_pp": 100 * difference,
                         "litert_vs_keras_ok": difference <= options.float_tolerance / 100 + 1e-12}
@@ -131,11 +145,12 @@ def int8_row(label: str, run: Path, rule: str, value: float | None, qat: int | N
     latency = {str(b): tflite_latency(flatbuffer, example, b, repeats=options.repeats) for b in (1, 32)}
     record = dataclasses.asdict(result)
     record.pop("truncation", None)
+    record["path"] = shown(path)
     record.update(latency=latency, seconds=time.perf_counter() - began, command=shlex.join(
-        ["python", "-m", "export", "model", "--run", str(run), "--format", "tflite", "--int8",
+        ["python", "-m", "export", "model", "--run", shown(run), "--format", "tflite", "--int8",
          "--representative", str(options.representative), *_setting_flags(rule, value),
          *(["--qat", str(qat), "--qat-lr", f"{options.qat_lr:g}"] if qat else []), "--eval-examples", "-1",
-         "--out", str(path)]))
+         "--out", shown(path)]))
     again = _tf_interpreter_accuracy(path, *test)
     record["checks"] = {"tf_interpreter_accuracy": again,
                         "tf_interpreter_pp": 100 * abs(again - result.exported_accuracy),
@@ -201,7 +216,8 @@ def measure(results: dict, path: Path, runs: dict[str, Path], options: argparse.
 
     results.setdefault("rows", {})
     results.setdefault("commands", [])
-    command = shlex.join(["python", "bench/compress.py", *sys.argv[1:]])
+    command = shlex.join(["python", "bench/compress.py",
+                          *(shown(a) if os.path.exists(a) else a for a in sys.argv[1:])])
     if command not in results["commands"]:
         results["commands"].append(command)
     rows = results["rows"]
@@ -211,7 +227,7 @@ def measure(results: dict, path: Path, runs: dict[str, Path], options: argparse.
     for label, run in runs.items():
         replay = RoundReplay(run)
         results.setdefault("runs", {})[label] = {
-            "path": str(run), "method": replay.config.method, "model": replay.config.model,
+            "path": shown(run), "method": replay.config.method, "model": replay.config.model,
             "width": replay.config.width, "rounds": replay.config.rounds, "round": replay.round_num - 1,
             "dataset": replay.config.dataset}
         settings = [("full", None)] + [("rank_keep", v) for v in rank_keeps] + [("energy", v) for v in energies]
