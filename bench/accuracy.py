@@ -67,6 +67,19 @@ PEERS = (
 QUICK_COMMON = ("--model", "resnet18", "--width", "16", "--clients", "20", "--clients-per-round", "5",
                 "--examples-per-client", "500", "--rounds", "15", "--eval-every", "5", "--keep-ratio", "0.2",
                 "--seed", "0", *RECIPE)
+FULL_COMMON = ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
+               "--examples-per-client", "400", "--rounds", "30", "--eval-every", "5", "--keep-ratio", "0.2",
+               "--seed", "0", *RECIPE)
+
+
+def quick_for(rounds: int, eval_every: int) -> tuple[str, ...]:
+    """The quick settings with another number of rounds (the cosine schedule spans them) and evaluation interval."""
+    flags = dict(zip(QUICK_COMMON[::2], QUICK_COMMON[1::2], strict=False))
+    assert len(QUICK_COMMON) % 2 == 0 and len(flags) * 2 == len(QUICK_COMMON)  # flag-value pairs, each flag once
+    flags.update({"--rounds": str(rounds), "--eval-every": str(eval_every)})
+    return tuple(x for pair in flags.items() for x in pair)
+
+
 # What each part of the recipe changes: the full recipe minus one part (later flags override the shared ones).
 RECIPE_PARTS = (
     ("no_cosine", ("--lr-schedule", "constant")),
@@ -114,8 +127,7 @@ PROFILES = {
     ),
     "rounds": Profile(
         "rounds",
-        tuple(a if a != "15" else "60" for a in QUICK_COMMON[:QUICK_COMMON.index("--eval-every")])
-        + ("--eval-every", "10") + QUICK_COMMON[QUICK_COMMON.index("--eval-every") + 2:],
+        quick_for(60, 10),
         ("iid",),
         (SPECTRAL[0], ("small", ("--method", "small")), ("fedavg", ("--method", "fedavg"))),
         "does the gap between PriSM and the small model shrink with rounds? The quick settings for 60 rounds",
@@ -181,8 +193,7 @@ PROFILES = {
     # against `small` over 120 rounds (both resumable across sittings: a run cut short resumes from its checkpoint).
     "levers_full": Profile(
         "levers_full",
-        ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
-         "--examples-per-client", "400", "--rounds", "30", "--eval-every", "5", "--keep-ratio", "0.2", *RECIPE),
+        FULL_COMMON,
         ("iid", "dirichlet:0.5"),
         (SPECTRAL[0], ("small", ("--method", "small")), ("heterofl", ("--method", "heterofl")),
          ("fedavg", ("--method", "fedavg"))),
@@ -192,8 +203,7 @@ PROFILES = {
     ),
     "long": Profile(
         "long",
-        tuple(a if a != "15" else "120" for a in QUICK_COMMON[:QUICK_COMMON.index("--eval-every")])
-        + ("--eval-every", "10") + QUICK_COMMON[QUICK_COMMON.index("--eval-every") + 2:],
+        quick_for(120, 10),
         ("iid",),
         (SPECTRAL[0], ("small", ("--method", "small"))),
         "does PriSM catch up with the small model given 120 rounds? The quick settings, 3 seeds",
@@ -201,9 +211,7 @@ PROFILES = {
     ),
     "full": Profile(
         "full",
-        ("--model", "resnet18", "--width", "16", "--clients", "50", "--clients-per-round", "5",
-         "--examples-per-client", "400", "--rounds", "30", "--eval-every", "5", "--keep-ratio", "0.2",
-         "--seed", "0", *RECIPE),
+        FULL_COMMON,
         ("iid", "dirichlet:0.5"),
         FULL_ORDER,
         "every strategy and peer on both partitions within 150 minutes on 2 CPU cores: ResNet-18 at width 16 "
