@@ -53,11 +53,6 @@ def spectral_sizes(
     return sizes
 
 
-RANK_ALLOCATIONS = ("uniform", "flops")
-"""``--rank-allocation``: ``uniform`` (``ceil(keep·r)`` kernels per layer, the paper's) or ``flops[:ALPHA]``
-(`flops_aware_kernels`)."""
-
-
 def parse_rank_allocation(text: str) -> float | None:
     """``"uniform"`` -> ``None``; ``"flops"`` -> 1.0; ``"flops:0.5"`` -> 0.5 (the exponent α of
     `flops_aware_kernels`).

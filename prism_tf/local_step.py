@@ -13,7 +13,7 @@ phone and a simulated client take the same step.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -90,12 +90,18 @@ def clip_lr_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], tau
     """
     if tau is None:
         return [None] * len(variables)
+    return per_kernel_factors(model, variables, lambda f: tf.minimum(1.0, tau / tf.convert_to_tensor(f.scale)))
+
+
+def per_kernel_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], factor_of: Callable) -> list:
+    """Per variable, ``factor_of(factors)`` (one value per kept kernel of a principal layer's factor pair) shaped to
+    broadcast along the kernel axis of ``A`` (``principal_kernels``: its last) and of ``B`` (``combination``: its
+    first), else ``None``."""
     factors = {}
     for layer, pair in kernel_groups(model).values():
         f = layer.factors(pair)
-        factor = tf.minimum(1.0, tau / tf.convert_to_tensor(f.scale))
-        rank_a = len(f.principal.shape)
-        factors[f.principal.ref()] = tf.reshape(factor, [1] * (rank_a - 1) + [-1])
+        factor = factor_of(f)
+        factors[f.principal.ref()] = tf.reshape(factor, [1] * (len(f.principal.shape) - 1) + [-1])
         factors[f.combination.ref()] = tf.reshape(factor, [-1, 1])
     return [factors.get(v.ref()) for v in variables]
 
@@ -113,16 +119,13 @@ def kernel_lr_factors(model: tf.keras.Model, variables: Sequence[tf.Variable], c
     """
     if cap is None:
         return [None] * len(variables)
-    factors = {}
-    for layer, pair in kernel_groups(model).values():
-        f = layer.factors(pair)
+
+    def balanced(f) -> tf.Tensor:
         a = spectral.kernel_to_matrix(tf.convert_to_tensor(f.principal))
         s = tf.norm(a, axis=0) * tf.norm(tf.convert_to_tensor(f.combination), axis=1)
-        factor = tf.clip_by_value(tf.reduce_mean(s) / tf.maximum(s, 1e-12), 1.0 / cap, cap)
-        factor = tf.stop_gradient(factor)
-        factors[f.principal.ref()] = tf.reshape(factor, [1] * (len(f.principal.shape) - 1) + [-1])
-        factors[f.combination.ref()] = tf.reshape(factor, [-1, 1])
-    return [factors.get(v.ref()) for v in variables]
+        return tf.stop_gradient(tf.clip_by_value(tf.reduce_mean(s) / tf.maximum(s, 1e-12), 1.0 / cap, cap))
+
+    return per_kernel_factors(model, variables, balanced)
 
 
 def step_gradients(

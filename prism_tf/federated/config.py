@@ -121,8 +121,6 @@ class TrainConfig:
             raise ValueError(f"--attention must be whole or factorized, got {self.attention!r}")
         prism_tf.precision.check_precision(self.precision)
         spectral = self.method in REGISTRY and REGISTRY[self.method].spectral
-        if int(self.warmup_rounds) < 0:
-            raise ValueError(f"--warmup-rounds must be >= 0, got {self.warmup_rounds}")
         if self.warmup_rounds and not spectral:
             raise ValueError(f"--warmup-rounds applies to spectral methods (prism, fedhm), not --method {self.method}")
         if prism_tf.budget.parse_rank_allocation(self.rank_allocation) is not None:
@@ -153,7 +151,7 @@ class TrainConfig:
         if self.output_keep is not None:
             prism_tf.sampling.check_keep_ratio(self.output_keep, "--output-keep")
         check_batch_size(self.batch_size)
-        parse_keep_mix(self.keep_mix)
+        self.method_spec()  # the method's own checks (keep mix, warm-up rounds, rank allocation)
 
     def step_options(self) -> prism_tf.local_step.StepOptions:
         """The gradient transformations of this run's local step (`prism_tf.local_step`): what a simulated client

@@ -94,8 +94,7 @@ class ClientTraining:
     kernel_lr_cap: float | None = DEFAULTS.kernel_lr_balance
 
     def __post_init__(self) -> None:
-        if prism_tf.precision.resolve(self.precision) != self.precision:
-            object.__setattr__(self, "precision", prism_tf.precision.resolve(self.precision))
+        object.__setattr__(self, "precision", prism_tf.precision.resolve(self.precision))  # "auto" -> what it means
 
     @classmethod
     def of(cls, config: TrainConfig) -> ClientTraining:
