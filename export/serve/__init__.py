@@ -10,3 +10,9 @@ LiteRT only: no TensorFlow), what the tests and ``bench/serve.py`` run.
 
 Importing this package imports nothing heavy: the phone side must load without TensorFlow or the web framework.
 """
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """``text`` on one line (whitespace runs become one space), at most ``limit`` characters: every reason the
+    server logs, reports or answers with."""
+    return " ".join(str(text).split())[:limit]

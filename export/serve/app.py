@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from export.serve import one_line
 from export.serve.credentials import Device
 from export.serve.rounds import Refused, RoundServer
 
@@ -34,15 +35,11 @@ _bearer = HTTPBearer(auto_error=False, description="The device's credential from
 Credential = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:500]
-
-
 def _refusal(status: int, reason: str, retry_after: float | None = None) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if retry_after is not None:
         headers["Retry-After"] = str(int(retry_after))
-    return JSONResponse({"detail": _one_line(reason)}, status_code=status, headers=headers)
+    return JSONResponse({"detail": one_line(reason)}, status_code=status, headers=headers)
 
 
 def create_app(server: RoundServer) -> FastAPI:

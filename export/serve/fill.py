@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from export.serve import one_line
 from prism_tf.federated.rundir import RunDir
 
 FILLS = ("devices", "simulated")
@@ -38,10 +39,6 @@ class FillError(RuntimeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    return " ".join(str(text).split())[:limit]
 
 
 def _running(pid: int, round_num: int) -> bool:
@@ -166,8 +163,8 @@ class Simulator:
             how = f"was stopped by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         except ValueError:
             how = f"was stopped by signal {-code}"
-        return _one_line(f"simulating round {round_num}'s missing clients (python -m tff_pipelines resume "
-                         f"--until-round {round_num}) {how}" + (f": {_one_line(said, 250)}" if said else "")
+        return one_line(f"simulating round {round_num}'s missing clients (python -m tff_pipelines resume "
+                         f"--until-round {round_num}) {how}" + (f": {one_line(said, 250)}" if said else "")
                          + f" (output: {log_path})", 500)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from export.client import client_files, client_round, graph_key, training_model
 from export.ingest import IngestError, check_update, finish_round, read_upload, store_update
+from export.serve import one_line
 from export.serve.credentials import Device, authenticate
 from export.serve.fill import FILLS, FillError, Simulator
 from prism_tf.federated.replay import RoundReplay
@@ -169,8 +170,7 @@ class RoundServer:
                     record["deadline"] = self.clock() + float(self.round_timeout)
                     self.run.write_serve_round(number, record, {})
         except Exception as e:  # RunError, a layer the runtime cannot train, a full disk, a converter error, ...
-            reason = " ".join(f"no round can open: {e if isinstance(e, RunError | ValueError | OSError) else repr(e)}"
-                              .split())[:500]
+            reason = one_line(f"no round can open: {e if isinstance(e, RunError | ValueError | OSError) else repr(e)}")
             with self.lock:
                 self.round, self.unavailable = None, reason
             self.log(reason)
@@ -279,7 +279,7 @@ class RoundServer:
         else:
             delay, reason = RETRY_SECONDS, (str(error) if isinstance(error, RunError | ValueError | OSError)
                                             else repr(error))
-        reason = " ".join(reason.split())[:500]
+        reason = one_line(reason)
         with self.lock:
             number = self.round.number if self.round else "?"
             if self.round is not None:
