@@ -190,7 +190,7 @@ PROFILES = {
         seeds=(0, 1, 2),
     ),
     # Issue 25's follow-up: the levers' best PriSM against its peers at the full budget with 3 seeds, and PriSM
-    # against `small` over 120 rounds (both resumable across sittings: a run cut short resumes from its checkpoint).
+    # against `small` over 100 rounds (both resumable across sittings: a run cut short resumes from its checkpoint).
     "levers_full": Profile(
         "levers_full",
         FULL_COMMON,
@@ -203,10 +203,10 @@ PROFILES = {
     ),
     "long": Profile(
         "long",
-        quick_for(120, 10),
+        quick_for(100, 10),
         ("iid",),
         (SPECTRAL[0], ("small", ("--method", "small"))),
-        "does PriSM catch up with the small model given 120 rounds? The quick settings, 3 seeds",
+        "does PriSM catch up with the small model given 100 rounds? The quick settings, 3 seeds",
         seeds=(0, 1, 2),
     ),
     "full": Profile(
