@@ -27,7 +27,12 @@ Sections (each resumable: a finished unit is kept in ``results.json`` and skippe
   ``tf.function``, its SVD in float64 against float32 (time and accuracy), as a share of a round;
 - ``precision``: ``mixed_bfloat16`` against ``float32`` (`prism_tf.precision`, ``--precision``): plain-Keras steps
   and TFF client-computation steps at widths 16 and 64, one client's peak memory, and whole TFF rounds (PriSM
-  select and FedAvg) at width 16, each pair interleaved in one process.
+  select and FedAvg) at width 16, each pair interleaved in one process;
+- ``precision_ops``: where the time of a bf16 step goes, per op type (TensorFlow's step statistics of one
+  graph-mode training step, float32 and bf16 traced alternately), for the full model and PriSM keep 0.2 at widths 16
+  and 64, with the weight-gradient ops where bf16 loses most; and the same 3x3 convolution step (forward, both
+  gradients) run by TFF's worker and by this process, float32 against bf16, to tell the worker's kernels from the
+  model's graph.
 
 Writes ``bench/results/speed/`` (``--profile quick``: ``bench/results/speed/quick/``): ``results.json`` and
 ``README.md`` (tables against the targets of the speed issue).
@@ -84,7 +89,7 @@ PROFILES = {
                     tff_batches=(2, 8), memory_widths=(16, 64), memory_repeats=1, memory_steps=4, round_clients=5,
                     round_examples=400, round_epochs=2, round_repeats=3, server_widths=(16, 64), server_repeats=5),
 }
-SECTIONS = ("keras_step", "tff_step", "memory", "rounds", "server", "precision")
+SECTIONS = ("keras_step", "tff_step", "memory", "rounds", "server", "precision", "precision_ops")
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
@@ -597,6 +602,149 @@ def precision_rounds(profile: Profile, width: int = 16) -> dict:
                                       for m in ("prism", "fedavg")}}
 
 
+def _graph_step(model_json: str, precision: str):
+    """One graph-mode training step (forward, ``tf.gradients``, SGD) of a model at ``precision``: a session and
+    the function running it with full tracing, returning TensorFlow's ``StepStats``."""
+    import tensorflow as tf
+
+    import prism_tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        model = tf.keras.models.model_from_json(prism_tf.precision.with_policy(model_json, precision),
+                                                custom_objects=prism_tf.CUSTOM_OBJECTS)
+        x = tf.compat.v1.placeholder(tf.float32, [BATCH, *INPUT])
+        y = tf.compat.v1.placeholder(tf.int32, [BATCH])
+        logits = prism_tf.precision.float32_logits(model(x, training=True))
+        loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        variables = model.trainable_variables
+        step = tf.group(*[v.assign_sub(0.01 * g) for v, g in zip(variables, tf.gradients(loss, variables),
+                                                                   strict=True)])
+        init = tf.compat.v1.global_variables_initializer()
+    session = tf.compat.v1.Session(graph=graph)
+    session.run(init)
+    rng = np.random.default_rng(0)
+    feed = {x: rng.normal(size=(BATCH, *INPUT)).astype(np.float32), y: rng.integers(0, 10, BATCH)}
+    for _ in range(3):  # oneDNN picks and caches its kernels on the first calls
+        session.run(step, feed)
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+
+    def traced():
+        metadata = tf.compat.v1.RunMetadata()
+        session.run(step, feed, options=options, run_metadata=metadata)
+        return metadata.step_stats
+
+    return session, traced
+
+
+def _op_type(node) -> str:
+    label = node.timeline_label  # "name = OpType(inputs)"
+    return label.split(" = ", 1)[1].split("(", 1)[0] if " = " in label else node.node_name
+
+
+def precision_ops(width: int, profile: Profile) -> dict:
+    """Per op type, the summed op time of one traced graph-mode step, float32 against bf16 (medians over
+    alternating traced steps), for the full model and PriSM keep 0.2; and the weight-gradient nodes where bf16
+    loses most. Summed op time adds ops that ran in parallel: it shows where the time goes, not the step's wall."""
+    variants = variants_of(width)
+    load = load_average()
+    out = {"width": width, "load_before": load, "repeats": profile.step_repeats, "models": {}}
+    for name in ("full", "prism_k0.2"):
+        model_json = variants.model(name).to_json()
+        traced = {m: _graph_step(model_json, m) for m in PRECISIONS}
+        by_type = {m: collections.defaultdict(list) for m in PRECISIONS}
+        by_filter = {m: collections.defaultdict(list) for m in PRECISIONS}
+        for _ in range(profile.step_repeats):
+            for mode in PRECISIONS:
+                types, filters = collections.Counter(), collections.Counter()
+                for device in traced[mode][1]().dev_stats:
+                    for node in device.node_stats:
+                        kind = _op_type(node)
+                        types[kind] += node.op_end_rel_micros
+                        if "BackpropFilter" in kind:
+                            filters[node.node_name] += node.op_end_rel_micros
+                for kind, micros in types.items():
+                    by_type[mode][kind].append(micros)
+                for node, micros in filters.items():
+                    by_filter[mode][node].append(micros)
+        for session, _ in traced.values():
+            session.close()
+        med = {m: {k: float(np.median(v)) / 1000 for k, v in by_type[m].items()} for m in PRECISIONS}
+        filt = {m: {k: float(np.median(v)) / 1000 for k, v in by_filter[m].items()} for m in PRECISIONS}
+        f32, bf16 = (sum(med[m].values()) for m in PRECISIONS)
+        worst = sorted(filt["mixed_bfloat16"], key=lambda k: filt["float32"].get(k, 0) - filt["mixed_bfloat16"][k])
+        out["models"][name] = {
+            "summed_ms": {"float32": f32, "mixed_bfloat16": bf16}, "ratio": bf16 / f32,
+            "op_ms": med,
+            "filter_gradients_worst": [{"node": k, "float32_ms": filt["float32"].get(k, 0.0),
+                                        "mixed_bfloat16_ms": filt["mixed_bfloat16"][k]} for k in worst[:6]],
+            "filter_gradients_ms": {m: sum(filt[m].values()) for m in PRECISIONS},
+        }
+    return out
+
+
+def _conv_training_work(dtype, loops: int):
+    """``fn(x, k)``: ``loops`` times a 3x3 convolution's forward pass and both gradients in ``dtype``."""
+    import tensorflow as tf
+
+    def body(x, k):
+        inputs = tf.cast(x, dtype)  # activations arrive in the compute dtype; the kernel is cast every step
+
+        def one(i, total):
+            kernel = tf.cast(k, dtype)
+            with tf.GradientTape() as tape:
+                tape.watch([inputs, kernel])
+                loss = tf.reduce_sum(tf.cast(tf.nn.conv2d(inputs, kernel, 1, "SAME"), tf.float32)) * 1e-6
+            d_inputs, d_kernel = tape.gradient(loss, [inputs, kernel])
+            return i + 1, total + tf.reduce_sum(tf.cast(d_kernel, tf.float32)) + tf.reduce_sum(
+                tf.cast(d_inputs[0, 0, 0], tf.float32))
+
+        return tf.while_loop(lambda i, _: i < loops, one, (tf.constant(0), tf.constant(0.0)))[1]
+
+    return body
+
+
+def precision_worker_ops(profile: Profile) -> dict:
+    """One 3x3 convolution's training work (forward, input and filter gradients, in a while loop) as a TFF
+    computation run by TFF's worker and as a ``tf.function`` in this process, float32 against bf16, at the layer
+    shapes of PriSM's keep-0.2 sub-models (narrow rank-r outputs) and of the full models. Per loop: the slope
+    between two loop counts, so TFF's per-call cost is not counted."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    shapes = ((32, 16, 4), (32, 16, 16), (32, 64, 13), (32, 64, 64), (4, 512, 103), (4, 512, 512))
+    short, long = 4, 20
+    rng = np.random.default_rng(0)
+    calls = {}
+    for hw, cin, cout in shapes:
+        x_spec = tf.TensorSpec([BATCH, hw, hw, cin], tf.float32)
+        k_spec = tf.TensorSpec([3, 3, cin, cout], tf.float32)
+        x = rng.normal(size=x_spec.shape).astype(np.float32)
+        k = rng.normal(size=k_spec.shape).astype(np.float32)
+        for mode, dtype in zip(PRECISIONS, (tf.float32, tf.bfloat16), strict=True):
+            for loops in (short, long):
+                body = _conv_training_work(dtype, loops)
+                in_process = tf.function(body)
+                in_worker = tff.tensorflow.computation(body, x_spec, k_spec)
+                in_process(x, k)
+                in_worker(x, k)  # loads the computation into the worker
+                key = f"{hw}x{hw}/{cin}->{cout}"
+                calls[f"{key}/process/{mode}@{loops}"] = lambda f=in_process, a=(x, k): f(*a).numpy()
+                calls[f"{key}/worker/{mode}@{loops}"] = lambda f=in_worker, a=(x, k): f(*a)
+    load = load_average()
+    wall = medians({n: t["wall"] for n, t in interleaved(calls, profile.tff_repeats * 3).items()})
+    rows = {}
+    for hw, cin, cout in shapes:
+        key = f"{hw}x{hw}/{cin}->{cout}"
+        per_loop = {f"{where}/{mode}": (wall[f"{key}/{where}/{mode}@{long}"] - wall[f"{key}/{where}/{mode}@{short}"])
+                    / (long - short) for where in ("process", "worker") for mode in PRECISIONS}
+        rows[key] = {where: {"float32_ms": 1000 * per_loop[f"{where}/float32"],
+                             "mixed_bfloat16_ms": 1000 * per_loop[f"{where}/mixed_bfloat16"],
+                             "ratio": per_loop[f"{where}/mixed_bfloat16"] / per_loop[f"{where}/float32"]}
+                     for where in ("process", "worker")}
+    return {"load_before": load, "repeats": profile.tff_repeats * 3, "loops": [short, long], "rows": rows}
+
+
 def server(width: int, profile: Profile) -> dict:
     """The server step of a round of 5 keep-0.2 clients (`prism_tf.server.finish_round`) as a tf.function, beside
     its parts: the averaging alone and the re-factorizing SVDs alone, in float64 (what it runs) and float32, one
@@ -784,6 +932,55 @@ def precision_report(results: dict) -> list[str]:
                     f, b = (p["max_rss_delta"] / 2**20 for p in pair)
                     lines.append(f"| {width} | {name} | {f:.1f} | {b:.1f} | {b / f:.2f} |")
         lines.append("")
+    lines += precision_ops_report(results)
+    return lines
+
+
+def precision_ops_report(results: dict) -> list[str]:
+    """The ``precision_ops`` section's tables: where a bf16 step's time goes, and the worker's kernels."""
+    lines = []
+    for key in sorted(k for k in results if k.startswith("precision_ops/steps/")):
+        r = results[key]
+        lines += [f"## Mixed bfloat16 against float32: where a step's time goes, width {r['width']} (summed op time "
+                  f"of one graph-mode step from TensorFlow's step statistics, medians of {r['repeats']} traced "
+                  f"steps each, load {r['load_before']:.1f})", ""]
+        models = r["models"]
+        types = {}
+        for m in models.values():
+            for kind in {*m["op_ms"]["float32"], *m["op_ms"]["mixed_bfloat16"]}:
+                types[kind] = max(types.get(kind, 0.0), m["op_ms"]["float32"].get(kind, 0.0),
+                                  m["op_ms"]["mixed_bfloat16"].get(kind, 0.0))
+        kinds = [k for k in sorted(types, key=types.get, reverse=True) if types[k] >= 0.5][:12]
+        lines += ["| op type | " + " | ".join(f"{n} f32 / bf16 ms | bf16 / f32" for n in models) + " |",
+                  "|---|" + "---|---|" * len(models)]
+        for kind in [*kinds, "all ops"]:
+            cells = []
+            for m in models.values():
+                if kind == "all ops":
+                    a, b = m["summed_ms"]["float32"], m["summed_ms"]["mixed_bfloat16"]
+                else:
+                    a, b = m["op_ms"]["float32"].get(kind, 0.0), m["op_ms"]["mixed_bfloat16"].get(kind, 0.0)
+                cells.append(f"{a:.1f} / {b:.1f} | {b / a:.2f}" if a > 0 else f"- / {b:.1f} | -")
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        for name, m in models.items():
+            worst = ", ".join(f"{w['node'].split('/')[2] if w['node'].count('/') >= 2 else w['node']} "
+                              f"{w['float32_ms']:.2f} → {w['mixed_bfloat16_ms']:.2f} ms"
+                              for w in m["filter_gradients_worst"][:4])
+            lines.append(f"\n{name}: weight gradients where bf16 loses most (f32 → bf16): {worst}.")
+        lines.append("")
+    r = results.get("precision_ops/worker")
+    if r:
+        lines += [f"## One 3x3 convolution's training work in TFF's worker and in this process, bf16 / float32 "
+                  f"(per forward + both gradients: the slope between calls of {r['loops'][0]} and {r['loops'][1]}, "
+                  f"{r['repeats']} interleaved calls each, load "
+                  f"{r['load_before']:.1f})", "",
+                  "| input, Cin -> Cout | process f32 / bf16 ms | bf16 / f32 | worker f32 / bf16 ms | bf16 / f32 |",
+                  "|---|---|---|---|---|"]
+        for key, row in r["rows"].items():
+            p, w = row["process"], row["worker"]
+            lines.append(f"| {key} | {p['float32_ms']:.2f} / {p['mixed_bfloat16_ms']:.2f} | {p['ratio']:.2f} | "
+                         f"{w['float32_ms']:.2f} / {w['mixed_bfloat16_ms']:.2f} | {w['ratio']:.2f} |")
+        lines.append("")
     return lines
 
 
@@ -883,6 +1080,10 @@ def units(profile: Profile, only: set[str]) -> list[tuple[str, Callable[[], dict
                 for mode in PRECISIONS:
                     out.append((f"precision/memory/w{width}/{name}/{mode}",
                                 lambda w=width, n=name, m=mode: memory(w, n, profile, 0, m)))
+    if "precision_ops" in only:
+        for width in sorted(profile.widths):
+            out.append((f"precision_ops/steps/w{width}", lambda w=width: precision_ops(w, profile)))
+        out.append(("precision_ops/worker", lambda: precision_worker_ops(profile)))
     return out
 
 
