@@ -358,6 +358,7 @@ def write_results(profile: Profile, records: list[dict], seconds: float) -> Path
                   "client, a fixed low-rank sub-model) is PriSM's `top` strategy.", ""]
     if profile.seeds:
         lines += seed_summary(records)
+        lines += rounds_over_seeds(records)
     (out / "README.md").write_text("\n".join(lines))
     plot(out, records)
     return out
@@ -394,6 +395,42 @@ def seed_summary(records: list[dict]) -> list[str]:
               "inside the seeds' spread is not a result.", ""]
     return lines
 
+
+def rounds_over_seeds(records: list[dict]) -> list[str]:
+    """Test accuracy at every evaluated round, mean ± standard deviation over seeds, per partition and configuration
+    (only rounds every seed of the configuration evaluated); and the gap to the small model, seed by seed."""
+    import numpy as np
+
+    lines = []
+    for partition in sorted({r["partition"] for r in records}):
+        curves: dict[str, dict[int, dict[int, float]]] = {}
+        for r in records:
+            if r["partition"] == partition and r["curve"]:
+                curves.setdefault(r["name"], {})[r["seed"]] = {int(k): v for k, v in r["curve"]}
+        common = sorted(set.intersection(*(set(c) for by_seed in curves.values() for c in by_seed.values())))
+        if len(common) < 2:
+            continue
+        lines += [f"## Per round over seeds ({partition})", "",
+                  "| config | " + " | ".join(f"round {k}" for k in common) + " |",
+                  "|---|" + "---|" * len(common)]
+        for name, by_seed in curves.items():
+            cells = []
+            for k in common:
+                acc = np.array([c[k] for c in by_seed.values()]) * 100
+                cells.append(f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}" if len(acc) > 1 else f"{acc[0]:.1f}")
+            lines.append(f"| {name} (n={len(by_seed)}) | " + " | ".join(cells) + " |")
+        small = curves.get("small", {})
+        for name, by_seed in curves.items():
+            seeds = sorted(set(by_seed) & set(small))
+            if name == "small" or not seeds:
+                continue
+            cells = []
+            for k in common:
+                d = np.array([by_seed[s][k] - small[s][k] for s in seeds]) * 100
+                cells.append(f"{d.mean():+.1f} ({', '.join(f'{v:+.1f}' for v in d)})")
+            lines.append(f"| {name} − small, per seed | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
