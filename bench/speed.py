@@ -704,6 +704,54 @@ def _conv_training_work(dtype, loops: int):
     return body
 
 
+def onednn_child(log_path: str) -> dict:
+    """In a process started with ``ONEDNN_VERBOSE=1``: one bf16 3x3 convolution's weight gradient in this process,
+    then in TFF's worker (its output to ``log_path``); returns this process's part of the oneDNN log as read by
+    the parent."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from tff_pipelines.workers import runtime
+
+    runtime.install_local_context(log_path=log_path)
+    x_spec, k_spec = tf.TensorSpec([BATCH, 32, 32, 64], tf.float32), tf.TensorSpec([3, 3, 64, 64], tf.float32)
+    body = _conv_training_work(tf.bfloat16, 1)
+    x, k = np.ones(x_spec.shape, np.float32), np.ones(k_spec.shape, np.float32)
+    tf.function(body)(x, k).numpy()
+    print("--- worker ---", flush=True)
+    tff.tensorflow.computation(body, x_spec, k_spec)(x, k)
+    runtime.shutdown()
+    return {}
+
+
+def onednn_kernels() -> dict:
+    """The oneDNN version, ISA and convolution implementations that a bf16 convolution step uses in this process
+    and in TFF's worker (``ONEDNN_VERBOSE=1`` in a child process; the worker inherits the variable)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "worker.log"
+        env = dict(os.environ, ONEDNN_VERBOSE="1")
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-onednn", str(log)], cwd=ROOT,
+                              capture_output=True, text=True, check=False, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"oneDNN child failed:\n{done.stderr[-3000:]}")
+        process_log = done.stdout.split("--- worker ---")[0]
+        worker_log = log.read_text() if log.exists() else ""
+
+    def parse(text: str) -> dict:
+        info, convs = [], set()
+        for line in text.splitlines():
+            fields = line.split(",")
+            if line.startswith("onednn_verbose,info,") and ("oneDNN v" in line or ",isa:" in line):
+                info.append(",".join(fields[2:]))
+            elif line.startswith("onednn_verbose,exec,cpu,convolution,"):
+                convs.add(f"{fields[4]} {fields[5]}")  # implementation, propagation kind
+        return {"info": info, "convolutions": sorted(convs)}
+
+    return {"process": parse(process_log), "worker": parse(worker_log)}
+
+
 def precision_worker_ops(profile: Profile) -> dict:
     """One 3x3 convolution's training work (forward, input and filter gradients, in a while loop) as a TFF
     computation run by TFF's worker and as a ``tf.function`` in this process, float32 against bf16, at the layer
@@ -742,7 +790,8 @@ def precision_worker_ops(profile: Profile) -> dict:
                              "mixed_bfloat16_ms": 1000 * per_loop[f"{where}/mixed_bfloat16"],
                              "ratio": per_loop[f"{where}/mixed_bfloat16"] / per_loop[f"{where}/float32"]}
                      for where in ("process", "worker")}
-    return {"load_before": load, "repeats": profile.tff_repeats * 3, "loops": [short, long], "rows": rows}
+    return {"load_before": load, "repeats": profile.tff_repeats * 3, "loops": [short, long], "rows": rows,
+            "onednn": onednn_kernels()}
 
 
 def server(width: int, profile: Profile) -> dict:
@@ -980,6 +1029,10 @@ def precision_ops_report(results: dict) -> list[str]:
             p, w = row["process"], row["worker"]
             lines.append(f"| {key} | {p['float32_ms']:.2f} / {p['mixed_bfloat16_ms']:.2f} | {p['ratio']:.2f} | "
                          f"{w['float32_ms']:.2f} / {w['mixed_bfloat16_ms']:.2f} | {w['ratio']:.2f} |")
+        for where, kernels in r.get("onednn", {}).items():
+            lines.append(f"\noneDNN in the {where} (`ONEDNN_VERBOSE=1`, one bf16 convolution step): "
+                         f"{'; '.join(kernels['info']) or 'no oneDNN output'}; convolutions: "
+                         f"{', '.join(kernels['convolutions']) or 'none'}.")
         lines.append("")
     return lines
 
@@ -1093,7 +1146,11 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--redo", action="store_true", help="measure again the units already in results.json")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
+    parser.add_argument("--child-onednn", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_onednn:
+        onednn_child(args.child_onednn)
+        return 0
     if args.child_memory:
         spec = json.loads(args.child_memory)
         print(json.dumps(memory_child(spec["width"], spec["factorized"], spec["sizes"], spec["steps"],
