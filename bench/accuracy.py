@@ -527,7 +527,8 @@ def test_set(profile: Profile):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--only", help="comma-separated configuration names (default: all of the profile)")
+    parser.add_argument("--only", help="comma-separated configuration names to train (default: all of the "
+                        "profile); the report still covers every finished run of the profile")
     parser.add_argument("--partitions", help="comma-separated partitions (default: the profile's)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--report-only", action="store_true",
@@ -539,8 +540,9 @@ def main() -> int:
     # Configuration by configuration, both partitions each: a bench cut short still compares its methods on both.
     # With seeds: seed by seed, every configuration of a seed before the next seed, so a bench cut short has
     # complete comparisons for the seeds it finished.
-    plan = [(p, name, extra, seed) for seed in (profile.seeds or (None,)) for name, extra in profile.configs
-            for p in partitions if wanted is None or name in wanted]
+    everything = [(p, name, extra, seed) for seed in (profile.seeds or (None,)) for name, extra in profile.configs
+                  for p in partitions]
+    plan = [item for item in everything if wanted is None or item[1] in wanted]
     if options.dry_run:
         for p, name, extra, seed in plan:
             print(" ".join(["python -m tff_pipelines train", *train_args(profile, p, extra, seed), "--out",
@@ -549,11 +551,14 @@ def main() -> int:
     x_test, y_test = test_set(profile)
     began = time.time()
     records = []
-    for i, (partition, name, extra, seed) in enumerate(plan, 1):
+    # The report covers every finished run of the profile: `--only` chooses what to train, not what to report.
+    for i, (partition, name, extra, seed) in enumerate(everything, 1):
         path, args = run_dir(profile, partition, name, seed), train_args(profile, partition, extra, seed)
-        label = f"[{i}/{len(plan)} {partition} {name}{'' if seed is None else f' seed {seed}'}]"
+        label = f"[{i}/{len(everything)} {partition} {name}{'' if seed is None else f' seed {seed}'}]"
         if is_done(path, args):
             print(f"{label} done before, kept", flush=True)
+        elif (partition, name, extra, seed) not in plan:
+            continue
         elif options.report_only:
             print(f"{label} not finished, left out", flush=True)
             continue
