@@ -16,10 +16,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import prism_tf  # noqa: E402
-import tff_pipelines  # noqa: E402,F401  (our TFF worker)
 from prism_tf.federated.methods import Method  # noqa: E402
 from tff_pipelines.round import distributor  # noqa: E402
 from tff_pipelines.round.process import build_prism_process  # noqa: E402
+from tff_pipelines.workers import runtime  # noqa: E402,F401  (installs our TFF worker context)
 
 
 def main() -> None:

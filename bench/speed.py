@@ -1164,7 +1164,9 @@ def main() -> int:
     out = OUT if profile.name == "full" else OUT / profile.name
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() and not args.redo else {}
-    import tff_pipelines  # noqa: F401  (our TFF worker lifecycle)
+    # Importing the runtime installs our TFF worker context: every computation here, the sections' own ones too,
+    # runs in a worker that is stopped at exit (`import tff_pipelines` alone imports nothing).
+    from tff_pipelines.workers import runtime  # noqa: F401
 
     for key, run in units(profile, only):
         if key in results:
