@@ -407,7 +407,8 @@ def rounds_over_seeds(records: list[dict]) -> list[str]:
         for r in records:
             if r["partition"] == partition and r["curve"]:
                 curves.setdefault(r["name"], {})[r["seed"]] = {int(k): v for k, v in r["curve"]}
-        common = sorted(set.intersection(*(set(c) for by_seed in curves.values() for c in by_seed.values())))
+        rounds = [set(c) for by_seed in curves.values() for c in by_seed.values()]
+        common = sorted(set.intersection(*rounds)) if rounds else []
         if len(common) < 2:
             continue
         lines += [f"## Per round over seeds ({partition})", "",
