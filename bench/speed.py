@@ -704,10 +704,10 @@ def _conv_training_work(dtype, loops: int):
     return body
 
 
-def onednn_child(log_path: str) -> dict:
-    """In a process started with ``ONEDNN_VERBOSE=1``: one bf16 3x3 convolution's weight gradient in this process,
-    then in TFF's worker (its output to ``log_path``); returns this process's part of the oneDNN log as read by
-    the parent."""
+def onednn_child(log_path: str) -> None:
+    """In a process started with ``ONEDNN_VERBOSE=1``: one bf16 3x3 convolution's training work in this process
+    (oneDNN logs it to stdout, which the parent reads up to the ``--- worker ---`` line), then in TFF's worker (its
+    output to ``log_path``)."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -721,7 +721,6 @@ def onednn_child(log_path: str) -> dict:
     print("--- worker ---", flush=True)
     tff.tensorflow.computation(body, x_spec, k_spec)(x, k)
     runtime.shutdown()
-    return {}
 
 
 def onednn_kernels() -> dict:
